@@ -39,8 +39,9 @@ def test_loads_official_projector_weights():
     # The tiny official release stores both projectors at the root; they must load strictly.
     import json
 
-    from conftest import FIXTURES
     from safetensors.torch import load_file
+
+    from conftest import FIXTURES
     root = FIXTURES / "azeros_tiny_release"
     sd = load_file(str(root / "model.safetensors"))
     cfg = json.loads((root / "config.json").read_text())
