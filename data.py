@@ -1,0 +1,821 @@
+"""The data side of AZeroS: manifests, audio, the fbank front end, batching.
+
+Everything the frozen Zipformer encoders see passes through this file (DESIGN.md, top of the diagram):
+
+    manifest line --read_manifest--> Record --load_audio--> 16 kHz mono float waveform in [-1, 1]
+                  --fbank--> 80-bin Kaldi log-mel at 100 Hz --> zipformer.py (frozen)
+
+The encoders were trained on Kaldi filterbanks computed by kaldifeat/lhotse with particular options
+(`snip_edges=False`, `high_freq=-400`, dither 0, float input in [-1, 1]). A frozen encoder only works
+if we reproduce those features exactly, so `fbank` is a from-scratch, batched re-implementation of the
+Kaldi recipe. It matches kaldi-native-fbank to within 1e-3 (tests/test_data_fbank.py); what is left
+is float32 FFT rounding in very weak mel bins, where kaldi-native-fbank is itself ~1e-3 away from
+an exact float64 computation.
+
+Sections, top to bottom:
+  1. Records and manifests: our JSONL schema and the official Lhotse cut lines -> `Record`.
+  2. Audio: `load_audio` (soundfile + resampling) and the batched Kaldi `fbank`.
+  3. Batching: `DurationBucketSampler` (duration buckets, weighted mixing, DDP, resumable),
+     `AudioDataset` and `collate`.
+  4. A command line checker: `python data.py check manifest.jsonl [...]`.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+# Padded feature frames hold log(1e-10) (about -23.03), the value the official `extract_features`
+# pads with. It is far below anything a real frame can reach (the log floor is log(FLT_EPSILON) =
+# -15.94), so padding looks like "deeper than silence" and never like speech. Matching it matters
+# because the official batched Zipformer lets a little padding leak into real frames.
+LOG_ZERO = math.log(1e-10)
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Records and manifests
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One utterance: a line of our JSONL manifest (DESIGN.md "Manifest"), plus the fields that
+    generate_targets.py adds (mode ... model). `audio` is always an absolute, resolved path."""
+
+    id: str
+    audio: str
+    duration: float
+    text: str = ""
+    language: str | None = None
+    offset: float = 0.0
+    meta: dict = field(default_factory=dict)
+    mode: str | None = None
+    system: str | None = None
+    instruction: str | None = None
+    input_text: str | None = None
+    response: str | None = None
+    truncated: bool = False
+    model: str | None = None
+    channel: int | None = None  # pick one channel of a multi-channel file (None: average them)
+    extra: dict = field(default_factory=dict)  # unknown keys, kept so a read/write round trip loses nothing
+    source: str = ""  # "path/to/manifest.jsonl:LINE", for error messages
+
+    def to_json(self, relative_to: str | os.PathLike | None = None) -> dict:
+        """Back to our JSONL schema. None fields are dropped; with `relative_to` (a folder) the audio
+        path is written relative to it, the way a manifest next to its audio usually is."""
+        out = {"id": self.id, "audio": self.audio, "duration": self.duration, "text": self.text}
+        if relative_to is not None:
+            out["audio"] = os.path.relpath(self.audio, relative_to)
+        if self.language is not None:
+            out["language"] = self.language
+        if self.offset:
+            out["offset"] = self.offset
+        out["meta"] = dict(self.meta)
+        for name in ("mode", "system", "instruction", "input_text", "response"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.response is not None or self.truncated:
+            out["truncated"] = self.truncated
+        if self.model is not None:
+            out["model"] = self.model
+        if self.channel is not None:
+            out["channel"] = self.channel
+        out.update(self.extra)
+        return out
+
+
+class ManifestError(ValueError):
+    """A malformed manifest line. The message always reads "<file>:<line>: field '<name>': <what>"."""
+
+    def __init__(self, file, line: int, name: str, what: str):
+        self.file, self.line, self.field, self.what = str(file), line, name, what
+        super().__init__(f"{file}:{line}: field '{name}': {what}")
+
+
+_OPTIONAL_STR_FIELDS = ("language", "mode", "system", "instruction", "input_text", "response", "model")
+_KNOWN_FIELDS = {"id", "audio", "duration", "text", "offset", "meta", "truncated", "channel", *_OPTIONAL_STR_FIELDS}
+# Lhotse marks a generation that hit max_new_tokens by appending this to the response
+# (scripts/data_generation/run_data_generation.py); we turn it into `truncated=True`.
+_LHOTSE_TRUNCATED_TAG = "<|truncated|>"
+
+
+def _is_number(x) -> bool:
+    # bool is a subclass of int in Python; `"duration": true` is a mistake, not 1 second.
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _resolve(audio: str, folder: Path) -> str:
+    """Relative audio paths are relative to the manifest's folder (not to the working directory), so a
+    dataset folder can be moved or mounted anywhere."""
+    path = Path(os.path.expanduser(audio))
+    return str(path if path.is_absolute() else (folder / path).resolve())
+
+
+class _LineChecker:
+    """Small helper that raises ManifestError for one line with the file and line number filled in."""
+
+    def __init__(self, file, line: int):
+        self.file, self.line = file, line
+
+    def fail(self, name: str, what: str):
+        raise ManifestError(self.file, self.line, name, what)
+
+    def string(self, obj: dict, name: str, required: bool = False, label: str | None = None):
+        label = label or name
+        if name not in obj or obj[name] is None:
+            if required:
+                self.fail(label, "missing")
+            return None
+        if not isinstance(obj[name], str):
+            self.fail(label, f"must be a string, got {type(obj[name]).__name__} {obj[name]!r}")
+        if required and not obj[name]:
+            self.fail(label, "must not be empty")
+        return obj[name]
+
+    def seconds(self, obj: dict, name: str, required: bool = False, positive: bool = False, label=None):
+        label = label or name
+        if name not in obj or obj[name] is None:
+            if required:
+                self.fail(label, "missing")
+            return None
+        value = obj[name]
+        if not _is_number(value):
+            self.fail(label, f"must be a number of seconds, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            self.fail(label, f"must be finite, got {value!r}")
+        if positive and value <= 0:
+            self.fail(label, f"must be positive, got {value!r}")
+        if value < 0:
+            self.fail(label, f"must not be negative, got {value!r}")
+        return float(value)
+
+
+def _record_from_ours(obj: dict, folder: Path, check: _LineChecker) -> Record:
+    """Our JSONL schema (DESIGN.md): id, audio, duration required; everything else optional."""
+    rec = Record(
+        id=check.string(obj, "id", required=True),
+        audio=check.string(obj, "audio", required=True),
+        duration=check.seconds(obj, "duration", required=True, positive=True),
+    )
+    rec.audio = _resolve(rec.audio, folder)
+    rec.text = check.string(obj, "text") or ""
+    rec.offset = check.seconds(obj, "offset") or 0.0
+    for name in _OPTIONAL_STR_FIELDS:
+        setattr(rec, name, check.string(obj, name))
+    meta = obj.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        check.fail("meta", f"must be an object, got {type(meta).__name__}")
+    for key, value in meta.items():
+        if value is not None and not isinstance(value, (str, int, float)):
+            check.fail(f"meta.{key}", f"must be a string or number, got {type(value).__name__}")
+    rec.meta = dict(meta)
+    truncated = obj.get("truncated", False)
+    if not isinstance(truncated, bool):
+        check.fail("truncated", f"must be true or false, got {truncated!r}")
+    rec.truncated = truncated
+    channel = obj.get("channel")
+    if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
+        check.fail("channel", f"must be a non-negative integer, got {channel!r}")
+    rec.channel = channel
+    rec.extra = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
+    return rec
+
+
+def _looks_like_lhotse(obj: dict) -> bool:
+    return "recording" in obj or "supervisions" in obj or "type" in obj
+
+
+def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
+    """An official Lhotse MonoCut line (the released AZeroS manifests) -> Record.
+
+    cut.id -> id; cut.start/duration -> offset/duration; recording.sources[0].source -> audio;
+    supervisions[0].text/language -> text/language; gender (a supervision field) and custom
+    age_group (or age)/emotion -> meta; custom response/instruction/input_text/from_model -> the
+    generate_targets fields. Only single-file MonoCuts are supported: MixedCut/PaddingCut or
+    URL/in-memory sources raise, because silently mis-reading them would train on the wrong audio.
+    """
+    kind = obj.get("type", "MonoCut")
+    if kind != "MonoCut":
+        check.fail("type", f"unsupported Lhotse cut type {kind!r} (only MonoCut)")
+    cut_id = check.string(obj, "id", required=True)
+    duration = check.seconds(obj, "duration", required=True, positive=True)
+    start = check.seconds(obj, "start") or 0.0
+
+    recording = obj.get("recording")
+    if not isinstance(recording, dict):
+        check.fail("recording", "missing or not an object (an unknown Lhotse structure?)")
+    sources = recording.get("sources")
+    if not isinstance(sources, list) or not sources or not isinstance(sources[0], dict):
+        check.fail("recording.sources", "must be a non-empty list of audio sources")
+    if sources[0].get("type", "file") != "file":
+        check.fail("recording.sources[0].type", f"only 'file' sources are supported, got {sources[0].get('type')!r}")
+    audio = check.string(sources[0], "source", required=True, label="recording.sources[0].source")
+
+    sups = obj.get("supervisions")
+    if not isinstance(sups, list) or not sups or not isinstance(sups[0], dict):
+        check.fail("supervisions", "must be a non-empty list of supervision objects")
+    sup = sups[0]  # like the official data module, only the first supervision is used
+    custom = sup.get("custom") or {}
+    if not isinstance(custom, dict):
+        check.fail("supervisions[0].custom", f"must be an object, got {type(custom).__name__}")
+
+    def sup_str(d, name, where):
+        return check.string(d, name, label=f"supervisions[0].{where}{name}")
+
+    meta = {}
+    age = custom.get("age_group", custom.get("age"))
+    if age is not None:
+        meta["age"] = age
+    gender = sup_str(sup, "gender", "") or sup_str(custom, "gender", "custom.")
+    if gender is not None:
+        meta["gender"] = gender
+    emotion = sup_str(custom, "emotion", "custom.")
+    if emotion is not None:
+        meta["emotion"] = emotion
+
+    response = sup_str(custom, "response", "custom.")
+    truncated = response is not None and response.endswith(_LHOTSE_TRUNCATED_TAG)
+    if truncated:
+        response = response[: -len(_LHOTSE_TRUNCATED_TAG)]
+    channel = obj.get("channel")
+    n_channels = len(recording.get("channel_ids") or [0])
+    return Record(
+        id=cut_id,
+        audio=_resolve(audio, folder),
+        duration=duration,
+        text=sup_str(sup, "text", "") or "",
+        language=sup_str(sup, "language", ""),
+        offset=start,
+        meta=meta,
+        instruction=sup_str(custom, "instruction", "custom."),
+        input_text=sup_str(custom, "input_text", "custom."),
+        response=response,
+        truncated=truncated,
+        model=sup_str(custom, "from_model", "custom."),
+        # a MonoCut names the channel it uses; only meaningful when the file has several
+        channel=channel if isinstance(channel, int) and n_channels > 1 else None,
+    )
+
+
+def parse_line(line: str, file, lineno: int, folder: Path | None = None) -> Record | None:
+    """One manifest line -> Record (None for a blank line). Raises ManifestError naming the field."""
+    if not line.strip():
+        return None
+    check = _LineChecker(file, lineno)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        check.fail("<json>", f"not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        check.fail("<json>", f"a line must be a JSON object, got {type(obj).__name__}")
+    folder = Path(file).resolve().parent if folder is None else folder
+    parse = _record_from_lhotse if _looks_like_lhotse(obj) else _record_from_ours
+    rec = parse(obj, folder, check)
+    rec.source = f"{file}:{lineno}"
+    return rec
+
+
+def iter_manifest_lines(path):
+    """Yield (line_number, Record-or-ManifestError) for every non-blank line, without stopping at the
+    first error. `read_manifest` raises the first error; the `check` CLI collects them all."""
+    seen: dict[str, int] = {}
+    folder = Path(path).resolve().parent
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:  # bytes, so a bad UTF-8 line is reported with its line number
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    what = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                    raise ManifestError(path, lineno, "<json>", what) from e
+                rec = parse_line(line, path, lineno, folder)
+                if rec is None:
+                    continue
+                if rec.id in seen:
+                    raise ManifestError(path, lineno, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
+                seen[rec.id] = lineno
+                yield lineno, rec
+            except ManifestError as e:
+                yield lineno, e
+
+
+def read_manifest(path) -> list[Record]:
+    """Read a manifest (our JSONL or official Lhotse cuts; .jsonl or .jsonl.gz) into Records.
+
+    Nothing is skipped silently: the first malformed line raises ManifestError with file, line and
+    field. (Filtering by duration etc. is the caller's decision, made explicitly.)
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    records = []
+    for _, item in iter_manifest_lines(path):
+        if isinstance(item, ManifestError):
+            raise item
+        records.append(item)
+    return records
+
+
+def write_manifest(records, path, relative: bool = False) -> None:
+    """Write Records as our JSONL (gzip if the name ends in .gz). Atomic: we write a temporary file in
+    the same folder and rename it, so a crash never leaves a half-written manifest behind. Audio paths
+    are absolute unless `relative=True` (then relative to the new manifest's folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.resolve().parent if relative else None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open  # .jsonl.gz like the released cuts
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec.to_json(relative_to=folder), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Audio: loading and the Kaldi filterbank
+# ---------------------------------------------------------------------------------------------------
+
+
+class AudioError(Exception):
+    """Audio that cannot be used: missing, unreadable, empty or containing NaN/Inf. Names path + reason."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def load_audio(path, offset: float = 0.0, duration: float | None = None, channel: int | None = None) -> torch.Tensor:
+    """Read `duration` seconds starting at `offset` seconds -> float32 (N,) mono waveform at 16 kHz.
+
+    Any format libsndfile reads (wav, flac, ogg, mp3 with libsndfile >= 1.1). Integer PCM is scaled to
+    [-1, 1] by soundfile (int16 / 32768), the same scaling the official pipeline's torchaudio.load
+    uses. Multi-channel audio is averaged to mono, unless `channel` picks one channel (the official
+    `features.py` takes channel 0 when it reads paths itself). Other sample rates are resampled with
+    torchaudio's default windowed-sinc filter, as the official pipeline does.
+    """
+    import soundfile as sf  # imported here so the manifest tools work without libsndfile
+
+    if not os.path.isfile(path):
+        raise AudioError(path, "file not found")
+    try:
+        with sf.SoundFile(path) as f:
+            sr = f.samplerate
+            start = int(round(offset * sr))
+            frames = -1 if duration is None else int(round(duration * sr))
+            if start > 0:
+                f.seek(min(start, f.frames))
+            data = f.read(frames=frames, dtype="float32", always_2d=True)  # (N, channels)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise AudioError(path, f"unreadable ({e})") from e
+    if data.shape[0] == 0:
+        where = f" at offset {offset} s" if offset else ""
+        raise AudioError(path, f"empty (0 samples{where})")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "contains NaN or Inf samples")
+    if channel is not None:
+        if channel >= data.shape[1]:
+            raise AudioError(path, f"has {data.shape[1]} channel(s), channel {channel} requested")
+        wave = torch.from_numpy(np.ascontiguousarray(data[:, channel]))
+    else:
+        wave = torch.from_numpy(data.mean(axis=1, dtype=np.float32))
+    if sr != SAMPLE_RATE:
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, orig_freq=sr, new_freq=SAMPLE_RATE)
+    return wave
+
+
+# Kaldi fbank options the released encoders were trained with (official features.py / kaldifeat).
+FRAME_LENGTH = 400  # 25 ms at 16 kHz
+FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512  # frame length rounded up to a power of two
+NUM_MEL_BINS = 80
+LOW_FREQ = 20.0
+HIGH_FREQ = SAMPLE_RATE / 2 - 400.0  # Kaldi's high_freq=-400 means "400 Hz below Nyquist": 7600 Hz
+PREEMPH = 0.97
+# Kaldi floors the mel energies at FLT_EPSILON before the log, so digital silence gives -15.94.
+LOG_FLOOR = float(torch.finfo(torch.float32).eps)
+
+
+def num_frames(num_samples: int) -> int:
+    """Kaldi's frame count with snip_edges=False: one frame per 10 ms, rounded to the nearest frame.
+    (With snip_edges=True it would be 1 + (n - 400) // 160, losing the partial frames at the end.)"""
+    return (num_samples + FRAME_SHIFT // 2) // FRAME_SHIFT
+
+
+def _mel_scale(freq):
+    return 1127.0 * np.log(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+def mel_matrix() -> np.ndarray:
+    """(FFT_SIZE // 2 + 1, NUM_MEL_BINS) matrix of Kaldi's triangular mel filters.
+
+    Kaldi places NUM_MEL_BINS + 2 equally spaced points on the mel scale between LOW_FREQ and
+    HIGH_FREQ; filter m rises linearly (in mel, not Hz) from point m to m + 1 and falls to m + 2.
+    The filters are not area-normalised (unlike librosa's "slaney" norm). The Nyquist row stays 0
+    because Kaldi only looks at the first FFT_SIZE // 2 bins.
+    """
+    fft_mels = _mel_scale(np.arange(FFT_SIZE // 2) * SAMPLE_RATE / FFT_SIZE)  # (256,)
+    lo, hi = _mel_scale(LOW_FREQ), _mel_scale(HIGH_FREQ)
+    points = lo + np.arange(NUM_MEL_BINS + 2) * (hi - lo) / (NUM_MEL_BINS + 1)
+    left, center, right = points[:-2, None], points[1:-1, None], points[2:, None]  # (80, 1) each
+    rising = (fft_mels - left) / (center - left)
+    falling = (right - fft_mels) / (right - center)
+    weights = np.where((fft_mels > left) & (fft_mels < right), np.where(fft_mels <= center, rising, falling), 0.0)
+    out = np.zeros((FFT_SIZE // 2 + 1, NUM_MEL_BINS))
+    out[: FFT_SIZE // 2] = weights.T
+    return out
+
+
+def povey_window() -> np.ndarray:
+    """Kaldi's default "povey" window: a Hann window raised to 0.85 (never quite zero inside)."""
+    n = np.arange(FRAME_LENGTH)
+    return (0.5 - 0.5 * np.cos(2 * np.pi * n / (FRAME_LENGTH - 1))) ** 0.85
+
+
+@lru_cache(maxsize=16)
+def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window and mel matrix, built once per device/dtype (rebuilding them every batch costs a
+    host-to-device copy each time)."""
+    window = torch.tensor(povey_window(), device=device, dtype=dtype)
+    # each row twice: the rows meet the interleaved (re^2, im^2) of every FFT bin, see fbank()
+    mel = torch.tensor(np.repeat(mel_matrix(), 2, axis=0), device=device, dtype=dtype)
+    return window, mel
+
+
+def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Kaldi's edge rule for snip_edges=False: read x[-1] = x[0], x[-2] = x[1], ..., x[n] = x[n-1].
+
+    Mirroring at both ends repeats with period 2n, which also covers signals shorter than a window
+    (Kaldi's loop reflects again and again), so one modulo does it. `n` is clamped to 1 to avoid a
+    modulo by zero (an empty utterance has no frames anyway)."""
+    n = n.clamp(min=1)
+    index = torch.remainder(index, 2 * n)
+    return torch.where(index >= n, 2 * n - 1 - index, index)
+
+
+def _extended_signal(batch: torch.Tensor, lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
+    """(B, P) samples the frames read from: frame t is ext[:, 160 t : 160 t + 400].
+
+    With snip_edges=False Kaldi centres frame t at sample 160 t + 80, so the first window starts
+    LEFT = 120 samples before the signal and the last one runs up to RIGHT = 200 samples past its
+    end. Instead of zero-padding, Kaldi mirrors the signal there: zeros would add a spurious step at
+    the edges. We pad every row by LEFT and RIGHT, then overwrite just those edge samples (each row
+    has its own end) with the mirrored ones, a gather of B x 320 values instead of B x P.
+    """
+    left = FRAME_LENGTH // 2 - FRAME_SHIFT // 2  # 120
+    right = FRAME_LENGTH // 2 + FRAME_SHIFT // 2  # 200: the last frame ends before sample n + 200
+    ext = torch.nn.functional.pad(batch, (left, right))
+    n = lengths[:, None]
+    outside = torch.cat([torch.arange(-left, 0, device=batch.device).expand(len(n), -1),
+                         n + torch.arange(right, device=batch.device)], dim=1)  # (B, 320), signal coordinates
+    ext.scatter_(1, outside + left, batch.gather(1, _reflect(outside, n)))
+    return ext[:, : (max_frames - 1) * FRAME_SHIFT + FRAME_LENGTH]
+
+
+def _as_padded_batch(waves, lengths, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of 1-D waveforms, a single 1-D waveform or a padded (B, N) tensor -> ((B, N), (B,))."""
+    if isinstance(waves, torch.Tensor) and waves.dim() == 1:
+        waves = waves[None]
+    if isinstance(waves, torch.Tensor):
+        if waves.dim() != 2:
+            raise ValueError(f"expected a (B, N) batch of waveforms, got shape {tuple(waves.shape)}")
+        batch = waves.to(device=device or waves.device, dtype=dtype)
+        if lengths is None:
+            lengths = torch.full((batch.shape[0],), batch.shape[1], dtype=torch.long)
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=batch.device)
+        if len(lengths) != batch.shape[0] or (len(lengths) and int(lengths.max()) > batch.shape[1]):
+            raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape {tuple(batch.shape)}")
+        return batch, lengths
+    waves = [torch.as_tensor(w, dtype=dtype) for w in waves]
+    for i, w in enumerate(waves):
+        if w.dim() != 1:
+            raise ValueError(f"waveform {i} must be 1-D (mono), got shape {tuple(w.shape)}")
+    device = device or (waves[0].device if waves else "cpu")
+    lens = torch.tensor([len(w) for w in waves], dtype=torch.long, device=device)
+    if lengths is not None:
+        lens = torch.as_tensor(lengths, dtype=torch.long, device=device)
+    batch = torch.zeros(len(waves), max([len(w) for w in waves], default=0), device=device, dtype=dtype)
+    for i, w in enumerate(waves):
+        batch[i, : len(w)] = w.to(device)
+    return batch, lens
+
+
+@torch.no_grad()
+def fbank(waves, lengths=None, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """80-bin Kaldi log-mel filterbank of a batch of 16 kHz waveforms (floats in [-1, 1]).
+
+    `waves` is a list of 1-D tensors, or a padded (B, N) tensor with `lengths` (B,). Returns
+    feats (B, T, 80) float32 and feat_lens (B,) int64, T = max(feat_lens); frames past an utterance's
+    end hold LOG_ZERO. Runs on `device` (default: where the waves are). `dtype` is the precision of
+    the arithmetic (float32 like kaldifeat/kaldi-native-fbank; float64 for reference checks); the
+    result is float32 either way.
+
+    The whole batch is done in a few tensor ops: one gather builds the edge-reflected signals, frames
+    are strided views of them, then DC removal, pre-emphasis and window, one rfft, one matmul with
+    the mel matrix, log. Per utterance this is Kaldi's ComputeFbank with the options listed above.
+    """
+    batch, lens = _as_padded_batch(waves, lengths, device, dtype)
+    frame_lens = (lens + FRAME_SHIFT // 2) // FRAME_SHIFT  # num_frames(), vectorised
+    bsz, max_t = batch.shape[0], int(frame_lens.max()) if len(frame_lens) else 0
+    if max_t == 0:
+        return torch.full((bsz, 0, NUM_MEL_BINS), LOG_ZERO, device=batch.device), frame_lens
+
+    window, mel = _constants(batch.device, batch.dtype)
+    frames = _extended_signal(batch, lens, max_t).unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, T, 400) view
+
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # remove each frame's DC offset
+    # Pre-emphasis y[i] = x[i] - 0.97 x[i-1] boosts the high frequencies; inside a frame Kaldi uses
+    # x[-1] := x[0], so y[0] = 0.03 x[0].
+    emph = frames.clone()
+    emph[..., 1:] -= PREEMPH * frames[..., :-1]
+    emph[..., 0] *= 1 - PREEMPH
+    emph *= window
+
+    spectrum = torch.fft.rfft(emph, n=FFT_SIZE)  # zero-pads 400 -> 512 samples: (B, T, 257) complex
+    # Power spectrum and mel filtering in one matmul: (re, im) pairs squared, each mel weight repeated
+    # for both halves of the pair.
+    power_parts = torch.view_as_real(spectrum).square().flatten(-2)  # (B, T, 514)
+    feats = torch.matmul(power_parts, mel).clamp_min(LOG_FLOOR).log()  # (B, T, 80)
+
+    padding = torch.arange(max_t, device=batch.device)[None, :] >= frame_lens[:, None]
+    return feats.masked_fill(padding[..., None], LOG_ZERO).float(), frame_lens
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Batching: duration-bucketed sampler, dataset, collate
+# ---------------------------------------------------------------------------------------------------
+
+
+def padding_efficiency(durations) -> float:
+    """Real frames / padded frames for one batch of utterance durations (1.0 = no padding at all).
+    A batch is padded to its longest utterance, so this is sum(frames) / (max(frames) * count)."""
+    frames = [num_frames(int(round(d * SAMPLE_RATE))) for d in durations]
+    return sum(frames) / (max(frames) * len(frames)) if frames and max(frames) else 1.0
+
+
+class DurationBucketSampler:
+    """Batches of utterances of similar length, for `DataLoader(batch_sampler=...)`.
+
+    Yields lists of GLOBAL indices into the concatenation of the manifests whose `durations` are given
+    (manifest 0's utterances first, then manifest 1's, ...).
+
+    One epoch, all of it decided by (seed, epoch), so every rank computes the same plan:
+      1. Mixing. Manifest m contributes `weights[m] * len(m)` utterances: weight 1 = each utterance
+         once, 2 = each utterance twice, 0.5 = a random half (drawn without replacement, a fresh half
+         every epoch). Default: all weights 1, i.e. an epoch is every utterance exactly once.
+      2. Buckets. Sort by duration, cut into `num_buckets` groups of equal count (fewer if a bucket
+         would hold less than max_batch utterances), shuffle inside each bucket.
+      3. Packing. Fill batches greedily inside each bucket. A batch is padded to its longest
+         utterance, so the duration cap counts PADDED seconds: longest * count <= max_duration; and
+         count <= max_batch. An utterance longer than max_duration alone still forms a batch of one
+         (with a warning): it is never dropped silently.
+      4. Shuffle the batch order, then deal the batches round-robin to the ranks.
+
+    DDP: every rank must run the same number of steps, or the all-reduce of the last step waits
+    forever. If the number of batches is not a multiple of world_size:
+      drop_last=False (default): the largest batches are split in two until it is, so every
+        utterance is still used exactly once;
+      drop_last=True: the last (number % world_size) batches of the shuffled order are dropped;
+        `self.num_dropped` reports how many utterances that removed this epoch.
+
+    Resuming: `state_dict()` is {"epoch", "batches_done"}; after `load_state_dict`, the next pass
+    skips exactly `batches_done` batches of that epoch and yields the rest unchanged. With DataLoader
+    workers the sampler runs ahead of training (prefetch), so save the number of batches the training
+    loop actually consumed, not this object's own counter.
+    """
+
+    def __init__(self, durations, weights=None, max_duration: float = 200.0, max_batch: int = 64,
+                 num_buckets: int = 30, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False, shuffle: bool = True):
+        if durations and not isinstance(durations[0], (list, tuple, np.ndarray)):
+            durations = [durations]  # a single manifest given as a flat list
+        self.durations = [np.asarray(d, dtype=np.float64) for d in durations]
+        self.weights = [1.0] * len(self.durations) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.durations):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.durations)} manifests")
+        if any(w < 0 for w in self.weights):
+            raise ValueError(f"weights must be >= 0, got {self.weights}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.max_duration, self.max_batch, self.num_buckets = float(max_duration), int(max_batch), int(num_buckets)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.offsets = np.cumsum([0] + [len(d) for d in self.durations])[:-1]
+        self.all_durations = np.concatenate(self.durations) if self.durations else np.zeros(0)
+        self.epoch, self.batches_done = 0, 0
+        self._num_dropped = 0
+        self._plan_cache: tuple[int, list[list[int]]] | None = None
+
+    # -- the plan of one epoch ------------------------------------------------------------------------
+
+    def _rng(self, *salt: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, *salt])
+
+    def _epoch_pool(self) -> np.ndarray:
+        """Step 1: the global indices this epoch draws (with repeats for weights > 1)."""
+        pool = []
+        for m, (durs, w) in enumerate(zip(self.durations, self.weights)):
+            ids = self.offsets[m] + np.arange(len(durs))
+            whole, frac = int(w), w - int(w)
+            pool += [ids] * whole
+            extra = int(round(frac * len(ids)))
+            if extra:
+                pick = self._rng(1, m).choice(len(ids), extra, replace=False) if self.shuffle else np.arange(extra)
+                pool.append(ids[np.sort(pick)])
+        return np.concatenate(pool) if pool else np.zeros(0, dtype=np.int64)
+
+    def _pack(self, bucket: np.ndarray) -> list[list[int]]:
+        """Step 3: greedy packing under both caps (padded seconds and count)."""
+        batches, current, longest = [], [], 0.0
+        for i in bucket.tolist():
+            d = self.all_durations[i]
+            if d > self.max_duration:
+                warnings.warn(f"utterance {i} lasts {d:.2f} s > max_duration {self.max_duration} s: "
+                              "it gets a batch of its own", stacklevel=3)
+            new_longest = max(longest, d)
+            if current and (new_longest * (len(current) + 1) > self.max_duration or len(current) >= self.max_batch):
+                batches.append(current)
+                current, new_longest = [], d
+            current.append(i)
+            longest = new_longest
+        if current:
+            batches.append(current)
+        return batches
+
+    def _equalise_for_ranks(self, batches: list[list[int]]) -> list[list[int]]:
+        """Step 4's DDP rule: make the number of batches a multiple of world_size (see class doc)."""
+        self._num_dropped = 0
+        remainder = len(batches) % self.world_size
+        if remainder == 0:
+            return batches
+        if self.drop_last:
+            dropped = batches[len(batches) - remainder:]
+            self._num_dropped = sum(len(b) for b in dropped)
+            return batches[: len(batches) - remainder]
+        need = self.world_size - remainder
+        for _ in range(need):
+            k = max(range(len(batches)), key=lambda j: len(batches[j]))
+            if len(batches[k]) < 2:  # fewer utterances than ranks: nothing left to split
+                raise ValueError(f"{sum(len(b) for b in batches)} utterances cannot fill {self.world_size} ranks; "
+                                 "use drop_last=True or fewer ranks")
+            half = len(batches[k]) // 2
+            batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
+        return batches
+
+    def epoch_batches(self) -> list[list[int]]:
+        """All batches of the current epoch for THIS rank, in order (cached per epoch)."""
+        if self._plan_cache is not None and self._plan_cache[0] == self.epoch:
+            return self._plan_cache[1]
+        pool = self._epoch_pool()
+        order = np.argsort(self.all_durations[pool], kind="stable")
+        pool = pool[order]
+        # Small pools get fewer buckets: a bucket should fill at least one batch, or its leftover
+        # partial batch costs a step for nothing.
+        num_buckets = max(1, min(self.num_buckets, len(pool) // self.max_batch))
+        batches = []
+        for b, bucket in enumerate(np.array_split(pool, num_buckets)):
+            if self.shuffle:
+                bucket = bucket[self._rng(2, b).permutation(len(bucket))]
+            batches += self._pack(bucket)
+        if self.shuffle:
+            batches = [batches[j] for j in self._rng(3).permutation(len(batches))]
+        batches = self._equalise_for_ranks(batches)
+        mine = batches[self.rank::self.world_size]
+        self._plan_cache = (self.epoch, mine)
+        return mine
+
+    # -- the sampler protocol ------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch`. Calling it again with the current epoch (e.g. right after
+        load_state_dict) keeps the resume position."""
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def __iter__(self):
+        batches = self.epoch_batches()
+        start = self.batches_done
+        for i in range(start, len(batches)):
+            self.batches_done = i + 1
+            yield list(batches[i])
+        self.batches_done = 0  # the epoch is complete; a new pass starts from its beginning
+
+    def __len__(self) -> int:
+        """Batches of the current epoch for this rank, including any a resume will skip."""
+        return len(self.epoch_batches())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    @property
+    def num_dropped(self) -> int:
+        """Utterances (all ranks together) that drop_last=True removed from the current epoch."""
+        self.epoch_batches()
+        return self._num_dropped
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real frames / padded frames over this rank's batches of the current epoch."""
+        real = padded = 0
+        for batch in self.epoch_batches():
+            frames = [num_frames(int(round(self.all_durations[i] * SAMPLE_RATE))) for i in batch]
+            real, padded = real + sum(frames), padded + max(frames) * len(frames)
+        return real / padded if padded else 1.0
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Records -> (Record, 16 kHz waveform). Audio is read lazily, in the DataLoader workers: exactly
+    `duration` seconds from `offset`, the way Lhotse reads a cut."""
+
+    def __init__(self, records: list[Record]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        return rec, load_audio(rec.audio, rec.offset, rec.duration, channel=rec.channel)
+
+
+def collate(items) -> dict:
+    """[(Record, wave), ...] -> {"waves": list of 1-D tensors, "wave_lens": (B,) int64, "records": [...]}.
+
+    Waveforms stay a list: `fbank` pads them itself, on the GPU, so the workers do no feature work and
+    the Records carry every field the prompt needs (text, meta, instruction, response, truncated...).
+    """
+    records = [rec for rec, _ in items]
+    waves = [wave for _, wave in items]
+    return {"waves": waves, "wave_lens": torch.tensor([len(w) for w in waves], dtype=torch.long), "records": records}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Command line: python data.py check manifest.jsonl [more.jsonl.gz ...]
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_manifest(path, out=sys.stdout) -> bool:
+    """Print a report for one manifest: counts, hours, duration stats, missing audio and EVERY field
+    error (the file is read line by line and keeps going). Returns True when nothing is wrong."""
+    print(f"== {path}", file=out)
+    if not os.path.exists(path):
+        print("  manifest file not found", file=out)
+        return False
+    records, errors = [], []
+    try:
+        for _, item in iter_manifest_lines(path):
+            (errors if isinstance(item, ManifestError) else records).append(item)
+    except (OSError, UnicodeDecodeError, EOFError) as e:  # e.g. a corrupt .gz: report, don't crash
+        errors.append(f"{path}: unreadable ({e})")
+    missing = [r for r in records if not os.path.isfile(r.audio)]
+    durs = np.array([r.duration for r in records])
+    print(f"  utterances: {len(records)}" + ("  (empty manifest)" if not records else ""), file=out)
+    if len(durs):
+        print(f"  total hours: {durs.sum() / 3600:.4f}", file=out)
+        print(f"  duration s: min {durs.min():.2f}  mean {durs.mean():.2f}  max {durs.max():.2f}", file=out)
+    print(f"  missing audio files: {len(missing)}", file=out)
+    for r in missing:
+        print(f"    {r.source}: {r.audio}", file=out)
+    print(f"  field errors: {len(errors)}", file=out)
+    for e in errors:
+        print(f"    {e}", file=out)
+    return not errors and not missing and bool(records)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate manifests: counts, hours, missing audio, field errors")
+    check.add_argument("manifests", nargs="+")
+    args = parser.parse_args(argv)
+    ok = [check_manifest(m) for m in args.manifests]
+    print("OK" if all(ok) else f"PROBLEMS in {ok.count(False)} of {len(ok)} manifest(s)")
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
