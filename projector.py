@@ -1,4 +1,4 @@
-"""The audio projector: speech-encoder frames -> LLM token embeddings (AZeroS paper, Sec. 3).
+"""The audio projector: speech-encoder frames -> LLM token embeddings (AZeroS paper, Sec. 4.1).
 
 The frozen Zipformer emits 768-d frames at 25 Hz. An LLM reads text at a few tokens per second, so
 feeding it 25 "audio tokens" per second would make prompts long and attention expensive. The projector
