@@ -1,0 +1,106 @@
+"""Talk to an AZeroS model from the command line (AZeroS paper, Sec. 3: the model at inference time).
+
+    python infer.py audio.wav "Describe the audio."                   # streams the answer
+    python infer.py a.wav b.wav "What is the speaker's emotion?"       # one batched call, one line per file
+    python infer.py "What is the capital of France?"                   # no audio: the frozen LLM answers as text
+    python infer.py audio.wav "..." --model path/to/model_dir          # default: the AudenAI/azeros hub release
+
+Decoding is greedy unless --temperature is given (then top-p sampling). The prompt goes after the audio
+placeholder(s) in the user turn, exactly as the official code builds it; --system adds a system message
+(otherwise the tokenizer's chat template decides, e.g. Qwen2.5 adds its default one).
+Errors (missing file, unreadable audio, incomplete model folder) print one line and exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Ask an AZeroS speech LLM about audio files.")
+    p.add_argument("inputs", nargs="+", metavar="AUDIO... PROMPT",
+                   help="zero or more audio files followed by the prompt (the prompt may be omitted after audio)")
+    p.add_argument("--model", default="AudenAI/azeros", help="model folder or hub id (default: %(default)s)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="LLM dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    args = p.parse_args(argv)
+    args.audio, args.prompt = split_inputs(args.inputs)
+    return args
+
+
+def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
+    """All positionals but the last are audio; the last is the prompt, unless it is itself an audio file."""
+    last = inputs[-1]
+    if last.lower().endswith(AUDIO_EXTENSIONS) and (len(inputs) > 1 or os.path.exists(last)):
+        return inputs, ""
+    return inputs[:-1], last
+
+
+def quiet_libraries() -> None:
+    """Keep stdout for the answer: no progress bars or informational warnings from transformers."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+
+
+def check_files(paths: list[str]) -> None:
+    """Fail on a missing file before the slow imports and the model load."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"audio file not found: {path}")
+
+
+def run(args) -> int:
+    import torch
+
+    import data
+    from model import AZeroS
+
+    waves = [data.load_audio(path) for path in args.audio]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AZeroS.from_pretrained(args.model, device=device, dtype=dtype)
+
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if not waves:  # a plain text question goes straight to the frozen LLM
+        model.generate(None, [[{"role": "user", "content": args.prompt}]], system=args.system, stream=True, **gen)
+        return 0
+    messages = [[model.user_message(args.prompt)] for _ in waves]
+    if len(waves) == 1:
+        model.generate(waves, messages, system=args.system, stream=True, **gen)
+        return 0
+    for path, text in zip(args.audio, model.generate(waves, messages, system=args.system, **gen)):
+        print(f"{path}\t{text.strip()}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_files(args.audio)
+        quiet_libraries()
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # the expected failures (files, audio, model folder) become one line, no traceback
+        if not isinstance(e, (FileNotFoundError, ValueError, OSError, RuntimeError)) and \
+                type(e).__name__ != "AudioError":
+            raise  # anything else is a bug: keep the traceback
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Tiny, random, offline models for tests: an LLM folder, Zipformer folders, a whole release, a wav.
+
+Everything is built from files in tests/fixtures (the 601-token ChatML tokenizer of azeros_tiny_release,
+the tiny Zipformer config of zipformer_small), so no test touches the network. Each builder takes well
+under a second.
+"""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from conftest import FIXTURES
+
+TOKENIZER_DIR = FIXTURES / "azeros_tiny_release"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+ENCODER_CONFIG = FIXTURES / "zipformer_small" / "config.json"
+
+
+def copy_tokenizer(path) -> Path:
+    """The fixture's byte-level BPE tokenizer with the Qwen2.5 chat template; it already has <|AUDIO|> (600)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / name, path / name)
+    return path
+
+
+def make_tiny_llm_dir(path, hidden: int = 32, layers: int = 2, vocab: int = 608, seed: int = 0) -> Path:
+    """A local HF folder: random Qwen2ForCausalLM (fp32) + the ChatML tokenizer.
+
+    Weights are drawn with large scales (like the official fixture) so greedy decoding has clear margins
+    and batched/single comparisons are not decided by float noise.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=597, eos_token_id=599, pad_token_id=597, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_((2.0 if "lm_head" in name else 0.25) * torch.randn_like(p))
+        model.lm_head.weight[dead_ids(vocab)] *= 0.25  # keep the random model from printing lone bytes
+    path = Path(path)
+    model.save_pretrained(str(path))
+    return copy_tokenizer(path)
+
+
+def dead_ids(vocab: int) -> list[int]:
+    """Ids a readable random model should rarely emit: specials, unused rows, unprintable single bytes."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    dead = list(range(597, vocab))
+    for i in range(597):
+        text = tok.decode([i])
+        if len(text) == 1 and (text == "\ufffd" or not (text.isprintable() or text == "\n")):
+            dead.append(i)
+    return dead
+
+
+def make_tiny_encoder_dir(path, seed: int = 0) -> Path:
+    """A random Zipformer folder (config.json + model.safetensors) with the zipformer_small config."""
+    from zipformer import ZipformerConfig, ZipformerEncoder
+
+    torch.manual_seed(seed)
+    encoder = ZipformerEncoder(ZipformerConfig.from_json(ENCODER_CONFIG))
+    encoder.save_pretrained(path)
+    return Path(path)
+
+
+def make_tiny_release(path, paraling: bool = True, seed: int = 0) -> Path:
+    """A complete release folder (DESIGN.md layout) usable by AZeroS.from_pretrained and infer.py."""
+    from model import AZeroS
+
+    path = Path(path)
+    make_tiny_llm_dir(path / "llm", seed=seed)
+    make_tiny_encoder_dir(path / "speech_encoder", seed=seed + 1)
+    if paraling:
+        make_tiny_encoder_dir(path / "paraling_encoder", seed=seed + 2)
+    torch.manual_seed(seed + 3)
+    model = AZeroS.from_components(str(path / "llm"), str(path / "speech_encoder"),
+                                   str(path / "paraling_encoder") if paraling else None)
+    with torch.no_grad():  # projectors: official nn.Linear init plus a kick, so their outputs matter
+        for p in model.trainable_parameters() or [p for n, p in model.named_parameters() if "projector" in n]:
+            p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(path)  # llm/ and encoders exist already: only config, weights, tokenizer written
+    return path
+
+
+_CACHE: dict[tuple, Path] = {}
+
+
+def cached_tiny_release(paraling: bool = True) -> Path:
+    """make_tiny_release built once per test session (read-only use!); removed at exit."""
+    key = (paraling,)
+    if key not in _CACHE:
+        root = Path(tempfile.mkdtemp(prefix="azeros_tiny_"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _CACHE[key] = make_tiny_release(root / "release", paraling=paraling)
+    return _CACHE[key]
+
+
+def write_wav(path, seconds: float, sr: int = 16000, seed: int = 0) -> Path:
+    """A speech-like test signal (tones + noise), 16-bit PCM."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.3 * np.sin(2 * np.pi * (150 + 50 * seed) * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    wave += 0.05 * rng.standard_normal(t.shape)
+    sf.write(str(path), wave.astype(np.float32), sr, subtype="PCM_16")
+    return Path(path)
