@@ -1,0 +1,837 @@
+"""Train the AZeroS projectors with self-generated targets (AZeroS paper, Sec. 4: SIFT, two stages).
+
+SIFT (Self-generated Instruction-Free Tuning) needs no human instructions: for every utterance the frozen
+LLM has already answered a *text* stand-in for the audio (generate_targets.py wrote that answer into the
+manifest as `response`). Here we teach the projectors to make the *audio* version of the prompt produce
+the same answer. Only the projectors learn; the Zipformer encoders and the LLM stay frozen. Two stages:
+
+  stage 1  semantic encoder + projector; the prompt is just `<|AUDIO|>` standing for the transcript
+           (targets: `sift_s`). Trains `speech_encoder_projector`.
+  stage 2  adds the paralinguistic encoder; the prompt is
+           `<audio><meta><|AUDIO|></meta><text><|AUDIO|></text></audio>` (targets: `sift_sp`, usually mixed
+           with `sift_s`). Loads the stage-1 model, FREEZES its projector and trains only
+           `paraling_encoder_projector`, so stage 2 cannot undo what stage 1 learnt.
+
+    python train.py --stage 1 --llm Qwen/Qwen2.5-7B-Instruct --speech-encoder tta/ \\
+        --train sift_s.jsonl --valid dev.jsonl --exp exp/stage1
+    python train.py --stage 2 --init exp/stage1 --paraling-encoder voice/ \\
+        --train sift_sp.jsonl:1 sift_s.jsonl:0.5 --valid dev.jsonl --exp exp/stage2
+    torchrun --nproc_per_node=8 train.py ...        # same flags, DistributedDataParallel
+
+The file reads top to bottom like nanoGPT's train.py: command line, distributed setup, data, model, the
+few helpers the loop needs (learning-rate schedule, SpecAugment, encoder cache, checkpoints), then the
+hand-written loop itself. No framework: every step of training is a line you can read here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import (
+    AudioDataset,
+    AudioError,
+    DurationBucketSampler,
+    ManifestError,
+    collate,
+    fbank,
+    padding_efficiency,
+    read_manifest,
+)
+
+SAMPLE_RATE = 16000
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (bad manifest, wrong model combination, out of memory). The command line
+    prints its message without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--stage", type=int, choices=[1, 2], required=True, help="1: semantic projector; 2: paralinguistic")
+    g.add_argument("--llm", help="frozen LLM: HF folder, hub id or .gguf (stage 2: default the one in --init)")
+    g.add_argument("--gguf-file", help="GGUF file name inside --llm")
+    g.add_argument("--speech-encoder", help="semantic Zipformer folder (stage 1; stage 2 uses the one in --init)")
+    g.add_argument("--paraling-encoder", help="paralinguistic Zipformer folder (stage 2)")
+    g.add_argument("--init", help="stage 2: the stage-1 model folder (release layout, e.g. exp/stage1)")
+    g = p.add_argument_group("data")
+    g.add_argument("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
+                   help="training manifests with responses (generate_targets.py output); WEIGHT 2 = each row\n"
+                        "twice per epoch, 0.5 = a random half (default 1)")
+    g.add_argument("--valid", nargs="*", default=[], metavar="JSONL", help="validation manifests")
+    g.add_argument("--max-duration", type=float, default=200.0, help="padded seconds of audio per batch and rank")
+    g.add_argument("--max-batch", type=int, default=64, help="utterances per batch at most")
+    g.add_argument("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
+    g.add_argument("--max-length", type=int, help="truncate token sequences to this length")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
+    g.add_argument("--spec-augment", action="store_true", help="time/frequency masking on fbank (off by default)")
+    g.add_argument("--cache-encoders", metavar="DIR", help="store frozen encoder outputs here; later epochs reuse them")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (official recipe: 1e-3)")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the linear decay")
+    g.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up from 0 to --lr")
+    g.add_argument("--decay-steps", type=int, help="step at which the decay reaches --min-lr (default: total steps)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("run")
+    g.add_argument("--exp", required=True, help="output folder: checkpoints/, metrics.jsonl, the final model")
+    g.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    g.add_argument("--valid-every", type=int, default=500, help="steps between validations (and one at the end)")
+    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
+                   help="continue from CKPT, or from the newest checkpoint in <exp>/checkpoints")
+    g.add_argument("--log-batches", action="store_true",
+                   help="write the ids of every batch to <exp>/batches.rankN.jsonl")
+    return p.parse_args(argv)
+
+
+def parse_train_spec(spec: str) -> tuple[str, float]:
+    """'a.jsonl:2' -> ('a.jsonl', 2.0); 'a.jsonl' -> ('a.jsonl', 1.0). Only a numeric suffix is a weight, so
+    paths containing ':' still work."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Distributed setup
+# ---------------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is rank 0 of 1.
+    NCCL is the backend for GPUs, gloo for CPUs (the test suite runs 2 CPU ranks with gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    kind = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local_rank}") if kind == "cuda" else torch.device(kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over ranks (for logging and validation: every rank sees the global figure)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Data
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_manifests(paths: list[str], what: str) -> list[list]:
+    """Read manifests and refuse the two mistakes that would otherwise surface as a crash deep inside a
+    step (or, worse, as silent training on nothing): an empty manifest, and rows without a target."""
+    manifests = []
+    for path in paths:
+        records = read_manifest(path)
+        if not records:
+            raise TrainError(f"{what} manifest {path} is empty: nothing to train on")
+        missing = [r for r in records if r.response is None]
+        if missing:
+            raise TrainError(
+                f"{what} manifest {path}: {len(missing)} of {len(records)} rows have no 'response' "
+                f"(first: id {missing[0].id!r} at {missing[0].source}). SIFT trains on targets the frozen LLM "
+                f"generated itself; make them first, e.g.\n"
+                f"  python generate_targets.py --mode sift_s --model <LLM> --in {path} --out targets.jsonl\n"
+                f"(stage 2: --mode sift_sp) and train on the output.")
+        manifests.append(records)
+    return manifests
+
+
+def make_loader(manifests, weights, args, rank, world, shuffle: bool):
+    """DataLoader over the concatenated manifests, batched by the duration-bucketed sampler.
+
+    The sampler decides everything (which utterances, in which batches, on which rank) from (seed, epoch),
+    so all ranks agree without communicating, and a resumed run can skip straight to its position.
+    The loader gets its own torch.Generator: otherwise creating an iterator draws a seed from the GLOBAL
+    RNG, which would make the random stream depend on when the iterator was created (and break resume)."""
+    records = [r for m in manifests for r in m]
+    sampler = DurationBucketSampler([[r.duration for r in m] for m in manifests], weights=weights,
+                                    max_duration=args.max_duration, max_batch=args.max_batch,
+                                    num_buckets=args.num_buckets, seed=args.seed, rank=rank, world_size=world,
+                                    shuffle=shuffle)
+    loader = torch.utils.data.DataLoader(AudioDataset(records), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=args.num_workers, generator=torch.Generator().manual_seed(0),
+                                         pin_memory=torch.cuda.is_available())
+    return loader, sampler
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Model
+# ---------------------------------------------------------------------------------------------------
+
+TRAINED = {1: ["speech_encoder_projector"], 2: ["paraling_encoder_projector"]}
+
+
+def build_model(args, device):
+    """Stage 1: LLM + semantic encoder, fresh projector. Stage 2: the stage-1 model plus the paralinguistic
+    encoder and a fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage)."""
+    from model import AZeroS  # imported here so `python train.py --help` is instant
+
+    # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16 anyway).
+    # The projectors stay fp32: they are the master weights AdamW updates.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for flag, path in (("--speech-encoder", args.speech_encoder), ("--paraling-encoder", args.paraling_encoder),
+                       ("--init", args.init)):
+        if path and not Path(path).is_dir():
+            raise TrainError(f"{flag} {path}: no such folder")
+    if args.stage == 1:
+        if not (args.llm and args.speech_encoder):
+            raise TrainError("stage 1 needs --llm and --speech-encoder")
+        model = AZeroS.from_components(args.llm, args.speech_encoder, gguf_file=args.gguf_file,
+                                       device=device, dtype=dtype)
+    else:
+        if not (args.init and args.paraling_encoder):
+            raise TrainError("stage 2 needs --init (the stage-1 model folder) and --paraling-encoder")
+        init = Path(args.init)
+        if not (init / "model.safetensors").exists():
+            raise TrainError(f"--init {init}: no model.safetensors; expected a stage-1 model folder (release layout)")
+        if args.speech_encoder:
+            raise TrainError("stage 2 takes the semantic encoder from --init: its projector was trained on it")
+        if args.llm:
+            # An explicit LLM (e.g. the same one from another path): it must fit the stage-1 projector.
+            model = AZeroS.from_components(args.llm, str(init / "speech_encoder"), args.paraling_encoder,
+                                           gguf_file=args.gguf_file, device=device, dtype=dtype)
+            load_stage1_projector(model, init)
+        else:
+            model = add_paraling_encoder(AZeroS.from_pretrained(init, device=device, dtype=dtype),
+                                         args.paraling_encoder, device)
+    model.set_stage(args.stage)
+    check_frozen(model, args.stage)
+    return model
+
+
+def add_paraling_encoder(stage1, path: str, device):
+    """The stage-1 model (LLM, tokenizer, semantic encoder and its trained projector) plus a paralinguistic
+    encoder with a fresh projector. Built with the AZeroS constructor from the stage-1 parts, so nothing
+    is loaded twice."""
+    from model import AZeroS
+    from zipformer import ZipformerEncoder
+
+    para = ZipformerEncoder.from_pretrained(path, device=device)
+    model = AZeroS(stage1.llm, stage1.tokenizer, stage1.speech_encoder, para,
+                   speech_k=stage1.speech_encoder_projector.k, round_audio_to_fp16=stage1.round_audio_to_fp16)
+    model.speech_encoder_projector.load_state_dict(stage1.speech_encoder_projector.state_dict())
+    model.sources = {**stage1.sources, "paraling_encoder": path}
+    return model.to(device)
+
+
+def load_stage1_projector(model, init: Path):
+    """Copy the stage-1 semantic projector into the stage-2 model, with a clear message when the widths
+    cannot match (the usual cause: a different --llm than the one stage 1 was trained with)."""
+    state = load_file(str(init / "model.safetensors"))
+    prefix = "speech_encoder_projector."
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    proj = model.speech_encoder_projector
+    if not state:
+        raise TrainError(f"--init {init}: model.safetensors holds no speech_encoder_projector.* weights")
+    llm_width = proj.linear2.out_features
+    init_width = state["linear2.weight"].shape[0]
+    if init_width != llm_width:
+        raise TrainError(f"the stage-1 projector in {init} maps to width {init_width}, but the LLM has hidden size "
+                         f"{llm_width}: stage 2 must use the LLM stage 1 was trained with (leave out --llm to use "
+                         f"{init / 'llm'})")
+    enc_in = state["linear1.weight"].shape[1]
+    if enc_in != proj.linear1.in_features:
+        raise TrainError(f"the stage-1 projector in {init} takes {enc_in} inputs (encoder dim x k), but the speech "
+                         f"encoder gives {proj.linear1.in_features}: use the speech encoder of stage 1")
+    proj.load_state_dict(state)
+
+
+def trainable_names(model, stage: int) -> list[str]:
+    return [n for n in TRAINED[stage] if getattr(model, n, None) is not None]
+
+
+def check_frozen(model, stage: int):
+    """Exactly the projector(s) of this stage may require gradients: anything else would silently train
+    (and, for the LLM, cost an optimizer state the size of the model)."""
+    allowed = {id(p) for n in trainable_names(model, stage) for p in getattr(model, n).parameters()}
+    wrong = [n for n, p in model.named_parameters() if p.requires_grad != (id(p) in allowed)]
+    if wrong:
+        raise TrainError(f"stage {stage}: wrong requires_grad on {wrong[:5]} ({len(wrong)} parameters)")
+
+
+class TrainedPart(nn.Module):
+    """What DistributedDataParallel wraps: the projector(s) being trained, and nothing else.
+
+    DDP broadcasts every registered parameter at start-up and hooks each one for the gradient all-reduce.
+    Wrapping the whole model would broadcast the frozen 7B LLM (15 GB) for nothing and hook parameters that
+    never get a gradient. So the trained projectors are registered as submodules here, while the full model
+    is stored as a plain attribute (object.__setattr__ bypasses nn.Module's registration): DDP sees only the
+    projector parameters, yet `forward` runs the whole model, so DDP's hooks fire when the projector
+    gradients are ready, overlapping the all-reduce with the rest of the backward pass. The projector
+    objects are shared with the model, so nothing is copied and `model.save_pretrained` is unaffected."""
+
+    def __init__(self, model, names: list[str]):
+        super().__init__()
+        self.trained = nn.ModuleDict({n: getattr(model, n) for n in names})
+        object.__setattr__(self, "model", model)
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Learning-rate schedule
+# ---------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> float:
+    """Multiplier of --lr for optimizer step `step` (0-based), the schedule:
+
+        lr
+        |     /\\
+        |    /   \\___
+        |   /        \\___
+        |  /             \\___ min_lr, then flat
+        +--warmup--------decay_steps---> step
+
+    Linear warm-up from ~0 avoids big early updates from AdamW's not yet calibrated second moments (the
+    projector starts random and the first gradients are large); linear decay anneals to a low rate so the
+    last steps refine rather than jump.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup) / max(1, decay_steps - warmup)
+    return 1.0 - progress * (1.0 - min_ratio)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. SpecAugment on fbank (optional)
+# ---------------------------------------------------------------------------------------------------
+
+
+def spec_augment(feats: torch.Tensor, feat_lens: torch.Tensor, generator: torch.Generator,
+                 freq_masks: int = 2, freq_width: int = 27, time_masks: int = 10, time_fraction: float = 0.15,
+                 time_width: int = 100) -> torch.Tensor:
+    """Mask random frequency bands and time spans (Park et al. 2019; Lhotse's defaults, no time warping) with
+    each utterance's mean. The encoders are frozen, so this only regularises the projector: it sees slightly
+    damaged encoder outputs and must still produce the target. Off by default; worth it when the data is
+    small enough for the projector to memorise. Random numbers come from `generator` (CPU) so a resumed run
+    draws the same masks."""
+    feats = feats.clone()
+    B, _, F = feats.shape
+    for b in range(B):
+        T = int(feat_lens[b])
+        if T == 0:
+            continue
+        x = feats[b, :T]
+        fill = x.mean()
+        for _ in range(freq_masks):
+            w = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
+            f0 = int(torch.randint(0, max(1, F - w), (1,), generator=generator))
+            x[:, f0:f0 + w] = fill
+        width = min(time_width, int(time_fraction * T))
+        for _ in range(time_masks if width > 0 else 0):
+            w = int(torch.randint(0, width + 1, (1,), generator=generator))
+            t0 = int(torch.randint(0, max(1, T - w), (1,), generator=generator))
+            x[t0:t0 + w] = fill
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Encoder cache (optional)
+# ---------------------------------------------------------------------------------------------------
+
+
+def unpad(out: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:
+    return [out[i, : int(n)] for i, n in enumerate(lens)]
+
+
+def pad(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-utterance (T_i, D) frames -> zero-padded (B, max T_i, D) and lengths. Both the cached and the
+    uncached path go through unpad -> pad, so the projector sees identical tensors either way."""
+    lens = torch.tensor([len(f) for f in frames], dtype=torch.long, device=frames[0].device)
+    out = frames[0].new_zeros(len(frames), int(lens.max()), frames[0].shape[-1])
+    for i, f in enumerate(frames):
+        out[i, : len(f)] = f
+    return out, lens
+
+
+def encoder_fingerprint(module: nn.Module) -> str:
+    """A short hash of an encoder's weights: a cache made with other encoder weights must not be reused."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class EncoderCache:
+    """Frozen encoder outputs on disk, so later epochs skip the encoders.
+
+    Both encoders are frozen and deterministic, so an utterance's encoder output never changes: computing
+    it once per run instead of once per epoch saves the encoder forward (the larger part of a step for
+    small LLMs). Outputs are stored per utterance, unpadded, in safetensors shards
+    `<dir>/<rank>-<n>.safetensors` with keys "<branch>/<record id>/<hash of audio path and offset>" (the hash
+    keeps two manifests that reuse an id for different audio apart; the same audio listed in several
+    manifests, e.g. sift_s and sift_sp targets of one corpus, shares its entry). `meta.json` holds a
+    fingerprint of each encoder's weights; a cache made with different encoders is refused.
+
+    Each rank writes its own shards (no file is shared between writers); `refresh()` at every epoch end
+    re-reads the folder so a rank also finds what other ranks encoded. Reads are lazy (safe_open), so the
+    cache may be larger than memory.
+    """
+
+    def __init__(self, folder, fingerprints: dict[str, str], rank: int, flush_every: int = 256):
+        self.folder, self.rank, self.flush_every = Path(folder), rank, flush_every
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path = self.folder / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        for branch, fp in fingerprints.items():
+            if meta.get(branch, fp) != fp:
+                raise TrainError(f"--cache-encoders {self.folder} holds {branch} outputs of different encoder "
+                                 "weights; use a new folder (or delete this one)")
+        barrier()  # every rank has checked the old meta before rank 0 rewrites it
+        if rank == 0:
+            atomic_write_text(meta_path, json.dumps({**meta, **fingerprints}, indent=1))
+        self.pending: dict[str, torch.Tensor] = {}
+        self.refresh()
+
+    @staticmethod
+    def key(branch: str, record) -> str:
+        where = hashlib.sha1(f"{record.audio}|{record.offset}".encode()).hexdigest()[:8]
+        return f"{branch}/{record.id}/{where}"
+
+    def refresh(self):
+        self.flush()
+        barrier()  # all ranks' shards of this epoch are on disk before anyone re-reads the folder
+        self.index, self.handles = {}, {}
+        for shard in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                self.index.update(dict.fromkeys(f.keys(), shard))
+
+    def get(self, records, branches: list[str], device) -> dict | None:
+        """{branch: [frames per record]} when every output is cached, else None."""
+        keys = {b: [self.key(b, r) for r in records] for b in branches}
+        if not all(k in self.index or k in self.pending for ks in keys.values() for k in ks):
+            return None
+        return {b: [self._load(k).to(device) for k in ks] for b, ks in keys.items()}
+
+    def _load(self, key: str) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending[key]
+        shard = self.index[key]
+        if shard not in self.handles:
+            self.handles[shard] = safe_open(str(shard), "pt")
+        return self.handles[shard].get_tensor(key)
+
+    def put(self, records, frames: dict[str, list[torch.Tensor]]):
+        for branch, per_utt in frames.items():
+            for r, f in zip(records, per_utt):
+                self.pending[self.key(branch, r)] = f.detach().cpu().contiguous()
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        n = len(list(self.folder.glob(f"{self.rank:03d}-*.safetensors")))
+        path = self.folder / f"{self.rank:03d}-{n:06d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(self.pending, str(tmp))
+        os.replace(tmp, path)  # readers never see half a shard
+        self.index.update(dict.fromkeys(self.pending, path))
+        self.pending = {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Checkpoints: atomic, rotating, everything needed to continue exactly
+# ---------------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state(specaug_gen: torch.Generator) -> dict:
+    """Every random stream of this process. weights_only loading accepts tensors and plain Python values, so
+    numpy's state array travels as a tensor."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                    *[float(x) for x in np_state[2:]]],
+             "torch": torch.get_rng_state(), "specaug": specaug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, specaug_gen: torch.Generator):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    torch.set_rng_state(state["torch"])
+    specaug_gen.set_state(state["specaug"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_objects(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(exp: Path, state: dict, keep_last: int, rank: int):
+    """Write checkpoints/step-XXXXXXXX.pt atomically (temp file + os.replace: a crash mid-write leaves the
+    previous checkpoint intact and never a truncated file that --resume would pick up), then delete all
+    but the newest `keep_last`."""
+    if rank != 0:
+        return
+    folder = exp / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{state['step']:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def find_checkpoint(exp: Path, resume: str) -> Path | None:
+    if resume != "latest":
+        if not Path(resume).exists():
+            raise TrainError(f"--resume {resume}: no such checkpoint")
+        return Path(resume)
+    found = sorted((exp / "checkpoints").glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. One batch: features, encoders (or cache), the model
+# ---------------------------------------------------------------------------------------------------
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions and the loss in fp32; bf16 has fp32's exponent
+    range, so no loss scaling is needed); plain fp32 on CPU, where bf16 is slow and tests want exactness."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def encoder_outputs(model, batch, device, cache: EncoderCache | None, specaug_gen: torch.Generator | None):
+    """Frozen encoder outputs of a batch, {branch: (frames (B, T, D), lens)}: from the cache when every
+    utterance is in it, else fbank (on the training device) -> encoders (no_grad, eval, inside model.encode)."""
+    records = batch["records"]
+    branches = ["speech"] + (["paraling"] if model.use_paraling else [])
+    per_utt = cache.get(records, branches, device) if cache is not None else None
+    if per_utt is None:
+        feats, feat_lens = fbank(batch["waves"], batch["wave_lens"], device=device)
+        if specaug_gen is not None:
+            feats = spec_augment(feats, feat_lens, specaug_gen)
+        with autocast(device):
+            out = model.encode(feats, feat_lens)
+        per_utt = {b: unpad(*out[b]) for b in branches}
+        if cache is not None:
+            cache.put(records, per_utt)
+    return {b: pad(per_utt[b]) for b in branches}
+
+
+def oom_message(batch, args) -> str:
+    lens = batch["wave_lens"].float() / SAMPLE_RATE
+    return (f"out of memory on a batch of {len(lens)} utterances, {lens.sum():.1f} s of audio (longest "
+            f"{lens.max():.1f} s, padded {lens.max() * len(lens):.1f} s). Lower --max-duration (now "
+            f"{args.max_duration:g}) or --max-batch (now {args.max_batch}); --grad-accum keeps the effective "
+            "batch size.")
+
+
+def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) -> dict:
+    """Forward (and backward when training) on one micro-batch -> the numbers the log needs."""
+    try:
+        enc = encoder_outputs(model, batch, device, cache, specaug_gen if train else None)
+        messages = [model.training_messages(r) for r in batch["records"]]
+        with autocast(device):
+            out = net(messages=messages, encoder_outputs=enc, max_length=args.max_length)
+        if train:
+            # Divide by the number of micro-batches so the accumulated gradient is their mean, as if the
+            # whole effective batch had been one forward pass.
+            (out["loss"] / args.grad_accum).backward()
+    except torch.OutOfMemoryError as e:
+        raise TrainError(oom_message(batch, args)) from e
+    ntok, loss = float(out["num_tokens"]), float(out["loss"].detach())
+    wave_lens = batch["wave_lens"]
+    return {"loss_sum": loss * ntok, "acc_sum": float(out["acc"]) * ntok, "tokens": ntok,
+            "samples": float(len(wave_lens)), "audio_s": float(wave_lens.sum()) / SAMPLE_RATE,
+            "pad_eff_sum": padding_efficiency((wave_lens.float() / SAMPLE_RATE).tolist()) * len(wave_lens)}
+
+
+@torch.no_grad()
+def validate(model, loaders, args, device, cache) -> dict:
+    """Token-weighted loss and accuracy over the validation manifests, summed over all ranks."""
+    totals = [0.0, 0.0, 0.0]
+    for loader, sampler in loaders:
+        sampler.set_epoch(0)
+        for batch in loader:
+            m = run_batch(model, model, batch, args, device, cache, None, train=False)
+            totals = [totals[0] + m["loss_sum"], totals[1] + m["acc_sum"], totals[2] + m["tokens"]]
+    loss_sum, acc_sum, tokens = all_reduce_sum(totals, device)
+    return {"valid_loss": loss_sum / max(tokens, 1), "valid_acc": acc_sum / max(tokens, 1), "valid_tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. The training loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def batches_forever(loader, sampler, epoch: int, on_epoch_end):
+    """Yield (epoch, batches consumed in that epoch, batch) across epochs, starting from the sampler's
+    (possibly resumed) position. We count consumed batches ourselves: with workers, the sampler's own
+    counter runs ahead of training by the prefetch depth."""
+    while True:
+        sampler.set_epoch(epoch)  # keeps a resumed position inside this epoch
+        done = sampler.batches_done
+        for batch in loader:
+            done += 1
+            yield epoch, done, batch
+        on_epoch_end(epoch)
+        epoch += 1
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    exp = Path(args.exp)
+    if rank == 0:
+        exp.mkdir(parents=True, exist_ok=True)
+    # The same seed on every rank: the projector starts identical everywhere (DDP also broadcasts rank 0's
+    # weights, but identical construction keeps single- and multi-process runs comparable). SpecAugment
+    # gets its own per-rank stream so ranks do not mask their different utterances identically.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    specaug_gen = torch.Generator().manual_seed(args.seed + 1000 + rank)
+
+    # -- data ------------------------------------------------------------------------------------
+    specs = [parse_train_spec(s) for s in args.train]
+    train_manifests = load_manifests([p for p, _ in specs], "training")
+    loader, sampler = make_loader(train_manifests, [w for _, w in specs], args, rank, world, shuffle=True)
+    valid_loaders = [make_loader(load_manifests([v], "validation"), None, args, rank, world, shuffle=False)
+                     for v in args.valid]
+    steps_per_epoch = len(sampler) // args.grad_accum
+    if steps_per_epoch == 0 and args.max_steps is None:
+        raise TrainError(f"an epoch has {len(sampler)} batches per rank, fewer than --grad-accum {args.grad_accum}")
+    total_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * steps_per_epoch)
+    decay_steps = args.decay_steps or total_steps
+
+    # -- model, optimizer, schedule ----------------------------------------------------------------
+    model = build_model(args, device)
+    model.eval()  # frozen LLM and encoders: no dropout, fixed norms. (The projectors have no dropout either.)
+    names = trainable_names(model, args.stage)
+    params = [p for n in names for p in getattr(model, n).parameters()]
+    if args.spec_augment and args.cache_encoders:
+        raise TrainError("--spec-augment changes the encoder input every epoch, so it cannot use --cache-encoders")
+    net = TrainedPart(model, names)
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # AdamW over the projector parameters only: optimizer state is 2x the projector, not 2x the LLM.
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup_steps, decay_steps, args.min_lr / args.lr))
+    cache = None
+    if args.cache_encoders:
+        fps = {"speech": encoder_fingerprint(model.speech_encoder)}
+        if model.use_paraling:
+            fps["paraling"] = encoder_fingerprint(model.paraling_encoder)
+        cache = EncoderCache(args.cache_encoders, {k: f"{v}-{device.type}" for k, v in fps.items()}, rank)
+
+    # -- resume --------------------------------------------------------------------------------------
+    step, epoch = 0, 0
+    ckpt_path = find_checkpoint(exp, args.resume) if args.resume else None
+    if ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        for n in names:
+            getattr(model, n).load_state_dict(ckpt["projectors"][n])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        step, epoch = ckpt["step"], ckpt["sampler"]["epoch"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], specaug_gen)
+        elif rank == 0:
+            print(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {world}: random streams restart")
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {step}")
+    elif args.resume and rank == 0:
+        print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
+    elif rank == 0 and list((exp / "checkpoints").glob("step-*.pt")):
+        print(f"warning: {exp / 'checkpoints'} has checkpoints but --resume was not given: starting from scratch, "
+              "they will be replaced")
+
+    # -- loop ---------------------------------------------------------------------------------------
+    log_path = exp / "metrics.jsonl"
+    history = []
+    batch_log = open(exp / f"batches.rank{rank}.jsonl", "a") if args.log_batches else None
+
+    def log(record: dict):
+        history.append(record)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint():
+        state = {"step": step, "projectors": {n: getattr(model, n).state_dict() for n in names},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler": {"epoch": epoch, "batches_done": done}, "rng": gather_objects(rng_state(specaug_gen)),
+                 "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+        save_checkpoint(exp, state, args.keep_last, rank)
+
+    def on_epoch_end(_):
+        if cache is not None:
+            cache.refresh()
+
+    if rank == 0:
+        n_train = sum(p.numel() for p in params)
+        print(f"stage {args.stage}: training {', '.join(names)} ({n_train:,} parameters) on {world} rank(s), "
+              f"{device}; {len(sampler)} batches per rank and epoch; steps {step} -> {total_steps}")
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    stream = batches_forever(loader, sampler, epoch, on_epoch_end)
+    window = dict.fromkeys(["loss_sum", "acc_sum", "tokens", "samples", "audio_s", "pad_eff_sum"], 0.0)
+    t_window = time.time()
+    done = sampler.batches_done
+    for p in params:
+        p.grad = None
+    while step < total_steps:
+        # One optimizer step = grad_accum micro-batches. Only the last one all-reduces gradients: no_sync()
+        # keeps DDP from communicating after every micro-batch.
+        for micro in range(args.grad_accum):
+            epoch, done, batch = next(stream)
+            if batch_log is not None:
+                ids = [r.id for r in batch["records"]]
+                batch_log.write(json.dumps({"step": step, "epoch": epoch, "ids": ids}) + "\n")
+            sync = world == 1 or micro == args.grad_accum - 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                m = run_batch(model, net, batch, args, device, cache, specaug_gen if args.spec_augment else None,
+                              train=True)
+            for k in window:
+                window[k] += m[k]
+        if args.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            sums = dict(zip(window, all_reduce_sum(list(window.values()), device)))
+            dt = max(time.time() - t_window, 1e-9)
+            rec = {"step": step, "epoch": epoch, "loss": sums["loss_sum"] / max(sums["tokens"], 1),
+                   "acc": sums["acc_sum"] / max(sums["tokens"], 1), "lr": lr, "grad_norm": grad_norm,
+                   "samples_per_s": sums["samples"] / dt, "audio_s_per_s": sums["audio_s"] / dt,
+                   "tokens_per_s": sums["tokens"] / dt, "padding_eff": sums["pad_eff_sum"] / max(sums["samples"], 1)}
+            if device.type == "cuda":
+                rec["cuda_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", lr=f"{lr:.2e}",
+                            utt_s=f"{rec['samples_per_s']:.1f}", audio_s=f"{rec['audio_s_per_s']:.0f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}", pad=f"{rec['padding_eff']:.2f}",
+                            **({"mem": f"{rec['cuda_mem_gb']:.1f}G"} if "cuda_mem_gb" in rec else {}))
+            window = dict.fromkeys(window, 0.0)
+            t_window = time.time()
+        if valid_loaders and (step % args.valid_every == 0 or step == total_steps):
+            v = validate(model, valid_loaders, args, device, cache)
+            log({"step": step, **v})
+            if rank == 0:
+                bar.write(f"step {step}: valid loss {v['valid_loss']:.4f} acc {v['valid_acc']:.3f}")
+        if step % args.save_every == 0 or step == total_steps:
+            checkpoint()
+    bar.close()
+    if batch_log is not None:
+        batch_log.close()
+    if cache is not None:
+        cache.flush()
+
+    # -- the end: ranks agree, export in the release layout ---------------------------------------
+    # DDP keeps ranks identical by construction (same start, same averaged gradients, same optimizer);
+    # checking costs one all-reduce and turns a silent divergence into an error.
+    rank_diff = 0.0
+    if is_distributed():
+        flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        rank_diff = float((hi - lo).max())
+    log({"step": step, "event": "end", "world_size": world, "rank_weight_max_diff": rank_diff})
+    if rank_diff != 0.0:
+        raise TrainError(f"ranks ended with different projector weights (max diff {rank_diff:g})")
+    if rank == 0:
+        model.save_pretrained(str(exp))
+        print(f"saved the stage-{args.stage} model to {exp}")
+    barrier()
+    return {"model": model, "history": history, "step": step, "exp": exp}
+
+
+def cli():
+    try:
+        main()
+    except (TrainError, ManifestError, AudioError, FileNotFoundError) as e:  # user-fixable: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()
