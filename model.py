@@ -151,7 +151,10 @@ class AZeroS(nn.Module):
         (out / "config.json").write_text(json.dumps(self.config, indent=2))
         projectors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                       if k.startswith(("speech_encoder_projector.", "paraling_encoder_projector."))}
-        save_file(projectors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        # temp file + rename: a run killed mid-save never leaves a half-written model.safetensors behind
+        tmp = out / ".model.safetensors.tmp"
+        save_file(projectors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
         self.tokenizer.save_pretrained(str(out))
         for name in FROZEN:
             module, target = getattr(self, name), out / name
