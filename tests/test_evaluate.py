@@ -1,0 +1,295 @@
+"""evaluate.py: answer parsing, label matching, exact scores on constructed answers, the alignment
+self-check (oracle text embeddings in place of audio -> ratio 1), resuming, and the CLI on a tiny release."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate as ev
+from conftest import ROOT
+from generate_targets import build_prompt
+
+CHOICES = ["male", "female", "child", "senior"]
+EMOTIONS = ["happy", "sad", "angry", "neutral"]
+AGES = ["teenager", "young adult", "middle-age adult", "senior"]
+
+# (answer, choices, expected letter): what zero-shot LLMs actually write
+OPTION_TABLE = [
+    ("A", CHOICES, "A"),
+    ("b", CHOICES, "B"),
+    ("(C)", CHOICES, "C"),
+    ("[D]", EMOTIONS, "D"),
+    ("A.", CHOICES, "A"),
+    ("**C**", CHOICES, "C"),
+    ("Answer: B", CHOICES, "B"),
+    ("The answer is (D).", CHOICES, "D"),
+    ("Option: d.", EMOTIONS, "D"),
+    ("B. female", CHOICES, "B"),
+    ("c) angry", EMOTIONS, "C"),
+    ("I would choose D.", EMOTIONS, "D"),
+    ("答案是B", EMOTIONS, "B"),
+    ("选C", EMOTIONS, "C"),
+    ("The answer is C because it is not A", EMOTIONS, "C"),
+    ("A male voice.", ["female", "male", "child", "senior"], "B"),  # the article "A", then choice text
+    ("A male voice.", CHOICES, "A"),  # "A" followed by the text of choice A
+    ("The speaker sounds happy.", EMOTIONS, "A"),
+    ("I think it is a happy voice", EMOTIONS, "A"),  # lower-case "a" is an article
+    ("the answer is a sad one", EMOTIONS, "B"),
+    ("young adult", AGES, "B"),  # not also "adult" inside "middle-age adult"
+    ("The speaker is female.", CHOICES, "B"),  # "male" is not inside "female"
+    ("A or B", CHOICES, None),
+    ("Both A and C are possible", CHOICES, None),
+    ("(A) happy\n(B) sad", EMOTIONS, None),
+    ("happy or sad", EMOTIONS, None),
+    ("adult", AGES, None),
+    ("None of the above.", EMOTIONS, None),
+    ("E", EMOTIONS, None),  # only four options
+    ("", EMOTIONS, None),
+]
+
+
+def test_parse_option_table():
+    got = [(a, ev.parse_option(a, c)) for a, c, _ in OPTION_TABLE]
+    assert got == [(a, want) for a, _, want in OPTION_TABLE]
+    assert len(OPTION_TABLE) >= 20
+
+
+LABEL_TABLE = [
+    ("Male.", ["male", "female"], "male"),
+    ("The speaker is a woman.", ["male", "female"], "female"),
+    ("female", ["male", "female"], "female"),
+    ("It sounds like a man, not a woman", ["male", "female"], None),
+    ("The speaker is middle-aged.", AGES, "middle-age adult"),
+    ("young adult", AGES, "young adult"),
+    ("an elderly person", AGES, "senior"),
+    ("I can hear anger in the voice.", EMOTIONS, "angry"),
+    ("calm", ["calm", "neutral", "sad"], "calm"),  # a synonym that is itself a label stays itself
+    ("English", ["en", "zh"], "en"),
+    ("Mandarin Chinese", ["en", "zh"], "zh"),
+    ("It is spoken in english, I think", ["en", "de", "zh"], "en"),  # "it" is not Italian
+    ("I cannot tell.", EMOTIONS, None),
+]
+
+
+def test_match_label_table():
+    assert [ev.match_label(a, v) for a, v, _ in LABEL_TABLE] == [want for _, _, want in LABEL_TABLE]
+
+
+def _rec(rid, **kw):
+    return ev.data.Record(id=rid, audio="/nonexistent.wav", duration=1.0, **kw)
+
+
+def test_label_items_vocabulary_and_normalisation():
+    recs = [_rec("a", language="en-US", meta={"gender": "Male", "age": "34", "emotion": "happy"}),
+            _rec("b", language="zh", meta={"gender": "female", "age": "unknown", "emotion": "sad"}),
+            _rec("c", language="en", meta={"gender": "na"})]
+    items = {it.id: it for it in ev.label_items(recs)}
+    assert sorted(items) == ["a/age", "a/emotion", "a/gender", "a/language", "b/emotion", "b/gender", "b/language",
+                             "c/language"]
+    assert items["a/age"].fields["label"] == "young adult" and items["a/language"].fields["label"] == "en"
+    assert items["a/emotion"].fields["vocab"] == ["happy", "sad"]
+    assert items["a/language"].question.endswith("Answer with one of: English, Chinese.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact scores on constructed answers (the model's answer function is replaced; scoring, files and tables
+# are the real ones)
+
+
+def _fake_answers(monkeypatch, answers: dict):
+    """answer_batch returns answers[(item id, system)]; records every call so tests can count them."""
+    calls = []
+
+    def fake(model, items, system, max_new_tokens):
+        calls.append((system, [it.id for it in items]))
+        return [answers[(it.id, system)] for it in items]
+    monkeypatch.setattr(ev, "answer_batch", fake)
+    return calls
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_label_exact_accuracy(tmp_path, monkeypatch):
+    rows = [{"id": f"u{i}", "audio": "x.wav", "duration": 1.0, "text": "hello there", "language": "en",
+             "meta": {"gender": g, "emotion": e}} for i, (g, e) in
+            enumerate([("male", "happy"), ("female", "sad"), ("female", "happy"), ("male", "neutral")])]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    answers = {}
+    # audio: gender 3/4 right (one wrong), emotion 2/4 right (one wrong, one unparseable)
+    for uid, g in zip(["u0", "u1", "u2", "u3"], ["Male.", "a woman", "male", "He is male"]):
+        answers[(f"{uid}/gender", "audio")] = g
+    for uid, e in zip(["u0", "u1", "u2", "u3"], ["happy", "sad", "I don't know", "It sounds sad."]):
+        answers[(f"{uid}/emotion", "audio")] = e
+    for uid in ["u0", "u1", "u2", "u3"]:
+        answers[(f"{uid}/language", "audio")] = "English"
+    items = ev.label_items(ev.data.read_manifest(manifest))
+    for it in items:  # oracle: always right; silent: always "male", "neutral", "Chinese"
+        answers[(it.id, "oracle")] = it.fields["label"]
+        answers[(it.id, "silent")] = {"gender": "male", "emotion": "neutral", "language": "Chinese"}[
+            it.fields["attribute"]]
+    _fake_answers(monkeypatch, answers)
+    res = ev.evaluate(None, "label", manifest, tmp_path / "out", batch_size=3)
+    audio, oracle, silent = (res["systems"][s] for s in ("audio", "oracle", "silent"))
+    assert audio["gender"]["accuracy"] == 75.0 and audio["gender"]["unparsed"] == 0
+    assert audio["emotion"]["accuracy"] == 50.0 and audio["emotion"]["unparsed"] == 1
+    assert audio["language"]["accuracy"] == 100.0
+    assert audio["all"] == {"n": 12, "correct": 9, "accuracy": 75.0, "unparsed": 1}
+    assert oracle["all"]["accuracy"] == 100.0
+    assert silent["gender"]["accuracy"] == 50.0 and silent["emotion"]["accuracy"] == 25.0
+    assert silent["language"]["accuracy"] == 0.0
+    md = (tmp_path / "out" / "label_results.md").read_text()
+    assert "| gender | 4 | 75.0 (0) | 100.0 (0) | 50.0 (0) |" in md
+    assert json.loads((tmp_path / "out" / "label_results.json").read_text())["systems"]["audio"]["all"]["correct"] == 9
+
+
+def test_mcq_accuracy_per_task_and_resume(tmp_path, monkeypatch):
+    rows = [
+        {"id": "q1", "audio": "a.wav", "question": "Gender?", "choices": ["male", "female"], "answer": "A",
+         "task": "gender", "text": "hi"},
+        {"id": "q2", "audio": "a.wav", "question": "Gender?", "choices": ["male", "female"], "answer": "female",
+         "task": "gender"},
+        {"uniq_id": 3, "audio": "a.wav", "question": "Emotion?", "choice_a": "sad", "choice_b": "happy",
+         "choice_c": "angry", "choice_d": "neutral", "answer_gt": "angry", "task_name": "emotion"},
+    ]
+    manifest = _write_jsonl(tmp_path / "mcq.jsonl", rows)
+    items = ev.read_mcq(manifest)
+    assert [it.fields["answer"] for it in items] == ["A", "B", "C"]
+    assert items[2].id == "3" and items[2].question.endswith(ev.OPTION_PROMPT)
+    assert "\nC. angry\n" in items[2].question
+    answers = {("q1", "audio"): "A", ("q2", "audio"): "Probably A or B", ("3", "audio"): "The answer is (C).",
+               ("q1", "oracle"): "B", ("q1", "silent"): "A", ("q2", "silent"): "A", ("3", "silent"): "D"}
+    calls = _fake_answers(monkeypatch, answers)
+    res = ev.evaluate(None, "mcq", manifest, tmp_path / "out", batch_size=2)
+    audio = res["systems"]["audio"]
+    assert audio["gender"] == {"n": 2, "correct": 1, "accuracy": 50.0, "unparsed": 1}
+    assert audio["emotion"]["accuracy"] == 100.0 and audio["all"]["correct"] == 2
+    # only q1 has a transcript, so only q1 gets an oracle answer (the upper bound needs the text)
+    assert res["systems"]["oracle"]["all"] == {"n": 1, "correct": 0, "accuracy": 0.0, "unparsed": 0}
+    assert res["systems"]["silent"]["all"]["correct"] == 1
+    assert sum(len(ids) for _, ids in calls) == 7
+
+    # resume: a crash left half a line; a second run redoes only what is missing
+    answers_path = tmp_path / "out" / "mcq_answers.jsonl"
+    lines = answers_path.read_text().splitlines(keepends=True)
+    answers_path.write_text("".join(lines[:-1]) + lines[-1][:10])
+    calls.clear()
+    again = ev.evaluate(None, "mcq", manifest, tmp_path / "out", batch_size=2)
+    assert sum(len(ids) for _, ids in calls) == 1
+    assert again["systems"] == res["systems"]
+    assert len(answers_path.read_text().splitlines()) == 7
+    with pytest.raises(ValueError, match="another --out"):
+        ev.evaluate(None, "mcq", manifest, tmp_path / "out", model_name="other")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# With a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from model import AZeroS
+    from tiny import make_tiny_release, write_wav
+
+    root = tmp_path_factory.mktemp("evaluate")
+    release = make_tiny_release(root / "release", paraling=True)
+    model = AZeroS.from_pretrained(release)
+    for i, seconds in enumerate([1.3, 2.1, 1.7]):
+        write_wav(root / f"clip{i}.wav", seconds, seed=i)
+    return model, release, root
+
+
+def _target_manifest(root, modes):
+    """A held-out manifest as generate_targets.py writes it (input_text from its build_prompt)."""
+    texts = ["hello world, how are you", "we shall stop in a minute", "good morning to you"]
+    metas = [{"gender": "male", "emotion": "happy"}, {"gender": "female", "age": "senior"}, {"emotion": "sad"}]
+    durations = [1.3, 2.1, 1.7]
+    rows = []
+    for i, mode in enumerate(modes):
+        rec = ev.data.Record(id=f"r{i}", audio=str(root / f"clip{i % 3}.wav"), duration=durations[i % 3],
+                             text=texts[i % 3], language="en", meta=metas[i % 3])
+        prompt = build_prompt(rec, mode)
+        rows.append({**rec.to_json(), "mode": mode, "system": prompt.system, "instruction": prompt.instruction,
+                     "input_text": prompt.input_text, "response": f"i hear {texts[i % 3]}.", "truncated": i == 1,
+                     "model": "tiny"})
+    return _write_jsonl(root / f"targets_{'_'.join(modes)}.jsonl", rows)
+
+
+@pytest.mark.parametrize("stage,modes", [(None, ["sift_sp", "sit_sp", "sift_ssp", "sift_sp"]),
+                                         (1, ["sift_s", "sit_s", "sift_s"])])
+def test_align_oracle_embeddings_give_ratio_one(tiny, tmp_path, stage, modes):
+    model, _, root = tiny
+    manifest = _target_manifest(root, modes)
+    records = ev.data.read_manifest(manifest)
+    model.set_stage(stage)  # stage 1: semantic branch only, the prompt is a single <|AUDIO|>
+    try:
+        # precondition: with the oracle pieces spliced in, the audio prompt's LLM input equals the text
+        # prompt's (the tokenizer splits the text where the audio prompt has <|AUDIO|>)
+        for r, segs in zip(records, ev.oracle_segments(model, records)):
+            spliced = ev.llm_lib.build_batch(model.llm, model.tokenizer, [model.training_messages(r)], [segs],
+                                             training=True)
+            text = ev.llm_lib.build_batch(model.llm, model.tokenizer, [ev.oracle_training_messages(r)],
+                                          training=True)
+            assert torch.equal(spliced.inputs_embeds, text.inputs_embeds) and torch.equal(spliced.labels, text.labels)
+        res = ev.evaluate(model, "align", manifest, tmp_path, batch_size=2, segments_fn=ev.oracle_segments)
+    finally:
+        model.set_stage(None)
+    for mode, e in res["modes"].items():
+        assert e["ratio_audio"] == pytest.approx(1.0, abs=1e-4), mode
+        assert e["ce"]["silent"] > 0 and e["tokens"] > 0
+    assert set(res["modes"]) == set(modes) | {"all"}
+    assert "| all |" in (tmp_path / "align_results.md").read_text()
+
+
+def test_align_on_audio_runs_and_resumes(tiny, tmp_path, monkeypatch):
+    model, _, root = tiny
+    manifest = _target_manifest(root, ["sift_sp", "sit_sp"])
+    res = ev.evaluate(model, "align", manifest, tmp_path, batch_size=2)
+    e = res["modes"]["all"]
+    assert e["n"] == 2 and all(v > 0 for v in e["ce"].values()) and e["ratio_audio"] > 0
+    lines = (tmp_path / "align_answers.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # 2 records x 3 systems
+    # per-row numbers agree with model.forward's batch mean
+    records = ev.data.read_manifest(manifest)
+    waves = ev.load_waves(records, silent=False)
+    with torch.no_grad():
+        out = model.forward([model.training_messages(r) for r in records], *model.features(waves))
+    rows = [json.loads(x) for x in lines if json.loads(x)["system"] == "audio"]
+    total = sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)
+    assert total == pytest.approx(float(out["loss"]), rel=1e-5)
+    monkeypatch.setattr(ev, "target_nll", lambda *a, **k: pytest.fail("resumed run recomputed a row"))
+    assert ev.evaluate(model, "align", manifest, tmp_path, batch_size=2)["modes"] == res["modes"]
+
+
+def test_open_answers_for_judge(tiny, tmp_path):
+    model, _, root = tiny
+    rows = [{"id": "o1", "audio": str(root / "clip0.wav"), "question": "What did you hear?", "reference": "hello",
+             "text": "hello world"},
+            {"id": "o2", "audio": str(root / "clip1.wav")}]
+    manifest = _write_jsonl(tmp_path / "open.jsonl", rows)
+    res = ev.evaluate(model, "open", manifest, tmp_path / "out", batch_size=2, max_new_tokens=4)
+    assert {s: e["n"] for s, e in res["systems"].items()} == {"audio": 2, "oracle": 1, "silent": 2}
+    judged = [json.loads(x) for x in (tmp_path / "out" / "open_audio.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in judged] == ["o1", "o2"] and judged[0]["reference"] == "hello"
+    assert judged[0]["prompt"] == "What did you hear?" and all(isinstance(r["response"], str) for r in judged)
+
+
+def test_cli_label_on_tiny_release(tiny, tmp_path):
+    _, release, root = tiny
+    rows = [{"id": f"c{i}", "audio": str(root / f"clip{i}.wav"), "duration": d, "text": "good morning",
+             "language": "en", "meta": {"gender": g}} for i, (d, g) in enumerate([(1.3, "male"), (2.1, "female")])]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(release), "--manifest",
+                           str(manifest), "--task", "label", "--out", str(out), "--batch-size", "2",
+                           "--max-new-tokens", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "label_results.json").read_text())
+    assert set(res["systems"]) == {"audio", "oracle", "silent"}
+    assert res["systems"]["audio"]["all"]["n"] == 4  # 2 clips x (gender, language)
+    assert "| gender | 2 |" in proc.stdout
+    assert len((out / "label_answers.jsonl").read_text().splitlines()) == 12
