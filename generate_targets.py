@@ -1,6 +1,6 @@
-"""Self-generated training targets: the data side of SIFT (AZeroS paper, Sec. 4.2, Sec. 5.3-5.7, appendix A).
+"""Self-generated training targets: the data side of SIFT (AZeroS paper, Sec. 3.3-3.4, Sec. 5.3-5.7, appendix A).
 
-SIFT (Self-generated Instruction-Free Tuning, Sec. 4) never asks anyone to write instructions or answers.
+SIFT (Self-generated Instruction-Free Tuning, Sec. 3.4) never asks anyone to write instructions or answers.
 The frozen LLM reads a *textual stand-in* for an utterance (its transcript, plus paralinguistic metadata in
 stage 2) and whatever it answers becomes the target that the audio version of the same utterance must
 reproduce. At training time the projected audio literally takes the place of that text, so a speech LLM

@@ -1,4 +1,4 @@
-"""Talk to an AZeroS model from the command line (AZeroS paper, Sec. 3: the model at inference time).
+"""Talk to an AZeroS model from the command line (AZeroS paper, Sec. 4.1: the model at inference time).
 
     python infer.py audio.wav "Describe the audio."                   # streams the answer
     python infer.py a.wav b.wav "What is the speaker's emotion?"       # one batched call, one line per file

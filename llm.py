@@ -1,11 +1,11 @@
-"""The frozen LLM and the prompt around the audio (AZeroS paper, Sec. 3 model and Sec. 4 SIFT).
+"""The frozen LLM and the prompt around the audio (AZeroS paper, Sec. 4.1 model and Sec. 3.4 SIFT).
 
 AZeroS never trains the LLM. Everything it needs from the language model is here:
 
 1. load a causal LM + tokenizer (local folder, hub id or GGUF file) and freeze it;
 2. add one special token, `<|AUDIO|>`, that marks where audio goes in a prompt;
 3. render chat messages to text: a fixed ChatML template for training (no default system message, so
-   the target the frozen LLM produced for the *text* prompt is learned under the same conditions, Sec. 4)
+   the target the frozen LLM produced for the *text* prompt is learned under the same conditions, Sec. 3.4)
    and the tokenizer's own template for inference (for Qwen2.5 that injects its default system message);
 4. expand each `<|AUDIO|>` to as many copies as the projector emitted frames, embed the ids and
    overwrite those rows with the audio features ("splice");

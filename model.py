@@ -1,11 +1,11 @@
-"""The AZeroS speech LLM: frozen encoders + trainable projectors + frozen LLM (AZeroS paper, Sec. 3).
+"""The AZeroS speech LLM: frozen encoders + trainable projectors + frozen LLM (AZeroS paper, Sec. 4.1).
 
     fbank --> speech_encoder (frozen Zipformer, semantic) --> speech_encoder_projector ----------+
           \\-> paraling_encoder (frozen, paralinguistic) --> paraling_encoder_projector --+       |
                                                                                          v       v
     "<audio><meta><|AUDIO|></meta><text><|AUDIO|></text></audio> {instruction}" --> frozen LLM --> text
 
-Training (Sec. 4, SIFT) happens in two stages, and only one projector learns in each:
+Training (Sec. 3.4 SIFT, Sec. 4.2 two stages) happens in two stages, and only one projector learns in each:
   stage 1: the semantic branch alone; the user turn is just `<|AUDIO|>` standing for the transcript.
   stage 2: the paralinguistic projector learns; the semantic projector stays as stage 1 left it.
 The targets come from the frozen LLM itself (generate_targets.py), so the loss asks the projected audio to
@@ -283,7 +283,7 @@ class AZeroS(nn.Module):
         return L.generate(self.llm, self.tokenizer, batch, stream=stream, **gen)
 
     def training_messages(self, record) -> list[dict]:
-        """A data.Record with a SIFT response -> the chat the projectors learn from (Sec. 4).
+        """A data.Record with a SIFT response -> the chat the projectors learn from (Sec. 3.4).
 
         The user turn is the audio placeholder(s) and the instruction if the record has one (SIFT has
         none); the assistant turn is the frozen LLM's own answer, flagged when it was cut off."""

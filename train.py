@@ -1,4 +1,4 @@
-"""Train the AZeroS projectors with self-generated targets (AZeroS paper, Sec. 4: SIFT, two stages).
+"""Train the AZeroS projectors with self-generated targets (AZeroS paper, Sec. 3.4 SIFT, Sec. 4.2 two stages).
 
 SIFT (Self-generated Instruction-Free Tuning) needs no human instructions: for every utterance the frozen
 LLM has already answered a *text* stand-in for the audio (generate_targets.py wrote that answer into the
