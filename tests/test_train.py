@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT
-from tiny import copy_tokenizer, make_tiny_encoder_dir, write_wav
+from tiny import copy_tokenizer, make_tiny_encoder_dir, tiny_qwen2, write_wav
 
 WORDS = ["cat", "dog", "sun", "tree"]
 
@@ -27,13 +27,8 @@ def make_llm_dir(path, hidden: int = 64, seed: int = 0):
     A frozen random LLM can only be steered through its input; with default init (0.02) the logits are
     too flat for any input to matter, and with very large weights the loss starts far away. This middle
     ground makes "the projector alone halves the loss" a fair, fast check."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=608, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=597, eos_token_id=599, pad_token_id=597, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = tiny_qwen2(hidden)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:

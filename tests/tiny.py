@@ -31,19 +31,24 @@ def copy_tokenizer(path) -> Path:
     return path
 
 
+def tiny_qwen2(hidden: int = 32, layers: int = 2, vocab: int = 608):
+    """A random Qwen2ForCausalLM whose special-token ids match the fixture's ChatML tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=597, eos_token_id=599, pad_token_id=597, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config)
+
+
 def make_tiny_llm_dir(path, hidden: int = 32, layers: int = 2, vocab: int = 608, seed: int = 0) -> Path:
     """A local HF folder: random Qwen2ForCausalLM (fp32) + the ChatML tokenizer.
 
     Weights are drawn with large scales (like the official fixture) so greedy decoding has clear margins
     and batched/single comparisons are not decided by float noise.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=597, eos_token_id=599, pad_token_id=597, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = tiny_qwen2(hidden, layers, vocab)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
