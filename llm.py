@@ -61,6 +61,12 @@ def load_llm(name_or_path: str, gguf_file: str | None = None, dtype=None, device
             else AutoTokenizer.from_pretrained(path, **extra)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
                                                  attn_implementation=attn, **extra)
+    if gguf_file:
+        # transformers de-quantizes GGUF weights into plain tensors but keeps a quantizer marker that makes
+        # save_pretrained refuse; drop it so a model trained on a GGUF LLM can be exported like any other.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if device is not None:
         model.to(device)
     freeze(model)

@@ -162,7 +162,8 @@ class AZeroS(nn.Module):
                 continue
             source = self.sources.get(name)
             if link_frozen and source and os.path.isdir(source) and not self.resized:
-                target.symlink_to(os.path.abspath(source), target_is_directory=True)
+                # a relative link keeps working when the whole experiment folder is moved or copied
+                target.symlink_to(os.path.relpath(os.path.abspath(source), out.resolve()), target_is_directory=True)
             else:
                 module.save_pretrained(str(target))
 
