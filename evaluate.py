@@ -553,21 +553,13 @@ def oracle_training_messages(record: data.Record) -> list[dict]:
 
 @torch.no_grad()
 def target_nll(model, messages: list[list[dict]], waves=None, segments=None) -> list[tuple[float, int]]:
-    """(summed NLL, number of target tokens) per row.
-
-    With waveforms this is model.forward (its row_nll / row_tokens). model.forward takes audio only as
-    features or encoder outputs, so a text-only prompt (the oracle) and ready-made frames (oracle_segments)
-    go through the same llm.py pieces model.forward itself uses: build_batch, the LLM, token_losses.
-    """
+    """(summed NLL, number of target tokens) per row: model.forward's row_nll / row_tokens, on waveforms,
+    on ready-made frames (oracle_segments), or on a text-only prompt (the oracle) when given neither."""
     if waves is not None:
         out = model.forward(messages, *model.features(waves))
-        row_nll, row_tokens = out["row_nll"], out["row_tokens"]
     else:
-        batch = llm_lib.build_batch(model.llm, model.tokenizer, messages, segments, training=True)
-        logits = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
-        nll, mask = llm_lib.token_losses(logits, batch.labels)
-        row_nll, row_tokens = nll.sum(1), mask.sum(1)
-    return [(float(s), int(n)) for s, n in zip(row_nll.tolist(), row_tokens.tolist())]
+        out = model.forward(messages, segments=segments)
+    return [(float(s), int(n)) for s, n in zip(out["row_nll"].tolist(), out["row_tokens"].tolist())]
 
 
 def oracle_segments(model, records: list[data.Record]) -> list[list[torch.Tensor]]:

@@ -70,16 +70,14 @@ class AZeroS(nn.Module):
 
     def _make_config(self) -> dict:
         """The root config.json of the release layout."""
-        def enc_config(enc):
-            return None if enc is None else {"model_type": "zipformer", **enc.config.to_dict()}
         llm_config = self.llm.config.to_dict()
         return {
             "model_type": "azeros", "use_flash_attn": False, "exclude_from_checkpoint": list(FROZEN),
             "speech_encoder_projector_ds_rate": self.speech_encoder_projector.k,
             "paraling_encoder_projector_ds_rate": (self.paraling_encoder_projector.k
                                                    if self.paraling_encoder_projector is not None else 4),
-            "speech_encoder_config": enc_config(self.speech_encoder),
-            "paraling_encoder_config": enc_config(self.paraling_encoder),
+            "speech_encoder_config": encoder_config(self.speech_encoder),
+            "paraling_encoder_config": encoder_config(self.paraling_encoder),
             "llm_config": llm_config,
         }
 
@@ -129,6 +127,28 @@ class AZeroS(nn.Module):
         self.load_weights(weights)
         self.sources = {k: str(root / k) for k in FROZEN if (root / k).is_dir()}
         return self.to(device) if device is not None else self
+
+    def attach_paraling_encoder(self, path: str, k: int = 4) -> AZeroS:
+        """Add a paralinguistic encoder (from its folder) with a fresh projector: a stage-1 model becomes
+        the starting point of stage 2. Everything already loaded (LLM, semantic encoder, its trained
+        projector) is kept as is, so nothing is read twice. A paralinguistic branch the model already has
+        is replaced, projector included: stage 2 always starts its projector from scratch.
+        Returns self, for chaining after from_pretrained.
+        """
+        from zipformer import ZipformerEncoder
+        device = self.speech_encoder_projector.linear1.weight.device
+        encoder = ZipformerEncoder.from_pretrained(path, device=device)
+        self.paraling_encoder = L.freeze(encoder)
+        self.paraling_encoder_projector = Projector(encoder.output_dim, self.llm.config.hidden_size, k).to(device)
+        # the saved config.json must describe the new branch, or the folder would load without it
+        self.config = {**self.config, "paraling_encoder_projector_ds_rate": k,
+                       "paraling_encoder_config": encoder_config(encoder)}
+        # a local folder is linked on save; anything else (or a replaced branch's old folder) must not be
+        self.sources.pop("paraling_encoder", None)
+        if os.path.isdir(path):
+            self.sources["paraling_encoder"] = str(path)
+        self.set_stage(self.stage)  # the new projector follows the current stage (frozen unless stage 2)
+        return self
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load root weights: projectors must all be there; keys of the frozen parts are ignored (the
@@ -240,13 +260,18 @@ class AZeroS(nn.Module):
     # Training forward and generation
 
     def forward(self, messages: list[list[dict]], feats=None, feat_lens=None, encoder_outputs=None,
-                max_length: int | None = None) -> dict:
+                max_length: int | None = None, segments: list[list[torch.Tensor]] | None = None) -> dict:
         """Teacher-forced pass -> {"loss", "logits", "acc", "num_tokens", "labels", "row_nll", "row_tokens"}.
 
         loss is the mean next-token cross entropy over supervised tokens (the assistant answers);
         row_nll[b] is the summed negative log-likelihood of row b's answer (for evaluation).
+
+        The audio comes as fbank features, as cached encoder outputs, or as ready-made `segments` (per row,
+        LLM-width frames in placeholder order, like audio_segments returns; evaluation feeds the oracle
+        text's embeddings this way). With none of them the prompts are text only.
         """
-        segments = self.audio_segments(feats, feat_lens, encoder_outputs)
+        if segments is None and (feats is not None or encoder_outputs is not None):
+            segments = self.audio_segments(feats, feat_lens, encoder_outputs)
         batch = L.build_batch(self.llm, self.tokenizer, messages, segments, training=True, max_length=max_length)
         logits = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
         nll, mask = L.token_losses(logits, batch.labels)
@@ -296,6 +321,11 @@ class AZeroS(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # Files
+
+
+def encoder_config(encoder) -> dict | None:
+    """An encoder's entry in the root config.json (None when the model has no such encoder)."""
+    return None if encoder is None else {"model_type": "zipformer", **encoder.config.to_dict()}
 
 
 def require(path: Path) -> Path:

@@ -244,26 +244,11 @@ def build_model(args, device):
                                            gguf_file=args.gguf_file, device=device, dtype=dtype)
             load_stage1_projector(model, init)
         else:
-            model = add_paraling_encoder(AZeroS.from_pretrained(init, device=device, dtype=dtype),
-                                         args.paraling_encoder, device)
+            model = AZeroS.from_pretrained(init, device=device, dtype=dtype).attach_paraling_encoder(
+                args.paraling_encoder)
     model.set_stage(args.stage)
     check_frozen(model, args.stage)
     return model
-
-
-def add_paraling_encoder(stage1, path: str, device):
-    """The stage-1 model (LLM, tokenizer, semantic encoder and its trained projector) plus a paralinguistic
-    encoder with a fresh projector. Built with the AZeroS constructor from the stage-1 parts, so nothing
-    is loaded twice."""
-    from model import AZeroS
-    from zipformer import ZipformerEncoder
-
-    para = ZipformerEncoder.from_pretrained(path, device=device)
-    model = AZeroS(stage1.llm, stage1.tokenizer, stage1.speech_encoder, para,
-                   speech_k=stage1.speech_encoder_projector.k, round_audio_to_fp16=stage1.round_audio_to_fp16)
-    model.speech_encoder_projector.load_state_dict(stage1.speech_encoder_projector.state_dict())
-    model.sources = {**stage1.sources, "paraling_encoder": path}
-    return model.to(device)
 
 
 def load_stage1_projector(model, init: Path):
