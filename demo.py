@@ -38,12 +38,14 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "recipe"))
 
-# Two sizes. The default fits ~20 minutes on an idle 2-core CPU; --quick is for the test suite. The budget
+# Two sizes. The default (~40 minutes on a 2-core CPU; the goal is 20) is the smallest budget measured to
+# beat the silent-audio floor on held-out SIFT loss (80 encoder / 40 projector steps did not); --quick is
+# for the test suite. The budget
 # (utterances with LLM targets, training steps, answer lengths) is what makes CPU time; the corpus itself
 # is cheap, so the encoders see all of its training split.
 SIZES = {
-    "default": dict(train_rows=128, test_rows=32, max_new_tokens=32, encoder_steps=80, encoder_batch=12,
-                    stage1_steps=40, stage2_steps=40, batch=8, lr=2e-3, eval_tokens=24),
+    "default": dict(train_rows=128, test_rows=32, max_new_tokens=32, encoder_steps=300, encoder_batch=12,
+                    stage1_steps=150, stage2_steps=150, batch=8, lr=2e-3, eval_tokens=24),
     "quick": dict(train_rows=14, test_rows=6, max_new_tokens=12, encoder_steps=6, encoder_batch=8,
                   stage1_steps=3, stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8),
 }
