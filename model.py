@@ -246,7 +246,10 @@ class AZeroS(nn.Module):
             x, lens = encoder_outputs[name]
             y, y_lens = projector(x.to(projector.linear1.weight.dtype), lens)
             if self.round_audio_to_fp16:
-                y = y.to(torch.float16)  # the official forward_speech_encoder does this; see module docstring
+                # The official forward_speech_encoder casts to fp16 (see module docstring). Going back to the
+                # projector dtype keeps exactly those values (fp32 holds every fp16) and keeps fp16 tensors
+                # away from CPU autocast, which has no fp16 rules.
+                y = y.to(torch.float16).to(y.dtype)
             segments = [y[b, :n] for b, n in enumerate(y_lens.tolist())]
             rows = [[s] for s in segments] if rows is None else [r + [s] for r, s in zip(rows, segments)]
         return rows

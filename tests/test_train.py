@@ -220,6 +220,32 @@ def test_cached_encoders_equal_uncached(setup, tmp_path, monkeypatch):
     assert list((tmp_path / "c").glob("*.safetensors")) and (tmp_path / "c" / "meta.json").exists()
 
 
+def test_bf16_autocast_on_cpu(setup, tmp_path, monkeypatch):
+    """--precision bf16 runs the LLM and encoders under bf16 autocast on CPU too (fast on AVX512-BF16/AMX
+    CPUs): the logits come out in bf16, the loss is close to fp32's but not equal (bf16 really ran), and the
+    projector's master weights stay fp32. The cache is keyed by precision, so fp32 never reads bf16 frames."""
+    from model import AZeroS
+
+    seen = []
+    forward = AZeroS.forward
+    monkeypatch.setattr(AZeroS, "forward", lambda self, *a, **k: seen.append(torch.get_autocast_dtype("cpu")
+                                                                             if torch.is_autocast_enabled("cpu")
+                                                                             else None) or forward(self, *a, **k))
+    common = ("--max-steps", "3", "--max-duration", "1.6")
+    fp32 = train.main(stage1_args(setup, tmp_path / "fp32", *common, "--precision", "fp32",
+                                  "--cache-encoders", str(tmp_path / "cache")))
+    assert seen == [None] * 3
+    seen.clear()
+    bf16 = train.main(stage1_args(setup, tmp_path / "bf16", *common, "--precision", "bf16"))
+    assert seen == [torch.bfloat16] * 3
+    a, b = losses(fp32), losses(bf16)
+    assert a[0] != b[0] and abs(a[0] - b[0]) < 0.05 * a[0], (a, b)
+    assert all(p.dtype == torch.float32 for p in bf16["model"].speech_encoder_projector.parameters())
+    with pytest.raises(train.TrainError, match="different encoder weights or precision"):
+        train.main(stage1_args(setup, tmp_path / "bf16b", *common, "--precision", "bf16",
+                               "--cache-encoders", str(tmp_path / "cache")))
+
+
 @pytest.fixture(scope="module")
 def stage1_model(setup, tmp_path_factory):
     exp = tmp_path_factory.mktemp("stage1")
