@@ -20,7 +20,11 @@ LLM itself generated from that text with no instruction. Evaluation therefore as
    - `open`  open questions (VoiceBench, AIR-Bench Chat): answers written to JSONL for an external judge
              (the paper used GPT-4o; no judge is called here);
    - `label` attribute questions built from manifest metadata (gender, age, emotion, language), scored by
-             matching the answer to the label vocabulary.
+             matching the answer to the label vocabulary;
+   - `choice` questions with given candidate answers, scored by likelihood instead of generation: the
+             candidate the LLM finds most probable is its answer (the usual zero-shot scoring of small LMs,
+             which often ramble or always name the same option). Two-choice tasks also get the AUC of the
+             log-odds: does the answer lean with the audio at all, whatever the LLM's prior for one option.
 
 Every task runs three "systems" on the same questions in the same run:
     audio   the speech LLM on the real audio;
@@ -29,7 +33,7 @@ Every task runs three "systems" on the same questions in the same run:
     silent  the speech LLM on silence of the same length: the floor (what the LLM guesses from the
             question alone, or the prior of the target).
 
-    python evaluate.py --model DIR --manifest held_out.jsonl --task align|mcq|open|label [--out DIR]
+    python evaluate.py --model DIR --manifest held_out.jsonl --task align|mcq|open|label|choice [--out DIR]
 
 Outputs in --out: `{task}_answers.jsonl` (one line per question and system, appended after every batch, so
 an interrupted run resumes where it stopped), `{task}_results.json` and `{task}_results.md`.
@@ -55,7 +59,7 @@ from generate_targets import build_prompt
 
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
 SYSTEMS = ("audio", "oracle", "silent")
-TASKS = ("align", "mcq", "open", "label")
+TASKS = ("align", "mcq", "open", "label", "choice")
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Multiple-choice answers -> option letter
@@ -354,6 +358,30 @@ def read_open(path) -> list[Item]:
     return unique_ids(items, path)
 
 
+def read_choice(path) -> list[Item]:
+    """Rows {audio, question, choices, answer[, task, id, text, meta]} -> Items; `choices` are whole answers
+    ("The speaker is a man."), `answer` is the index or the text of the right one."""
+    items = []
+    for lineno, obj in read_jsonl(path):
+        choices, answer = obj.get("choices"), obj.get("answer")
+        if not obj.get("question") or not isinstance(choices, list) or len(choices) < 2 or answer is None:
+            raise ValueError(f"{path}:{lineno}: a choice row needs question, choices (a list of 2 or more answers) "
+                             "and answer")
+        choices = [str(c) for c in choices]
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            if not 0 <= answer < len(choices):
+                raise ValueError(f"{path}:{lineno}: answer index {answer} is out of range for {len(choices)} choices")
+            index = answer
+        elif str(answer) in choices:
+            index = choices.index(str(answer))
+        else:
+            raise ValueError(f"{path}:{lineno}: answer {answer!r} is neither an index nor one of the choices")
+        rec = _row_record(obj, path, lineno)
+        items.append(Item(rec.id, rec, str(obj["question"]),
+                          {"task": str(obj.get("task", "all")), "choices": choices, "answer": index}))
+    return unique_ids(items, path)
+
+
 def label_items(records: list[data.Record]) -> list[Item]:
     """One question per record and known attribute, id "<record id>/<attribute>"."""
     vocabs = label_vocabularies(records)
@@ -406,6 +434,34 @@ def answer_batch(model, items: list[Item], system: str, max_new_tokens: int) -> 
     waves = load_waves([it.record for it in items], silent=system == "silent")
     messages = [[model.user_message(it.question)] for it in items]
     return model.generate(waves, messages, max_new_tokens=max_new_tokens)
+
+
+def user_turn(model, item: Item, system: str) -> dict:
+    """The question as the user asks it: after the audio, or after the oracle text that stands for it."""
+    if system == "oracle":
+        return model.user_message(f"{oracle_text(model, item.record)} {item.question}", with_audio=False)
+    return model.user_message(item.question)
+
+
+@torch.no_grad()
+def choice_nll(model, items: list[Item], system: str) -> list[list[float]]:
+    """Summed NLL of every candidate answer of every item under one system (teacher-forced, the training
+    template): one row per (item, candidate); the encoders run once per clip, not once per candidate."""
+    counts = [len(it.fields["choices"]) for it in items]
+    messages = [[user_turn(model, it, system), {"role": "assistant", "content": c}]
+                for it in items for c in it.fields["choices"]]
+    if system == "oracle":
+        out = model.forward(messages)
+    else:
+        enc = model.encode(*model.features(load_waves([it.record for it in items], silent=system == "silent")))
+        row = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])  # candidate row -> its clip
+        enc = {b: (x[row.to(x.device)], n[row.to(n.device)]) for b, (x, n) in enc.items()}
+        out = model.forward(messages, encoder_outputs=enc)
+    nll, per_item, start = out["row_nll"].tolist(), [], 0
+    for n in counts:
+        per_item.append(nll[start: start + n])
+        start += n
+    return per_item
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,6 +528,19 @@ def run_generation(model, items: list[Item], path: Path, model_name: str, system
     return done
 
 
+def run_choice(model, items: list[Item], path: Path, model_name: str, systems, batch_size: int) -> dict:
+    """Score every candidate of every item with every system, appending each batch's rows."""
+    done = load_done(path, model_name)
+    for system in systems:
+        todo = todo_items(items, system, done)
+        for chunk in tqdm(list(batches(todo, batch_size)), desc=system, unit="batch", disable=not todo):
+            rows = [{"id": it.id, "system": system, "model": model_name, "question": it.question, **it.fields,
+                     "nll": nll} for it, nll in zip(chunk, choice_nll(model, chunk, system))]
+            append_rows(path, rows)
+            done.update({(r["id"], r["system"]): r for r in rows})
+    return done
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 6. Scores
 
@@ -495,8 +564,9 @@ def accuracy_table(rows: list[dict], group_key: str) -> dict:
     counted wrong: a zero-shot model that does not answer the question did not get it right)."""
     groups = defaultdict(list)
     for r in rows:
-        groups[r[group_key]].append(r)
         groups["all"].append(r)
+        if r[group_key] != "all":  # rows without a task field are already "all"
+            groups[r[group_key]].append(r)
 
     def acc(rs):
         n = len(rs)
@@ -516,6 +586,42 @@ def rescore(items: list[Item], done: dict, systems, score_row) -> dict[str, list
             if row is not None:
                 rows.append({**row, **it.fields, **score_row(it.fields, row["response"])})
         out[system] = rows
+    return out
+
+
+def auc(scores: list[float], positive: list[bool]) -> float:
+    """Probability that a random positive row scores above a random negative one (ties count half): 0.5 when
+    the score ignores the class. NaN when a class is missing."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return float("nan")
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def summarize_choice(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per system and task (and "all"): accuracy of the most likely candidate; for two-choice groups the AUC
+    of the log-odds log p(choice 1) - log p(choice 0) against "the answer is choice 1" (accuracy can sit at
+    the majority share when the LLM always prefers one option; the AUC then still shows whether the audio
+    moves it); and how often the system picks what the oracle text picks."""
+    oracle_pick = {r["id"]: min(range(len(r["nll"])), key=r["nll"].__getitem__) for r in rows.get("oracle", [])}
+    out = {}
+    for system, rs in rows.items():
+        groups = defaultdict(list)
+        for r in rs:
+            groups["all"].append(r)
+            if r["task"] != "all":
+                groups[r["task"]].append(r)
+        out[system] = {}
+        for g, grs in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+            picks = [min(range(len(r["nll"])), key=r["nll"].__getitem__) for r in grs]
+            entry = {"n": len(grs), "accuracy": 100.0 * sum(p == r["answer"] for p, r in zip(picks, grs)) / len(grs)}
+            if all(len(r["nll"]) == 2 for r in grs):
+                entry["auc"] = 100.0 * auc([r["nll"][0] - r["nll"][1] for r in grs], [r["answer"] == 1 for r in grs])
+            both = [(p, oracle_pick[r["id"]]) for p, r in zip(picks, grs) if r["id"] in oracle_pick]
+            if system != "oracle" and both:
+                entry["agrees_with_oracle"] = 100.0 * sum(a == b for a, b in both) / len(both)
+            out[system][g] = entry
     return out
 
 
@@ -655,6 +761,14 @@ def markdown_table(task: str, results: dict) -> str:
                          f"{_fmt(e.get('ratio_audio'), 3)} | {_fmt(e.get('ratio_silent'), 3)} |")
         return "\n".join(lines) + "\n"
     systems = list(results["systems"])
+    if task == "choice":
+        lines = ["| task | system | n | accuracy % | AUC % | agrees with oracle % |",
+                 "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for s, groups in results["systems"].items():
+            for g, e in groups.items():
+                lines.append(f"| {g} | {s} | {e['n']} | {_fmt(e['accuracy'], 1)} | {_fmt(e.get('auc'), 1)} | "
+                             f"{_fmt(e.get('agrees_with_oracle'), 1)} |")
+        return "\n".join(lines) + "\n"
     if task == "open":
         lines = ["| system | n | empty | mean words |", "| --- | ---: | ---: | ---: |"]
         for s, e in results["systems"].items():
@@ -710,6 +824,14 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
         write_results(out, task, results)
         return results
 
+    if task == "choice":
+        items = read_choice(manifest)[:limit]
+        done = run_choice(model, items, path, model_name, systems, batch_size)
+        rows = {s: [done[it.id, s] for it in items if (it.id, s) in done] for s in systems}
+        results = {**head, "systems": summarize_choice(rows)}
+        write_results(out, task, results)
+        return results
+
     if task == "mcq":
         items, score_row = read_mcq(manifest), score_mcq_row
     elif task == "open":
@@ -743,7 +865,8 @@ def write_judge_file(path: Path, rows: list[dict]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="model folder in the release layout (model.py)")
-    p.add_argument("--manifest", required=True, help="held-out manifest (align, label) or task JSONL (mcq, open)")
+    p.add_argument("--manifest", required=True,
+                   help="held-out manifest (align, label) or task JSONL (mcq, open, choice)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--out", default=None, help="output folder (default: eval/<task>)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -1,6 +1,7 @@
 """evaluate.py: answer parsing, label matching, exact scores on constructed answers, the alignment
 self-check (oracle text embeddings in place of audio -> ratio 1), resuming, and the CLI on a tiny release."""
 import json
+import math
 import subprocess
 import sys
 
@@ -293,3 +294,78 @@ def test_cli_label_on_tiny_release(tiny, tmp_path):
     assert res["systems"]["audio"]["all"]["n"] == 4  # 2 clips x (gender, language)
     assert "| gender | 2 |" in proc.stdout
     assert len((out / "label_answers.jsonl").read_text().splitlines()) == 12
+
+
+# -------------------------------------------------------------------------------------------------
+# choice: candidate answers scored by likelihood
+
+
+def test_choice_summary_exact():
+    """Hand-made NLLs: 4 items, the right answer alternates. Audio picks choice 1 for all (accuracy = share
+    of answer 1 = 50%) but its log-odds still rank the two classes perfectly (AUC 100); silent is constant
+    (AUC 50); agreement with the oracle's picks is counted per item."""
+    answers = [1, 0, 1, 0]
+    def rows(nlls):
+        return [{"id": f"q{i}", "task": "gender", "answer": a, "nll": n} for i, (a, n) in enumerate(zip(answers, nlls))]
+    summary = ev.summarize_choice({
+        "oracle": rows([[2.0, 1.0], [1.0, 2.0], [2.0, 1.0], [2.0, 1.5]]),   # picks 1, 0, 1, 1
+        "audio": rows([[3.0, 1.0], [2.0, 1.5], [3.0, 1.0], [2.5, 2.0]]),    # log-odds 2, .5, 2, .5; picks 1,1,1,1
+        "silent": rows([[2.0, 1.0]] * 4),                                    # log-odds 1 everywhere
+    })
+    assert summary["oracle"]["gender"] == {"n": 4, "accuracy": 75.0, "auc": 100.0}
+    assert summary["audio"]["all"] == {"n": 4, "accuracy": 50.0, "auc": 100.0, "agrees_with_oracle": 75.0}
+    assert summary["silent"]["gender"] == {"n": 4, "accuracy": 50.0, "auc": 50.0, "agrees_with_oracle": 75.0}
+    assert ev.auc([0.3, 0.1, 0.2], [True, False, False]) == 1.0
+    assert ev.auc([0.1, 0.3, 0.2], [True, False, True]) == 0.0
+    assert ev.auc([0.2, 0.2, 0.1], [True, False, False]) == 0.75  # a tie counts half
+    assert math.isnan(ev.auc([1.0, 2.0], [True, True]))
+
+
+def test_read_choice_errors(tmp_path):
+    good = {"id": "a", "audio": "a.wav", "question": "Man or woman?", "choices": ["A man.", "A woman."]}
+    cases = [({**good, "answer": 2}, "answer index 2 is out of range for 2 choices"),
+             ({**good, "answer": "A child."}, "answer 'A child.' is neither an index nor one of the choices"),
+             ({**good, "choices": ["A man."], "answer": 0}, "choices (a list of 2 or more answers)")]
+    for row, msg in cases:
+        path = _write_jsonl(tmp_path / "c.jsonl", [{**good, "id": "ok", "answer": "A woman."}, row])
+        with pytest.raises(ValueError) as e:
+            ev.read_choice(path)
+        assert str(e.value).startswith(f"{path}:2: ") and msg in str(e.value), str(e.value)
+    items = ev.read_choice(_write_jsonl(tmp_path / "ok.jsonl", [{**good, "answer": "A woman."}]))
+    assert items[0].fields == {"task": "all", "choices": ["A man.", "A woman."], "answer": 1}
+
+
+def test_choice_nll_equals_single_forward_and_resumes(tiny, tmp_path, monkeypatch):
+    """Each stored NLL equals model.forward on that one (clip, question, candidate) conversation alone: the
+    batching of candidates and the reuse of one encoder pass per clip change nothing."""
+    model, _, root = tiny
+    q, choices = "Is the speaker a man or a woman?", ["The speaker is a man.", "The speaker is a woman."]
+    rows = [{"id": f"c{i}", "audio": str(root / f"clip{i}.wav"), "duration": d, "text": "good morning",
+             "meta": {"gender": g}, "question": q, "choices": choices, "answer": int(g == "female")}
+            for i, (d, g) in enumerate([(1.3, "male"), (2.1, "female"), (1.7, "female")])]
+    manifest = _write_jsonl(tmp_path / "choice.jsonl", rows)
+    res = ev.evaluate(model, "choice", manifest, tmp_path / "out", batch_size=2)
+    stored = {(r["id"], r["system"]): r["nll"] for r in map(json.loads, (tmp_path / "out" / "choice_answers.jsonl")
+                                                            .read_text().splitlines())}
+    assert len(stored) == 9
+    items = ev.read_choice(manifest)
+    with torch.no_grad():
+        for it in items:
+            for system in ev.SYSTEMS:
+                for k, c in enumerate(choices):
+                    msgs = [[ev.user_turn(model, it, system), {"role": "assistant", "content": c}]]
+                    if system == "oracle":
+                        out = model.forward(msgs)
+                    else:
+                        wave = ev.load_waves([it.record], silent=system == "silent")
+                        out = model.forward(msgs, *model.features(wave))
+                    assert stored[it.id, system][k] == pytest.approx(float(out["row_nll"][0]), rel=1e-5)
+    assert res["systems"]["audio"]["all"]["n"] == 3 and "auc" in res["systems"]["silent"]["all"]
+    assert "| all | audio | 3 |" in (tmp_path / "out" / "choice_results.md").read_text()
+    monkeypatch.setattr(ev, "choice_nll", lambda *a, **k: pytest.fail("resumed run recomputed a row"))
+    assert ev.evaluate(model, "choice", manifest, tmp_path / "out", batch_size=2)["systems"] == res["systems"]
+
+
+def test_rows_without_task_are_counted_once():
+    rows = [{"task": "all", "correct": True, "pred": "A"}, {"task": "all", "correct": False, "pred": None}]
+    assert ev.accuracy_table(rows, "task") == {"all": {"n": 2, "correct": 1, "accuracy": 50.0, "unparsed": 1}}
