@@ -14,10 +14,12 @@ AZeroS teaches a frozen LLM to hear by training only small projectors, with targ
                LLM give, from audio, the answer it gave to the transcript (train.py --stage 1, targets sift_s).
   5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata, the stage-1
                projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
-  6. eval      Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
-               self-generated target given audio vs the oracle text; `label` = zero-shot attribute questions
-               never seen in training; `open` with "Repeat what was said." scored by word recall. Every task
-               is run for the audio model, the oracle text (upper bound) and silent audio (the floor).
+  6. eval     Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
+               self-generated target given audio vs the oracle text; `choice` = the zero-shot question "Is
+               the speaker a man or a woman?" (never seen in training), scored by the likelihood of the two
+               answers; `open` with "Repeat what was said." scored by word recall. Every task is run for the
+               audio model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also measures
+               how much the self-generated targets depend on gender at all (`gender_signal`).
   7. report    a Markdown table, one example conversation through infer.py, and the model folder
                <out>/stage2 that `python infer.py some.wav "prompt" --model <out>/stage2` uses.
 
@@ -38,21 +40,51 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "recipe"))
 
-# Two sizes. The default (~40 minutes on a 2-core CPU; the goal is 20) is the smallest budget measured to
-# beat the silent-audio floor on held-out SIFT loss (80 encoder / 40 projector steps did not); --quick is
-# for the test suite. The budget
-# (utterances with LLM targets, training steps, answer lengths) is what makes CPU time; the corpus itself
-# is cheap, so the encoders see all of its training split.
+# Two sizes. The default took 17.8 minutes on a 2-core CPU with bf16 arithmetic (AVX512-BF16; without it
+# fp32 runs, ~2x slower in the encoder, projector and evaluation phases) and beats the silent-audio floor on
+# the held-out SIFT loss in both stages (README); --quick is for the test suite. The budget (utterances with
+# LLM targets, training steps, answer lengths) is what makes CPU time; the corpus itself is cheap, so the
+# encoders see all of its training split.
 SIZES = {
-    "default": dict(train_rows=128, test_rows=32, max_new_tokens=32, encoder_steps=300, encoder_batch=12,
-                    stage1_steps=150, stage2_steps=150, batch=8, lr=2e-3, eval_tokens=24),
-    "quick": dict(train_rows=14, test_rows=6, max_new_tokens=12, encoder_steps=6, encoder_batch=8,
-                  stage1_steps=3, stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8),
+    "default": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32, encoder_steps=260,
+                    paraling_steps=60, encoder_batch=12, stage1_steps=180, stage2_steps=120, batch=8, lr=2e-3,
+                    eval_tokens=24),
+    "quick": dict(train_rows=14, test_rows=6, repeat_rows=4, max_new_tokens=12, encoder_steps=6, paraling_steps=4,
+                  encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8),
 }
-# Rough seconds per unit on a 2-core CPU, for the estimate printed at the start.
-RATES = dict(llm_load=3, utterance=0.1, target_row=0.8, encoder_step=3.0, train_step=6.0, eval_item=1.2)
-GENDER_QUESTION = "What is the gender of the speaker?"  # what evaluate.py's `label` task asks (zero-shot)
+# Seconds per unit measured on a 2-core CPU in bf16 (2026-11-22), for the estimate printed at the start;
+# fp32 multiplies the encoder, projector and evaluation phases by FP32_SLOWDOWN (measured 2-2.5x).
+RATES = dict(llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.65, train_step=1.05, eval_row=0.07,
+             answer=0.6)
+FP32_SLOWDOWN = 2.3
+
+# The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py `choice`): which
+# of the two answers does the LLM find more probable after the audio? Chosen on TRAINING utterances with
+# the oracle text only (SmolLM2 reading `<audio><meta>gender: female, ...</meta>...`): this wording separates
+# the genders there (accuracy 82%, AUC 96%), while "What is the gender of the speaker? Answer with one of:
+# male, female." does not (SmolLM2 answers "male" to almost everything, 33%). See README, "The CPU demo".
+GENDER_QUESTION = "Is the speaker a man or a woman?"
+GENDER_ANSWERS = {"male": "The speaker is a man.", "female": "The speaker is a woman."}
 REPEAT_QUESTION = "Repeat what was said."
+
+
+def bf16_is_fast() -> bool:
+    """Measure instead of guessing: does this CPU multiply bf16 matrices faster than fp32? (Yes with
+    AVX512-BF16 or AMX, e.g. recent Xeons/EPYCs; no where bf16 is emulated.) An LLM-sized matmul, best of 3."""
+    import torch
+
+    a, b = torch.randn(256, 576), torch.randn(576, 1536)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                x @ y
+            times.append(time.perf_counter() - t0)
+        seconds[dtype] = min(times)
+    return seconds[torch.bfloat16] < 0.7 * seconds[torch.float32]
 
 
 def smollm2_path() -> str:
@@ -86,17 +118,23 @@ class Phases:
         return result
 
 
-def estimate(size: dict, quick: bool) -> dict:
+def estimate(size: dict, quick: bool, precision: str) -> dict:
     r, corpus_utts = RATES, 48 if quick else 990
+    slow = FP32_SLOWDOWN if precision == "fp32" else 1.0
     n_targets = 2 * (size["train_rows"] + size["test_rows"])
-    n_eval = size["test_rows"] * (2 + 2 + 1) * 3  # align (2 modes), label (2 attributes), repeat; x 3 systems
-    return {"corpus": corpus_utts * r["utterance"],
+    # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems; repeat answers x 3 systems
+    n_eval = {s: 3 * size["test_rows"] * (s + 2) for s in (1, 2)}
+    n_answers = 3 * size["repeat_rows"] * size["eval_tokens"] / 24
+    return {"llm": 25, "corpus": corpus_utts * r["utterance"],
             "targets": r["llm_load"] + n_targets * r["target_row"] * size["max_new_tokens"] / 32,
-            "encoders": 2 * size["encoder_steps"] * r["encoder_step"] * size["encoder_batch"] / 16,
-            "stage1": r["llm_load"] + size["stage1_steps"] * r["train_step"] * size["batch"] / 8,
-            "stage2": r["llm_load"] + size["stage2_steps"] * r["train_step"] * size["batch"] / 8,
-            "eval": 2 * r["llm_load"] + 2 * n_eval * r["eval_item"] * size["eval_tokens"] / 32,
-            "report": r["llm_load"] + 10, "llm": 25}
+            "encoders": slow * (size["encoder_steps"] + size["paraling_steps"]) * r["encoder_step"]
+            * size["encoder_batch"] / 12,  # the paralinguistic encoder's steps cost about the same
+            "stage1": r["llm_load"] + slow * size["stage1_steps"] * r["train_step"] * size["batch"] / 8,
+            # stage 2 steps cost ~1.6x: two encoders' frames and the longer sift_sp prompts
+            "stage2": r["llm_load"] + slow * size["stage2_steps"] * 1.6 * r["train_step"] * size["batch"] / 8,
+            "eval_stage1": r["llm_load"] + slow * (n_eval[1] * r["eval_row"] + n_answers * r["answer"]),
+            "eval_stage2": r["llm_load"] + slow * (n_eval[2] * r["eval_row"] + n_answers * r["answer"]),
+            "report": r["llm_load"] + 10}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,18 +185,19 @@ def generate(out: Path, size: dict) -> dict:
     return summary
 
 
-def pretrain_encoders(out: Path, size: dict) -> dict:
+def pretrain_encoders(out: Path, size: dict, precision: str) -> dict:
     import pretrain_encoders as pe
 
     corpus = out / "corpus"
     pe.main(["--train", str(corpus / "train.jsonl"), "--valid", str(corpus / "valid.jsonl"),
              "--out", str(out / "encoders"), "--steps", str(size["encoder_steps"]),
-             "--batch-size", str(size["encoder_batch"])])
+             "--paraling-steps", str(size["paraling_steps"]), "--batch-size", str(size["encoder_batch"])]
+            + (["--bf16"] if precision == "bf16" else []))
     report = out / "encoders" / "report.json"
     return json.loads(report.read_text()) if report.exists() else {}
 
 
-def train_stage(out: Path, size: dict, stage: int) -> dict:
+def train_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
     import train
 
     steps = size[f"stage{stage}_steps"]
@@ -167,7 +206,7 @@ def train_stage(out: Path, size: dict, stage: int) -> dict:
               "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)), "--lr", str(size["lr"]),
               "--max-batch", str(size["batch"]), "--max-duration", "1000", "--num-workers", "0",
               "--log-every", "5", "--valid-every", str(10 * steps), "--save-every", str(steps),
-              "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache")]
+              "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache"), "--precision", precision]
     if stage == 1:
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(out / "encoders" / "semantic"),
                  "--train", str(targets / "train_sift_s.jsonl")]
@@ -179,17 +218,27 @@ def train_stage(out: Path, size: dict, stage: int) -> dict:
     return {"steps": steps, "final": {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}}
 
 
-def repeat_questions(out: Path) -> Path:
-    """evaluate.py's `open` task reads {id, audio, question, reference} rows; the reference is the transcript."""
+def question_files(out: Path, size: dict) -> tuple[Path, Path]:
+    """The two zero-shot tasks on the held-out test subset, as evaluate.py reads them: the gender question
+    with its two candidate answers (`choice`), and "Repeat what was said." with the transcript as the
+    reference (`open`, on the first repeat_rows clips: generation is the slow part)."""
     from data import read_manifest
 
-    path = out / "eval" / "repeat.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in read_manifest(out / "corpus" / "test_subset.jsonl"):
-            f.write(json.dumps({"id": r.id, "audio": r.audio, "question": REPEAT_QUESTION, "reference": r.text,
-                                "text": r.text, "language": r.language, "meta": r.meta}) + "\n")
-    return path
+    records = read_manifest(out / "corpus" / "test_subset.jsonl")
+    folder = out / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def row(r, **fields):
+        return json.dumps({"id": r.id, "audio": r.audio, "duration": r.duration, "text": r.text,
+                           "language": r.language, "meta": r.meta, **fields}) + "\n"
+    choices = list(GENDER_ANSWERS.values())
+    (folder / "gender.jsonl").write_text("".join(
+        row(r, question=GENDER_QUESTION, choices=choices, answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
+        for r in records))
+    (folder / "repeat.jsonl").write_text("".join(
+        row(r, question=REPEAT_QUESTION, reference=r.text)
+        for r in records[:: max(1, len(records) // size["repeat_rows"])][: size["repeat_rows"]]))  # spread over voices
+    return folder / "gender.jsonl", folder / "repeat.jsonl"
 
 
 def word_recall(response: str, reference: str) -> float:
@@ -200,11 +249,14 @@ def word_recall(response: str, reference: str) -> float:
     return sum(w in hyp for w in ref) / max(len(ref), 1)
 
 
-def evaluate_stage(out: Path, size: dict, stage: int) -> dict:
+def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
+    import torch
+
     import evaluate as ev
     from model import AZeroS
 
-    model = AZeroS.from_pretrained(out / f"stage{stage}", device="cpu").eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AZeroS.from_pretrained(out / f"stage{stage}", device="cpu", dtype=dtype).eval()
     folder, targets = out / "eval" / f"stage{stage}", out / "targets"
     # Stage 1's prompt has no paralinguistic branch, so it is scored on sift_s targets only. One align run per
     # mode: the two target files share utterance ids, and evaluate.py keys its resumable answers by id.
@@ -213,19 +265,58 @@ def evaluate_stage(out: Path, size: dict, stage: int) -> dict:
     align = {"modes": {}}
     for m in modes:
         align["modes"].update(ev.evaluate(model, "align", targets / f"test_{m}.jsonl", folder / m, **kw)["modes"])
-    results = {"align": align,
-               "label": ev.evaluate(model, "label", out / "corpus" / "test_subset.jsonl", folder,
-                                    max_new_tokens=size["eval_tokens"], **kw),
-               "open": ev.evaluate(model, "open", repeat_questions(out), folder,
-                                   max_new_tokens=size["eval_tokens"], **kw)}
-    recall = {}
-    for system in ev.SYSTEMS:
-        rows = [json.loads(line) for line in open(folder / f"open_{system}.jsonl", encoding="utf-8")]
-        recall[system] = sum(word_recall(r["response"], r["reference"]) for r in rows) / max(len(rows), 1)
-    results["repeat_word_recall"] = recall
+    gender, repeat = question_files(out, size)
+    results = {"align": align, "gender": ev.evaluate(model, "choice", gender, folder, **kw),
+               "open": ev.evaluate(model, "open", repeat, folder, max_new_tokens=size["eval_tokens"], **kw)}
+    # "Repeat what was said." scored against the transcript and against the oracle text's own answer
+    answers = {s: {r["id"]: r["response"] for r in map(json.loads, open(folder / f"open_{s}.jsonl", encoding="utf-8"))}
+               for s in ev.SYSTEMS}
+    refs = {r["id"]: r["reference"] for r in map(json.loads, open(repeat, encoding="utf-8"))}
+    results["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
+                                     for s in ev.SYSTEMS}
+    results["repeat_recall_of_oracle"] = {s: mean(word_recall(a, answers["oracle"][i]) for i, a in answers[s].items()
+                                                  if i in answers["oracle"]) for s in ("audio", "silent")}
+    if stage == 2:
+        results["gender_signal"] = gender_signal(model, targets / "test_sift_sp.jsonl", size["batch"])
     del model
     gc.collect()
     return results
+
+
+def gender_signal(model, targets: Path, batch: int = 8) -> dict:
+    """Is there anything about gender in the self-generated targets for SIFT to teach? The oracle-text CE
+    (nats/token) of the held-out sift_sp targets when the LLM reads the true gender, and when it reads the
+    other one (male <-> female). The projector only learns what lowers this loss: if flipping the gender
+    does not raise it, the targets carry no gender information, and no SIFT budget can teach the audio to
+    answer gender questions better than chance."""
+    import torch
+
+    import evaluate as ev
+    from data import read_manifest
+
+    other = {"male": "female", "female": "male"}
+    records = [r for r in read_manifest(targets) if r.meta.get("gender") in other]
+    result = {"n": len(records)}
+    for name in ("true", "flipped"):
+        nll = tokens = 0.0
+        for i in range(0, len(records), batch):
+            messages = []
+            for r in records[i: i + batch]:
+                msgs = ev.oracle_training_messages(r)
+                user = next(m for m in msgs if m["role"] == "user")
+                gender = r.meta["gender"] if name == "true" else other[r.meta["gender"]]
+                user["content"] = user["content"].replace(f"gender: {r.meta['gender']}", f"gender: {gender}")
+                messages.append(msgs)
+            with torch.no_grad():
+                out = model.forward(messages)
+            nll, tokens = nll + float(out["row_nll"].sum()), tokens + float(out["row_tokens"].sum())
+        result[name] = nll / max(tokens, 1.0)
+    return result
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,18 +328,20 @@ def results_table(evals: dict) -> str:
     def cell(x, fmt):
         return "-" if x is None or x != x else fmt.format(x)
 
-    lines = ["| model | system | CE sift_s | CE sift_sp | gender acc % | language acc % | repeat word recall % |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | system | CE sift_s | CE sift_sp | gender acc % | gender AUC % | gender = oracle % "
+             "| repeat word recall % | repeat recall of oracle answer % |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in (1, 2):
         e = evals[f"stage{stage}"]
         for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
                              ("oracle", "oracle text (upper bound)")):
             ce = {m: v["ce"].get(system) for m, v in e["align"]["modes"].items()}
-            acc = {a: v["accuracy"] for a, v in e["label"]["systems"][system].items()}
+            g = e["gender"]["systems"][system]["gender"]
             lines.append(f"| stage {stage} | {name} | {cell(ce.get('sift_s'), '{:.3f}')} | "
-                         f"{cell(ce.get('sift_sp'), '{:.3f}')} | {cell(acc.get('gender'), '{:.1f}')} | "
-                         f"{cell(acc.get('language'), '{:.1f}')} | "
-                         f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} |")
+                         f"{cell(ce.get('sift_sp'), '{:.3f}')} | {cell(g['accuracy'], '{:.1f}')} | "
+                         f"{cell(g.get('auc'), '{:.1f}')} | {cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
+                         f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
+                         f"{cell(100 * e['repeat_recall_of_oracle'].get(system, float('nan')), '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,12 +359,20 @@ def example_conversation(out: Path, size: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def signal_line(evals: dict) -> str:
+    g = evals["stage2"]["gender_signal"]
+    return (f"Gender information in the SIFT targets ({g['n']} held-out sift_sp targets, oracle text): CE "
+            f"{g['true']:.4f} nats/token with the true gender, {g['flipped']:.4f} with it flipped (difference "
+            f"{g['flipped'] - g['true']:+.4f}; near 0 = the targets do not depend on gender, so SIFT has nothing "
+            "about gender to teach).\n")
+
+
 def report(out: Path, size: dict) -> dict:
     evals = {f"stage{s}": json.loads((out / "done" / f"eval_stage{s}.json").read_text()) for s in (1, 2)}
-    table = results_table(evals)
+    table, signal = results_table(evals), signal_line(evals)
     example = example_conversation(out, size)
-    (out / "results.md").write_text(table + "\n" + example)
-    return {"table": table, "example": example}
+    (out / "results.md").write_text(table + "\n" + signal + "\n" + example)
+    return {"table": table, "signal": signal, "example": example}
 
 
 def main(argv=None):
@@ -280,6 +381,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite (a few minutes)")
     p.add_argument("--encoder-steps", type=int, help="override the encoder pretraining steps of the chosen size")
     p.add_argument("--stage-steps", type=int, help="override the projector training steps of each stage")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="arithmetic of the encoder, projector and evaluation phases (auto: bf16 if this CPU "
+                        "multiplies bf16 faster than fp32; target generation is always fp32)")
     args = p.parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "default"])
     if args.encoder_steps:
@@ -287,23 +391,24 @@ def main(argv=None):
     if args.stage_steps:
         size["stage1_steps"] = size["stage2_steps"] = args.stage_steps
     out = Path(args.out)
-    est = estimate(size, args.quick)
-    est["eval_stage1"], est["eval_stage2"] = est["eval"] / 2, est["eval"] / 2
-    print(f"AZeroS demo -> {out}: estimated {sum(v for k, v in est.items() if k != 'eval') / 60:.0f} min "
-          "on a 2-core CPU (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "eval") + ")")
+    precision = args.precision if args.precision != "auto" else ("bf16" if bf16_is_fast() else "fp32")
+    est = estimate(size, args.quick, precision)
+    print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU in {precision} ("
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")")
     t0 = time.time()
     phases = Phases(out, est)
     phases.run("llm", lambda: export_llm(out))
     phases.run("corpus", lambda: make_corpus(out, size, args.quick))
     phases.run("targets", lambda: generate(out, size))
-    phases.run("encoders", lambda: pretrain_encoders(out, size))
-    phases.run("stage1", lambda: train_stage(out, size, 1))
-    phases.run("stage2", lambda: train_stage(out, size, 2))
-    phases.run("eval_stage1", lambda: evaluate_stage(out, size, 1))
-    phases.run("eval_stage2", lambda: evaluate_stage(out, size, 2))
+    phases.run("encoders", lambda: pretrain_encoders(out, size, precision))
+    phases.run("stage1", lambda: train_stage(out, size, 1, precision))
+    phases.run("stage2", lambda: train_stage(out, size, 2, precision))
+    phases.run("eval_stage1", lambda: evaluate_stage(out, size, 1, precision))
+    phases.run("eval_stage2", lambda: evaluate_stage(out, size, 2, precision))
     result = phases.run("report", lambda: report(out, size))
     print("\nResults on held-out voices and sentences (test split):\n")
     print(result["table"])
+    print(result["signal"])
     print("Example conversation (python infer.py ... --model " + str(out / "stage2") + "):\n")
     print(result["example"])
     print(f"total {(time.time() - t0) / 60:.1f} min this run; model folder: {out / 'stage2'}")

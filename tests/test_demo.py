@@ -41,8 +41,18 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2] != "-" and float(cells[2]) > 0  # CE on sift_s targets for every system
-        assert cells[4] != "-"  # gender accuracy
-    assert all("| - |" not in r for r in rows if r.startswith("| stage 2"))  # stage 2 also has sift_sp
+        assert 0 <= float(cells[4]) <= 100 and 0 <= float(cells[5]) <= 100  # gender accuracy and AUC
+        assert float(cells[7]) >= 0  # repeat word recall
+        if row.startswith("| stage 2"):
+            assert float(cells[3]) > 0  # stage 2 also has sift_sp targets
+        if "oracle" not in cells[1]:
+            assert 0 <= float(cells[6]) <= 100 and 0 <= float(cells[8]) <= 100  # agreement with the oracle
+
+    # The gender question went through evaluate.py's likelihood scoring: 2 candidates per held-out clip.
+    gender = [json.loads(x) for x in (out / "eval" / "stage2" / "choice_answers.jsonl").read_text().splitlines()]
+    n_test = len((out / "corpus" / "test_subset.jsonl").read_text().splitlines())
+    assert len(gender) == 3 * n_test and all(len(r["nll"]) == 2 for r in gender)
+    assert {r["question"] for r in gender} == {demo.GENDER_QUESTION}
     assert (out / "results.md").read_text().startswith(result["table"])
 
     # The targets came from the real frozen LLM, the encoders from the train split only.
