@@ -13,7 +13,7 @@ ones and reports:
             gradients are never computed and 4 N remains. The attention term is 4 d L per layer forward,
             doubled for the backward pass, not halved for causality.
 
-    python bench/bench_train.py                      # CPU: tiny and small configs, fp32
+    python bench/bench_train.py                      # CPU: tiny, small and SmolLM2-135M configs, fp32 and bf16
     python bench/bench_train.py --gpu-config qwen2.5-7b   # on a GPU also the Qwen2.5-7B config in bf16
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ CONFIGS = {
     # a small but LLM-shaped model that still runs on 2 CPU cores
     "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2),
+    # SmolLM2-135M-Instruct, the demo's LLM (a Llama; the Qwen2 class with these shapes costs the same)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
     # Qwen2.5-0.5B-Instruct and Qwen2.5-7B-Instruct (the paper's LLM), from their config.json
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
@@ -71,7 +74,9 @@ def peak_tflops(device) -> float | None:
 
 
 def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, answer_tokens: int, steps: int,
-          warmup: int) -> dict:
+          warmup: int, precision: str = "bf16") -> dict:
+    """One row. precision bf16 = autocast (train.py --precision bf16); on CPU the LLM weights stay fp32, as
+    in train.py, and autocast casts them per matmul."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     llm = build_llm(name, dtype, device)
@@ -85,8 +90,7 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
     prompt = torch.randint(0, vocab, (batch, prompt_tokens), device=device)
     answer = torch.randint(0, vocab, (batch, answer_tokens), device=device)
     embed = llm.get_input_embeddings()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
         with autocast:
@@ -114,7 +118,7 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
     tokens = batch * seq_len
     row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
            "config": name, "params": sum(p.numel() for p in llm.parameters()), "batch": batch, "seq": seq_len,
-           "dtype": str(dtype).replace("torch.", ""), "step_ms": dt * 1e3, "tokens_s": tokens / dt, "mfu": None,
+           "dtype": precision, "step_ms": dt * 1e3, "tokens_s": tokens / dt, "mfu": None,
            "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     row["tflops"] = model_flops_per_token(llm, seq_len) * tokens / dt / 1e12  # achieved model TFLOP/s
     peak = peak_tflops(device)
@@ -125,7 +129,9 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cpu-configs", nargs="*", default=["tiny", "small"], choices=list(CONFIGS))
+    p.add_argument("--cpu-configs", nargs="*", default=["tiny", "small", "smollm2-135m"], choices=list(CONFIGS))
+    p.add_argument("--cpu-precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="CPU rows (bf16 pays off on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--gpu-configs", nargs="*", default=["qwen2.5-0.5b", "qwen2.5-7b"], choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--gpu-batch", type=int, default=32)
@@ -138,9 +144,10 @@ def main():
 
     rows = []
     for name in args.cpu_configs:
-        rows.append(bench(name, torch.device("cpu"), args.batch, args.audio_seconds, args.prompt_tokens,
-                          args.answer_tokens, args.steps, args.warmup))
-        print(rows[-1], flush=True)
+        for precision in args.cpu_precisions:
+            rows.append(bench(name, torch.device("cpu"), args.batch, args.audio_seconds, args.prompt_tokens,
+                              args.answer_tokens, args.steps, args.warmup, precision))
+            print(rows[-1], flush=True)
     if torch.cuda.is_available():
         for name in args.gpu_configs:
             rows.append(bench(name, torch.device("cuda"), args.gpu_batch, args.audio_seconds, args.prompt_tokens,
@@ -150,14 +157,19 @@ def main():
     else:
         print("no CUDA device: GPU rows skipped")
 
-    print("\n| device | LLM config | LLM params | batch x seq | dtype | step (ms) | tokens/s | model TFLOP/s | MFU "
-          "| peak mem (GiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    # speed relative to the first row of the same device and config (fp32 on CPU): measured in this process
+    first = {}
+    for r in rows:
+        first.setdefault((r["device"], r["config"]), r["step_ms"])
+    print("\n| device | LLM config | LLM params | batch x seq | precision | step (ms) | speed vs first row | tokens/s "
+          "| model TFLOP/s | MFU | peak mem (GiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] is not None else "-"
+        speed = first[r["device"], r["config"]] / r["step_ms"]
         print(f"| {r['device']} | {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq']} | {r['dtype']} "
-              f"| {r['step_ms']:.1f} | {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {mfu} | {mem} |")
+              f"| {r['step_ms']:.1f} | {speed:.2f}x | {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {mfu} | {mem} |")
 
 
 if __name__ == "__main__":
