@@ -54,7 +54,7 @@ SIZES = {
 }
 # Seconds per unit measured on a 2-core CPU in bf16 (2026-11-22), for the estimate printed at the start;
 # fp32 multiplies the encoder, projector and evaluation phases by FP32_SLOWDOWN (measured 2-2.5x).
-RATES = dict(llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.65, train_step=1.05, eval_row=0.07,
+RATES = dict(llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.75, train_step=1.2, eval_row=0.07,
              answer=0.6)
 FP32_SLOWDOWN = 2.3
 
