@@ -328,6 +328,23 @@ def read_manifest(path) -> list[Record]:
     return records
 
 
+def write_atomic(path, lines) -> None:
+    """Write a whole text file or nothing: temporary file in the same folder, fsync, rename. A crash (or a
+    reader racing the writer) never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_manifest(records, path, relative: bool = False) -> None:
     """Write Records as our JSONL (gzip if the name ends in .gz). Atomic: we write a temporary file in
     the same folder and rename it, so a crash never leaves a half-written manifest behind. Audio paths

@@ -54,12 +54,11 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import ManifestError, Record, parse_line
+from data import ManifestError, Record, parse_line, write_atomic
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
 
@@ -511,21 +510,6 @@ def read_done(path: Path, repair: bool) -> list[str]:
         except ValueError:
             raise SystemExit(f"{path}:{n}: not a JSON object; the file is corrupt, refusing to append") from None
     return lines
-
-
-def write_atomic(path: Path, lines) -> None:
-    """Write a whole file or nothing: temporary file, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def check_resumable(lines: list[str], path: Path, todo_ids: set, mode: str, label: str) -> dict[str, str]:

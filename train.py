@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (
+    SAMPLE_RATE,
     AudioDataset,
     AudioError,
     DurationBucketSampler,
@@ -53,9 +54,8 @@ from data import (
     fbank,
     padding_efficiency,
     read_manifest,
+    write_atomic,
 )
-
-SAMPLE_RATE = 16000
 
 
 class TrainError(RuntimeError):
@@ -424,7 +424,7 @@ class EncoderCache:
                                  "weights or precision; use a new folder (or delete this one)")
         barrier()  # every rank has checked the old meta before rank 0 rewrites it
         if rank == 0:
-            atomic_write_text(meta_path, json.dumps({**meta, **fingerprints}, indent=1))
+            write_atomic(meta_path, [json.dumps({**meta, **fingerprints}, indent=1)])
         self.pending: dict[str, torch.Tensor] = {}
         self.refresh()
 
@@ -478,12 +478,6 @@ class EncoderCache:
 # ---------------------------------------------------------------------------------------------------
 # 8. Checkpoints: atomic, rotating, everything needed to continue exactly
 # ---------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state(specaug_gen: torch.Generator) -> dict:
