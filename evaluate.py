@@ -423,24 +423,22 @@ def load_waves(records: list[data.Record], silent: bool) -> list[torch.Tensor]:
     return waves
 
 
-@torch.no_grad()
-def answer_batch(model, items: list[Item], system: str, max_new_tokens: int) -> list[str]:
-    """Greedy answers of one system to a batch of items, all through model.generate (same template,
-    padding and decoding): only what stands where the audio goes differs."""
-    if system == "oracle":
-        messages = [[model.user_message(f"{oracle_text(model, it.record)} {it.question}", with_audio=False)]
-                    for it in items]
-        return model.generate(None, messages, max_new_tokens=max_new_tokens)
-    waves = load_waves([it.record for it in items], silent=system == "silent")
-    messages = [[model.user_message(it.question)] for it in items]
-    return model.generate(waves, messages, max_new_tokens=max_new_tokens)
-
-
 def user_turn(model, item: Item, system: str) -> dict:
     """The question as the user asks it: after the audio, or after the oracle text that stands for it."""
     if system == "oracle":
         return model.user_message(f"{oracle_text(model, item.record)} {item.question}", with_audio=False)
     return model.user_message(item.question)
+
+
+@torch.no_grad()
+def answer_batch(model, items: list[Item], system: str, max_new_tokens: int) -> list[str]:
+    """Greedy answers of one system to a batch of items, all through model.generate (same template,
+    padding and decoding): only what stands where the audio goes differs."""
+    messages = [[user_turn(model, it, system)] for it in items]
+    if system == "oracle":
+        return model.generate(None, messages, max_new_tokens=max_new_tokens)
+    waves = load_waves([it.record for it in items], silent=system == "silent")
+    return model.generate(waves, messages, max_new_tokens=max_new_tokens)
 
 
 @torch.no_grad()
@@ -513,29 +511,16 @@ def todo_items(items: list[Item], system: str, done: dict) -> list[Item]:
     return sorted(left, key=lambda it: -it.record.duration)
 
 
-def run_generation(model, items: list[Item], path: Path, model_name: str, systems, batch_size: int,
-                   max_new_tokens: int, score_row) -> dict:
-    """Answer every item with every system, appending each batch's rows; returns all rows by key."""
-    done = load_done(path, model_name)
-    for system in systems:
-        todo = todo_items(items, system, done)
-        for chunk in tqdm(list(batches(todo, batch_size)), desc=system, unit="batch", disable=not todo):
-            answers = answer_batch(model, chunk, system, max_new_tokens)
-            rows = [{"id": it.id, "system": system, "model": model_name, "question": it.question,
-                     **it.fields, "response": a, **score_row(it.fields, a)} for it, a in zip(chunk, answers)]
-            append_rows(path, rows)
-            done.update({(r["id"], r["system"]): r for r in rows})
-    return done
-
-
-def run_choice(model, items: list[Item], path: Path, model_name: str, systems, batch_size: int) -> dict:
-    """Score every candidate of every item with every system, appending each batch's rows."""
+def run_items(items: list[Item], path: Path, model_name: str, systems, batch_size: int, answer) -> dict:
+    """Put every item to every system, appending each batch's rows; returns all rows by (id, system).
+    `answer(chunk, system)` returns one dict of result fields per item (a generated response and its
+    score, or the candidates' NLLs)."""
     done = load_done(path, model_name)
     for system in systems:
         todo = todo_items(items, system, done)
         for chunk in tqdm(list(batches(todo, batch_size)), desc=system, unit="batch", disable=not todo):
             rows = [{"id": it.id, "system": system, "model": model_name, "question": it.question, **it.fields,
-                     "nll": nll} for it, nll in zip(chunk, choice_nll(model, chunk, system))]
+                     **result} for it, result in zip(chunk, answer(chunk, system))]
             append_rows(path, rows)
             done.update({(r["id"], r["system"]): r for r in rows})
     return done
@@ -826,7 +811,8 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
 
     if task == "choice":
         items = read_choice(manifest)[:limit]
-        done = run_choice(model, items, path, model_name, systems, batch_size)
+        done = run_items(items, path, model_name, systems, batch_size,
+                         lambda chunk, system: [{"nll": nll} for nll in choice_nll(model, chunk, system)])
         rows = {s: [done[it.id, s] for it in items if (it.id, s) in done] for s in systems}
         results = {**head, "systems": summarize_choice(rows)}
         write_results(out, task, results)
@@ -841,7 +827,10 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     items = items[:limit]
-    done = run_generation(model, items, path, model_name, systems, batch_size, max_new_tokens, score_row)
+    def generate(chunk, system):
+        answers = answer_batch(model, chunk, system, max_new_tokens)
+        return [{"response": a, **score_row(it.fields, a)} for it, a in zip(chunk, answers)]
+    done = run_items(items, path, model_name, systems, batch_size, generate)
     rows = rescore(items, done, systems, score_row)
     for system, rs in rows.items():
         if task == "open":
