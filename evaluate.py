@@ -453,7 +453,7 @@ def choice_nll(model, items: list[Item], system: str) -> list[list[float]]:
     else:
         enc = model.encode(*model.features(load_waves([it.record for it in items], silent=system == "silent")))
         row = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])  # candidate row -> its clip
-        enc = {b: (x[row.to(x.device)], n[row.to(n.device)]) for b, (x, n) in enc.items()}
+        enc = {b: (x[row.to(x.device)], lens[row.to(lens.device)]) for b, (x, lens) in enc.items()}
         out = model.forward(messages, encoder_outputs=enc)
     nll, per_item, start = out["row_nll"].tolist(), [], 0
     for n in counts:
