@@ -229,8 +229,7 @@ def question_files(out: Path, size: dict) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
 
     def row(r, **fields):
-        return json.dumps({"id": r.id, "audio": r.audio, "duration": r.duration, "text": r.text,
-                           "language": r.language, "meta": r.meta, **fields}) + "\n"
+        return json.dumps({**r.to_json(), **fields}) + "\n"
     choices = list(GENDER_ANSWERS.values())
     (folder / "gender.jsonl").write_text("".join(
         row(r, question=GENDER_QUESTION, choices=choices, answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
@@ -289,8 +288,6 @@ def gender_signal(model, targets: Path, batch: int = 8) -> dict:
     other one (male <-> female). The projector only learns what lowers this loss: if flipping the gender
     does not raise it, the targets carry no gender information, and no SIFT budget can teach the audio to
     answer gender questions better than chance."""
-    import torch
-
     import evaluate as ev
     from data import read_manifest
 
@@ -298,19 +295,17 @@ def gender_signal(model, targets: Path, batch: int = 8) -> dict:
     records = [r for r in read_manifest(targets) if r.meta.get("gender") in other]
     result = {"n": len(records)}
     for name in ("true", "flipped"):
-        nll = tokens = 0.0
-        for i in range(0, len(records), batch):
+        scores = []
+        for chunk in ev.batches(records, batch):
             messages = []
-            for r in records[i: i + batch]:
+            for r in chunk:
                 msgs = ev.oracle_training_messages(r)
                 user = next(m for m in msgs if m["role"] == "user")
                 gender = r.meta["gender"] if name == "true" else other[r.meta["gender"]]
                 user["content"] = user["content"].replace(f"gender: {r.meta['gender']}", f"gender: {gender}")
                 messages.append(msgs)
-            with torch.no_grad():
-                out = model.forward(messages)
-            nll, tokens = nll + float(out["row_nll"].sum()), tokens + float(out["row_tokens"].sum())
-        result[name] = nll / max(tokens, 1.0)
+            scores += ev.target_nll(model, messages)
+        result[name] = sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
     return result
 
 
