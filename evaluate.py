@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import data
 import llm as llm_lib
-from generate_targets import build_prompt
+from generate_targets import age_group, build_prompt
 
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
 SYSTEMS = ("audio", "oracle", "silent")
@@ -215,15 +215,14 @@ def match_label(answer: str, vocab: list[str]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def age_group(value) -> str | None:
-    """Numeric ages -> the four groups the training metadata uses (DESIGN.md); group names pass through."""
+def age_label(value) -> str | None:
+    """Numeric ages -> the four groups, with the very function target generation uses for the training
+    metadata (generate_targets.age_group); group names pass through."""
     try:
         age = float(value)
     except (TypeError, ValueError):
         return str(value).lower()
-    if not 0 < age < 200:
-        return None
-    return "teenager" if age < 18 else "young adult" if age < 40 else "middle-age adult" if age <= 60 else "senior"
+    return age_group(age)
 
 
 def record_label(record: data.Record, attribute: str) -> str | None:
@@ -234,7 +233,7 @@ def record_label(record: data.Record, attribute: str) -> str | None:
     value = str(value).strip().lower()
     if attribute == "language":
         value = value.split("-")[0].split("_")[0]  # en-US -> en
-    return age_group(value) if attribute == "age" else value
+    return age_label(value) if attribute == "age" else value
 
 
 def label_vocabularies(records: list[data.Record]) -> dict[str, list[str]]:
