@@ -386,7 +386,7 @@ def load_audio(path, offset: float = 0.0, duration: float | None = None, channel
     [-1, 1] by soundfile (int16 / 32768), the same scaling the official pipeline's torchaudio.load
     uses. Multi-channel audio is averaged to mono, unless `channel` picks one channel (the official
     `features.py` takes channel 0 when it reads paths itself). Other sample rates are resampled with
-    torchaudio's default windowed-sinc filter, as the official pipeline does.
+    torchaudio's default windowed-sinc filter (`resample` below), as the official pipeline does.
     """
     import soundfile as sf  # imported here so the manifest tools work without libsndfile
 
@@ -413,11 +413,59 @@ def load_audio(path, offset: float = 0.0, duration: float | None = None, channel
         wave = torch.from_numpy(np.ascontiguousarray(data[:, channel]))
     else:
         wave = torch.from_numpy(data.mean(axis=1, dtype=np.float32))
-    if sr != SAMPLE_RATE:
-        import torchaudio.functional as AF
+    return resample(wave, sr, SAMPLE_RATE)
 
-        wave = AF.resample(wave, orig_freq=sr, new_freq=SAMPLE_RATE)
-    return wave
+
+# torchaudio.functional.resample's defaults, which the official pipeline resamples with.
+RESAMPLE_ZERO_CROSSINGS = 6  # the sinc is cut after 6 zero crossings on each side ...
+RESAMPLE_ROLLOFF = 0.99  # ... and its cut-off sits at 99% of the lower Nyquist frequency
+
+
+@lru_cache(maxsize=16)
+def resample_kernel(orig: int, new: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
+    """The (new, 1, taps) polyphase filter bank for resampling by new/orig (rates already divided by
+    their gcd), and how many input samples of padding it needs on the left.
+
+    Ideal band-limited resampling evaluates x(t) = sum_i x[i] sinc(pi (t - i)) (t in input samples)
+    at the output times t_j = j * orig / new. Output j + new sits exactly `orig` input samples after
+    output j, so it uses the same weights shifted by `orig`: `new` filters, applied with stride `orig`,
+    give every output. Each filter is a Hann-windowed sinc low-passed at RESAMPLE_ROLLOFF * min(orig,
+    new) (in units where the input rate is `orig`), so downsampling cannot alias.
+    """
+    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
+    half_width = math.ceil(RESAMPLE_ZERO_CROSSINGS * orig / cutoff)  # taps each side of the centre
+    # Time from output phase j to each input tap, in units of the input rate `orig` ...
+    taps = torch.arange(-half_width, half_width + orig, dtype=dtype) / orig
+    t = torch.arange(0, -new, -1, dtype=dtype)[:, None, None] / new + taps
+    # ... then in units of the cut-off period, where the sinc has its zeros at the integers.
+    t = (t * cutoff).clamp(-RESAMPLE_ZERO_CROSSINGS, RESAMPLE_ZERO_CROSSINGS)
+    window = torch.cos(t * math.pi / RESAMPLE_ZERO_CROSSINGS / 2) ** 2  # Hann, zero at the cut points
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones((), dtype=dtype), t.sin() / t)
+    return sinc * (window * (cutoff / orig)), half_width  # cutoff/orig keeps a DC gain of one
+
+
+def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
+    """Resample (..., N) float waveforms from `orig_freq` to `new_freq` Hz -> (..., ceil(N * new / orig)).
+
+    The same windowed-sinc filter as torchaudio.functional.resample with its defaults (within float
+    rounding), written out so the project does not need torchaudio. Rates must be positive integers.
+    """
+    if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
+        raise ValueError(f"resample: sample rates must be positive integers, got {orig_freq} -> {new_freq}")
+    if not wave.is_floating_point():
+        raise TypeError(f"resample: expected a float waveform, got {wave.dtype}")
+    if orig_freq == new_freq:
+        return wave
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    kernel, half_width = resample_kernel(orig, new, wave.dtype)
+    kernel = kernel.to(wave.device)
+    shape, length = wave.shape[:-1], wave.shape[-1]
+    x = torch.nn.functional.pad(wave.reshape(-1, 1, length), (half_width, half_width + orig))
+    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # (B, new phases, blocks)
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)  # interleave the phases: block 0 phase 0, 1, ...
+    return y[:, : math.ceil(new * length / orig)].reshape(*shape, -1)
 
 
 # Kaldi fbank options the released encoders were trained with (official features.py / kaldifeat).

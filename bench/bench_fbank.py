@@ -6,11 +6,13 @@
   - data.fbank: the whole batch at once (one gather, one rfft, one matmul);
   - kaldi-native-fbank (C++), one utterance at a time, the way the official pipeline's
     kaldifeat/lhotse fallback is called;
-  - torchaudio.compliance.kaldi.fbank, one utterance at a time.
+  - torchaudio.compliance.kaldi.fbank, one utterance at a time (when torchaudio is installed; the
+    project itself does not need it).
 Each is timed `--repeats` times after a warm-up; the median is reported. "speed vs ours" > 1 means
 that contender is faster than data.fbank.
 """
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -83,8 +85,10 @@ def main():
     results = [
         (f"data.fbank, batched ({args.device})", timed(lambda: data.fbank(waves, device=device), args.repeats, sync)),
         ("kaldi-native-fbank, per utterance (cpu)", timed(lambda: knf_loop(waves), args.repeats)),
-        ("torchaudio.compliance.kaldi.fbank, per utt (cpu)", timed(lambda: torchaudio_loop(waves), args.repeats)),
     ]
+    if importlib.util.find_spec("torchaudio") is not None:
+        results.append(("torchaudio.compliance.kaldi.fbank, per utt (cpu)",
+                        timed(lambda: torchaudio_loop(waves), args.repeats)))
     ours_t = results[0][1]
     print(f"{args.num} utterances, {audio_s:.1f} s of audio ({lengths.min():.1f}-{lengths.max():.1f} s each); "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; median of {args.repeats}")

@@ -15,7 +15,8 @@ import ctypes
 
 import numpy as np
 import torch
-import torchaudio
+
+from data import resample
 
 # Constants from espeak-ng's speak_lib.h.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -65,4 +66,4 @@ class Speaker:
             raise RuntimeError(f"espeak-ng failed to synthesise {text!r}")
         pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
-        return torchaudio.functional.resample(wave, Speaker._native_rate, self.sample_rate)
+        return resample(wave, Speaker._native_rate, self.sample_rate)

@@ -1,4 +1,5 @@
-"""data.load_audio and data.fbank against the official fixtures and kaldi-native-fbank run live."""
+"""data.load_audio, data.resample and data.fbank against the official fixtures, torchaudio's numbers and
+kaldi-native-fbank run live."""
 import json
 import math
 
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from safetensors.torch import load_file
 
 import data
@@ -17,6 +17,9 @@ FB = FIXTURES / "fbank"
 META = json.loads((FB / "meta.json").read_text())
 INPUTS = load_file(str(FB / "inputs.safetensors"))
 EXPECTED = load_file(str(FB / "expected.safetensors"))
+RS = FIXTURES / "resample"
+RS_META = json.loads((RS / "meta.json").read_text())
+RS_TENSORS = load_file(str(RS / "expected.safetensors"))
 LOG_FLT_EPSILON = math.log(np.finfo(np.float32).eps)
 
 
@@ -151,6 +154,52 @@ def test_fbank_on_cuda_matches_cpu():
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
 
 
+# --- resample -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", RS_META["cases"], ids=lambda c: c["key"])
+def test_resample_matches_torchaudio(case):
+    """data.resample is torchaudio.functional.resample with its defaults (fixture made by torchaudio 2.9.1)."""
+    wave, expected = RS_TENSORS[case["key"] + ".input"], RS_TENSORS[case["key"] + ".expected"]
+    out = data.resample(wave, case["orig_freq"], case["new_freq"])
+    assert out.shape == expected.shape == (2, math.ceil(wave.shape[-1] * case["new_freq"] / case["orig_freq"]))
+    assert (out - expected).abs().max() < 1e-6
+
+
+def test_resample_reproduces_the_official_8k_signal():
+    """The shared fixture's 8 kHz signal is torchaudio's resample(signal1, 16000, 8000), before PCM rounding."""
+    out = data.resample(INPUTS["signal1"], 16000, 8000)
+    mono = INPUTS["signal2_float"][:, 0]  # the stereo frames are [mono, 0.5 * mono]
+    assert out.shape == mono.shape
+    assert (out - mono).abs().max() < 1e-6
+
+
+def test_resample_keeps_the_passband_and_removes_aliases():
+    sr_in, sr_out = 44100, 16000
+    t_in, t_out = torch.arange(sr_in, dtype=torch.float64) / sr_in, torch.arange(sr_out, dtype=torch.float64) / sr_out
+    tone = data.resample(torch.sin(2 * math.pi * 1000 * t_in), sr_in, sr_out)
+    inner = slice(200, -200)  # away from the zero-padded edges
+    assert (tone - torch.sin(2 * math.pi * 1000 * t_out))[inner].abs().max() < 1e-3
+    # 12 kHz is above the new Nyquist (8 kHz): it must be filtered out (here > 50 dB down; Hann window,
+    # 6 zero crossings), not folded back to 4 kHz at full level.
+    alias = data.resample(torch.sin(2 * math.pi * 12000 * t_in), sr_in, sr_out)
+    assert rms(alias[inner]) < rms(tone[inner]) * 10 ** (-50 / 20)
+    # Batch dimensions are kept and each row is resampled on its own.
+    both = data.resample(torch.stack([torch.sin(2 * math.pi * 1000 * t_in), torch.zeros(sr_in)])[None], sr_in, sr_out)
+    assert both.shape == (1, 2, sr_out) and torch.equal(both[0, 0], tone) and both[0, 1].abs().max() == 0
+
+
+def test_resample_errors():
+    wave = torch.zeros(100)
+    assert data.resample(wave, 16000, 16000) is wave
+    with pytest.raises(ValueError, match="positive integers, got 22050.5 -> 16000"):
+        data.resample(wave, 22050.5, 16000)
+    with pytest.raises(ValueError, match="positive integers, got 0 -> 16000"):
+        data.resample(wave, 0, 16000)
+    with pytest.raises(TypeError, match="expected a float waveform, got torch.int16"):
+        data.resample(torch.zeros(100, dtype=torch.int16), 8000, 16000)
+
+
 # --- load_audio -----------------------------------------------------------------------------------------
 
 
@@ -171,7 +220,7 @@ def test_stereo_8k_fixture_loads_like_the_16k_mono_signal():
     assert rms(mixed - 0.75 * signal1) < 0.05
     # The mean downmix itself is exactly the average of the two channels, resampled.
     stereo = INPUTS["signal2_pcm16_as_float"]
-    assert torch.allclose(mixed, AF.resample(stereo.mean(dim=1), 8000, 16000), atol=1e-6)
+    assert torch.allclose(mixed, data.resample(stereo.mean(dim=1), 8000, 16000), atol=1e-6)
     # And the literal comparison fails for the reason given above (recorded, not hidden):
     assert rms(mixed - signal1) == pytest.approx(rms(0.25 * signal1), rel=0.1)
 
@@ -186,7 +235,7 @@ def test_load_audio_formats_resample_and_downmix(tmp_path, fmt, subtype, tol):
     path = tmp_path / f"x.{fmt}"
     sf.write(path, stereo, sr, subtype=subtype)
     wave = data.load_audio(path)
-    expected = AF.resample(torch.tensor(stereo.mean(axis=1), dtype=torch.float32), sr, 16000)
+    expected = data.resample(torch.tensor(stereo.mean(axis=1), dtype=torch.float32), sr, 16000)
     assert wave.dtype == torch.float32 and wave.dim() == 1 and wave.shape == expected.shape
     if tol is not None:
         assert (wave - expected).abs().max() < tol
