@@ -54,6 +54,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import generate_targets
 import llm as llm_lib
 from generate_targets import age_group, build_prompt
 
@@ -165,7 +166,10 @@ def parse_option(answer: str, choices: list[str]) -> str | None:
 
 ATTRIBUTES = ("gender", "age", "emotion", "language")
 AGE_GROUPS = ("teenager", "young adult", "middle-age adult", "senior")  # DESIGN.md age mapping
-UNKNOWN_VALUES = {"", "na", "n/a", "unk", "unknown", "null", "none", "?"}
+# A reference value that is no label. Target generation drops exactly the official recipe's spellings
+# (generate_targets.UNKNOWN_VALUES) so the targets match the official ones; scoring also ignores a few more
+# spellings of "no value", because counting "none" as a wrong answer would only add noise to the accuracy.
+UNKNOWN_VALUES = generate_targets.UNKNOWN_VALUES | {"n/a", "none", "?"}
 LANGUAGE_NAMES = {"en": "english", "zh": "chinese", "de": "german", "fr": "french", "es": "spanish",
                   "it": "italian", "ja": "japanese", "ko": "korean", "ru": "russian", "pt": "portuguese",
                   "ar": "arabic", "yue": "cantonese"}

@@ -89,6 +89,7 @@ DIALOG_SYSTEM = (
 ASR_PROMPTS = ("请重复以上内容", "Transcribe speech to text", "请转写音频为文字")
 
 META_ORDER = ("age", "gender", "emotion")
+# Metadata values that mean "not labelled": dropped from <meta>, as the official data generation does.
 UNKNOWN_VALUES = {"na", "unk", "unknown", "null", ""}
 
 # The CJK ranges of the official text normaliser (auden.utils.text_normalization): CJK characters are
