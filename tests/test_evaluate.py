@@ -82,6 +82,15 @@ def _rec(rid, **kw):
     return ev.data.Record(id=rid, audio="/nonexistent.wav", duration=1.0, **kw)
 
 
+def test_no_value_spellings_are_no_label_but_the_targets_keep_the_official_rule():
+    """Scoring skips every official "unknown" spelling and a few more; target generation drops only the
+    official ones (its <meta> must match the official targets), so "none" still reaches <meta>."""
+    for value in sorted(ev.generate_targets.UNKNOWN_VALUES | {"n/a", "None", " ? "}):
+        assert ev.record_label(_rec("x", meta={"gender": value}), "gender") is None, value
+    assert ev.record_label(_rec("x", meta={"gender": " Female "}), "gender") == "female"
+    assert ev.generate_targets.format_meta({"gender": "none", "emotion": "unk"}) == "gender: none"
+
+
 def test_label_items_vocabulary_and_normalisation():
     recs = [_rec("a", language="en-US", meta={"gender": "Male", "age": "34", "emotion": "happy"}),
             _rec("b", language="zh", meta={"gender": "female", "age": "unknown", "emotion": "sad"}),
