@@ -547,21 +547,26 @@ def score_open_row(fields: dict, response: str) -> dict:
     return {}
 
 
-def accuracy_table(rows: list[dict], group_key: str) -> dict:
-    """Accuracy (%) per group and overall, with the count of answers the parser could not map (`unparsed`,
-    counted wrong: a zero-shot model that does not answer the question did not get it right)."""
+def grouped(rows: list[dict], group_key: str) -> list[tuple[str, list[dict]]]:
+    """(group, rows) pairs: one per value of row[group_key] in name order, then "all" with every row. Rows
+    whose group is "all" (no task field) are counted once."""
     groups = defaultdict(list)
     for r in rows:
         groups["all"].append(r)
-        if r[group_key] != "all":  # rows without a task field are already "all"
+        if r[group_key] != "all":
             groups[r[group_key]].append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0]))
 
+
+def accuracy_table(rows: list[dict], group_key: str) -> dict:
+    """Accuracy (%) per group and overall, with the count of answers the parser could not map (`unparsed`,
+    counted wrong: a zero-shot model that does not answer the question did not get it right)."""
     def acc(rs):
         n = len(rs)
         return {"n": n, "correct": sum(r["correct"] for r in rs),
                 "accuracy": 100.0 * sum(r["correct"] for r in rs) / n if n else float("nan"),
                 "unparsed": sum(r["pred"] is None for r in rs)}
-    return {g: acc(rs) for g, rs in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0]))}
+    return {g: acc(rs) for g, rs in grouped(rows, group_key)}
 
 
 def rescore(items: list[Item], done: dict, systems, score_row) -> dict[str, list[dict]]:
@@ -592,17 +597,15 @@ def summarize_choice(rows: dict[str, list[dict]]) -> dict[str, dict]:
     of the log-odds log p(choice 1) - log p(choice 0) against "the answer is choice 1" (accuracy can sit at
     the majority share when the LLM always prefers one option; the AUC then still shows whether the audio
     moves it); and how often the system picks what the oracle text picks."""
-    oracle_pick = {r["id"]: min(range(len(r["nll"])), key=r["nll"].__getitem__) for r in rows.get("oracle", [])}
+    def pick(row):  # the most likely candidate
+        return min(range(len(row["nll"])), key=row["nll"].__getitem__)
+
+    oracle_pick = {r["id"]: pick(r) for r in rows.get("oracle", [])}
     out = {}
     for system, rs in rows.items():
-        groups = defaultdict(list)
-        for r in rs:
-            groups["all"].append(r)
-            if r["task"] != "all":
-                groups[r["task"]].append(r)
         out[system] = {}
-        for g, grs in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-            picks = [min(range(len(r["nll"])), key=r["nll"].__getitem__) for r in grs]
+        for g, grs in grouped(rs, "task"):
+            picks = [pick(r) for r in grs]
             entry = {"n": len(grs), "accuracy": 100.0 * sum(p == r["answer"] for p, r in zip(picks, grs)) / len(grs)}
             if all(len(r["nll"]) == 2 for r in grs):
                 entry["auc"] = 100.0 * auc([r["nll"][0] - r["nll"][1] for r in grs], [r["answer"] == 1 for r in grs])
