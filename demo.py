@@ -268,9 +268,8 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
     results = {"align": align, "gender": ev.evaluate(model, "choice", gender, folder, **kw),
                "open": ev.evaluate(model, "open", repeat, folder, max_new_tokens=size["eval_tokens"], **kw)}
     # "Repeat what was said." scored against the transcript and against the oracle text's own answer
-    answers = {s: {r["id"]: r["response"] for r in map(json.loads, open(folder / f"open_{s}.jsonl", encoding="utf-8"))}
-               for s in ev.SYSTEMS}
-    refs = {r["id"]: r["reference"] for r in map(json.loads, open(repeat, encoding="utf-8"))}
+    answers = {s: {r["id"]: r["response"] for _, r in ev.read_jsonl(folder / f"open_{s}.jsonl")} for s in ev.SYSTEMS}
+    refs = {r["id"]: r["reference"] for _, r in ev.read_jsonl(repeat)}
     results["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
                                      for s in ev.SYSTEMS}
     results["repeat_recall_of_oracle"] = {s: mean(word_recall(a, answers["oracle"][i]) for i, a in answers[s].items()
