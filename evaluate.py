@@ -55,7 +55,6 @@ from tqdm import tqdm
 
 import data
 import generate_targets
-import llm as llm_lib
 from generate_targets import age_group, build_prompt
 
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
@@ -641,11 +640,11 @@ def oracle_user_text(record: data.Record) -> str:
 
 
 def oracle_training_messages(record: data.Record) -> list[dict]:
-    """The conversation the target came from: the mode's system message, the LLM's own input and its
-    answer, rendered with the training template exactly like the audio side (model.training_messages)."""
-    msgs = [{"role": "user", "content": oracle_user_text(record)},
+    """The text counterpart of model.training_messages: the LLM's own input and its answer, rendered with
+    the training template. No system turn, also for `_ssp` rows: training has none (the dialog system
+    message only shaped the target), so the oracle must be scored on the same turns as the audio."""
+    return [{"role": "user", "content": oracle_user_text(record)},
             {"role": "assistant", "content": record.response, "truncated": bool(record.truncated)}]
-    return llm_lib.with_system(msgs, record.system or None)
 
 
 @torch.no_grad()

@@ -315,11 +315,12 @@ class AZeroS(nn.Module):
         """A data.Record with a SIFT response -> the chat the projectors learn from (Sec. 3.4).
 
         The user turn is the audio placeholder(s) and the instruction if the record has one (SIFT has
-        none); the assistant turn is the frozen LLM's own answer, flagged when it was cut off."""
-        messages = [{"role": "system", "content": record.system}] if getattr(record, "system", None) else []
-        messages.append(self.user_message(getattr(record, "instruction", None)))
-        messages.append({"role": "assistant", "content": record.response, "truncated": bool(record.truncated)})
-        return messages
+        none); the assistant turn is the frozen LLM's own answer, flagged when it was cut off.
+        There is never a system turn: a `_ssp` row's `system` (the dialog system message) only shaped
+        the answer when it was generated (Sec. 5.7); the official trainer trains `_ssp` rows with the
+        same two turns as `_sp` rows, so the model learns to answer that way without being told."""
+        user = self.user_message(getattr(record, "instruction", None))
+        return [user, {"role": "assistant", "content": record.response, "truncated": bool(record.truncated)}]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import llm as L
 from conftest import ROOT
 from generate_targets import build_prompt
 
@@ -240,9 +241,9 @@ def test_align_oracle_embeddings_give_ratio_one(tiny, tmp_path, stage, modes):
         # precondition: with the oracle pieces spliced in, the audio prompt's LLM input equals the text
         # prompt's (the tokenizer splits the text where the audio prompt has <|AUDIO|>)
         for r, segs in zip(records, ev.oracle_segments(model, records)):
-            spliced = ev.llm_lib.build_batch(model.llm, model.tokenizer, [model.training_messages(r)], [segs],
+            spliced = L.build_batch(model.llm, model.tokenizer, [model.training_messages(r)], [segs],
                                              training=True)
-            text = ev.llm_lib.build_batch(model.llm, model.tokenizer, [ev.oracle_training_messages(r)],
+            text = L.build_batch(model.llm, model.tokenizer, [ev.oracle_training_messages(r)],
                                           training=True)
             assert torch.equal(spliced.inputs_embeds, text.inputs_embeds) and torch.equal(spliced.labels, text.labels)
         res = ev.evaluate(model, "align", manifest, tmp_path, batch_size=2, segments_fn=ev.oracle_segments)
@@ -253,6 +254,22 @@ def test_align_oracle_embeddings_give_ratio_one(tiny, tmp_path, stage, modes):
         assert e["ce"]["silent"] > 0 and e["tokens"] > 0
     assert set(res["modes"]) == set(modes) | {"all"}
     assert "| all |" in (tmp_path / "align_results.md").read_text()
+
+
+def test_align_scores_ssp_rows_on_the_sp_turns(tiny, tmp_path):
+    """A sift_ssp target was generated under the dialog system message, but training shows no system
+    turn (official trainer), so align scores it on exactly the turns of a sift_sp row: audio, oracle
+    and silent numbers are equal for the same rows labelled either way."""
+    model, _, root = tiny
+    ssp = ev.data.read_manifest(_target_manifest(root, ["sift_ssp", "sift_ssp"]))
+    sp = ev.data.read_manifest(_target_manifest(root, ["sift_sp", "sift_sp"]))
+    assert ssp[0].system and not sp[0].system  # the manifests differ in the system message
+    for a, b in zip(ssp, sp):
+        assert ev.oracle_training_messages(a) == ev.oracle_training_messages(b)
+        assert model.training_messages(a) == model.training_messages(b)
+    res = [ev.evaluate(model, "align", m, tmp_path / m.stem, batch_size=2)["modes"]["all"]["ce"]
+           for m in (root / "targets_sift_ssp_sift_ssp.jsonl", root / "targets_sift_sp_sift_sp.jsonl")]
+    assert res[0] == res[1]
 
 
 def test_align_on_audio_runs_and_resumes(tiny, tmp_path, monkeypatch):

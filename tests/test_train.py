@@ -201,6 +201,25 @@ def test_resume_is_exact(setup, tmp_path):
     assert ckpts == ["step-00000004.pt", "step-00000006.pt"]
 
 
+def test_ssp_rows_train_exactly_like_sp_rows(setup, tmp_path):
+    """The official trainer builds only `user: <audio> {instruction}` and `assistant: response`; the dialog
+    system message of a `_ssp` row only shaped its target. One step on rows labelled sift_ssp (with that
+    system message) and on the same rows labelled sift_sp: bit-identical loss and projector."""
+    from generate_targets import DIALOG_SYSTEM
+
+    rows = [json.loads(x) for x in open(setup["train8"])]
+    results = []
+    for mode, system in (("sift_ssp", DIALOG_SYSTEM), ("sift_sp", "")):
+        manifest = tmp_path / f"{mode}.jsonl"
+        manifest.write_text("".join(json.dumps({**r, "mode": mode, "system": system}) + "\n" for r in rows))
+        exp = tmp_path / mode
+        results.append((losses(train.main(stage1_args(setup, exp, "--max-steps", "1", "--max-duration", "1.6",
+                                                      train=str(manifest)))), projector_state(exp)))
+    (loss_ssp, w_ssp), (loss_sp, w_sp) = results
+    assert loss_ssp == loss_sp and len(loss_sp) == 1
+    assert w_ssp.keys() == w_sp.keys() and all(torch.equal(w_ssp[k], w_sp[k]) for k in w_sp)
+
+
 def test_cached_encoders_equal_uncached(setup, tmp_path, monkeypatch):
     """Three epochs with and without --cache-encoders: the same losses; the cached run runs the encoders
     only in the first epoch. One duration bucket, so later epochs pair utterances differently than the
