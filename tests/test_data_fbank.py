@@ -51,11 +51,24 @@ def non_silent(n_frames):
 
 
 def test_fixture_signal1_matches_kaldi_native_fbank():
+    """Within twice the spread of the two float32 references on this very signal.
+
+    kaldi-native-fbank and lhotse compute the same Kaldi fbank in float32 and still differ by up to
+    1.04e-3 (measured below, from the fixture): in bins with little energy the log magnifies the float32
+    rounding of the FFT and mel sums, and each reference is itself ~1.1e-3 / ~1.8e-3 away from a float64
+    computation. Ours is a third float32 computation whose summation order depends on the CPU's kernels
+    (AVX2 vs AVX-512), so it may sit on the far side of the exact value from either reference: by the
+    triangle inequality up to about two reference-sized errors apart, hence the factor 2 (measured: 0.92e-3
+    on an AMD EPYC, 1.5e-3 on an Intel AVX-512 Xeon). The mean difference must stay at the references' level."""
     feats, lens = data.fbank([INPUTS["signal1"]])
     expected = EXPECTED["expected_knf"]
     assert feats.dtype == torch.float32 and lens.tolist() == [META["num_frames"]] == [expected.shape[0]]
     keep = non_silent(expected.shape[0])
-    assert (feats[0][keep] - expected[keep]).abs().max() < 1e-3
+    spread = (EXPECTED["expected_lhotse"][keep] - expected[keep]).abs()
+    assert 0.9e-3 < spread.max() < 1.1e-3  # the fixture's knf-vs-lhotse spread this bound rests on
+    for reference in (expected, EXPECTED["expected_lhotse"]):
+        diff = (feats[0][keep] - reference[keep]).abs()
+        assert diff.max() < 2 * spread.max() and diff.mean() < 2 * spread.mean()
     # Digital silence: every mel energy is 0, floored at FLT_EPSILON before the log.
     silent = feats[0][~keep]
     assert torch.allclose(silent, torch.full_like(silent, LOG_FLT_EPSILON), atol=1e-6)
