@@ -93,16 +93,19 @@ CHAT_SPEECH_TASKS = (
 # MMSU and OpenBookQA (official evaluator `mcq`)
 
 
+# every template with each letter filled in, in the official order (template by template, a to d)
+MCQ_PHRASES = tuple((t.replace("X", x), x.upper()) for t in R.MCQ_TEMPLATES for x in "abcd")
+
+
 def mcq_extract(response: str) -> str | None:
     """The option letter an answer names by the official rules, or None (then the scorer
     guesses)."""
     text = response.lower()
     if text[:3] in ("<1>", "<2>", "<3>"):
         text = text[3:].strip()
-    for template in R.MCQ_TEMPLATES:
-        for letter in "abcd":
-            if template.replace("X", letter) in text:
-                return letter.upper()
+    for phrase, letter in MCQ_PHRASES:
+        if phrase in text:
+            return letter
     for letter in "abcd":
         if text == letter or any(text.startswith(letter + p) for p in ".,:)"):
             return letter.upper()
@@ -169,17 +172,23 @@ def _yes_no_edges(text: str, starts_extra: tuple = ()) -> int | None:
     return 1 if text.endswith("yes") else None
 
 
+# the hyperbaton list with "X" filled in: a then b for each template, fixed pairs as they are
+HYPERBATON_PHRASES = tuple(
+    pair
+    for entry in R.HYPERBATON
+    for pair in (
+        [entry]
+        if isinstance(entry, tuple)
+        else [(entry.replace("X", x), v) for x, v in (("a", 0), ("b", 1))]
+    )
+)
+
+
 def _hyperbaton(text: str) -> int | None:
     if text in ("a", "b"):
         return 0  # sic: the official code reads a bare "b" as option (A)
-    for entry in R.HYPERBATON:
-        pairs = (
-            [entry]
-            if isinstance(entry, tuple)
-            else [(entry.replace("X", "a"), 0), (entry.replace("X", "b"), 1)]
-        )
-        if (value := _first(text, pairs, _contains)) is not None:
-            return value
+    if (value := _first(text, HYPERBATON_PHRASES, _contains)) is not None:
+        return value
     for pattern, _ in R.HYPERBATON_REGEX:
         for letter, value in (("a", 0), ("b", 1)):
             if re.search(pattern.replace("X", letter), text):

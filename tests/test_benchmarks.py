@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 import bench_data as BD
+import bench_rules as R
 import bench_scoring as S
 import benchmarks as B
 import evaluate as ev
@@ -37,6 +38,14 @@ MCQ_TABLE = [
     ("**C**", None),  # no template without a word before "**": a random guess
     ("I don't know.", None),
 ]
+
+
+def test_phrase_tables_have_the_official_sizes():
+    # counted in the official evaluators: 163 MCQ templates, 200 hyperbaton substring checks, ...
+    # (sports lists "yes the sentence is plausible" twice; kept)
+    assert len(S.MCQ_PHRASES) == 4 * 163 and len(S.HYPERBATON_PHRASES) == 200
+    sizes = [len(R.BBH_YES_NO), len(R.SPORTS), len(R.NAVIGATE), len(R.LIES_REGEX)]
+    assert sizes == [30, 49, 35, 11]
 
 
 @pytest.mark.parametrize("answer,letter", MCQ_TABLE)
