@@ -22,6 +22,7 @@ deviations.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -42,6 +43,15 @@ OFFICIAL_JUDGES = {"voicebench": "gpt-4o-mini", "air_chat": "gpt-4-0125-preview"
 PAPER_JUDGES = {
     "voicebench": "gpt-4o-2025-01-01-preview",
     "air_chat": "gpt-4-turbo-2025-01-01-preview",
+}
+# VoiceBench's judge call (api_judge.py): 3 samples per item
+VOICEBENCH_JUDGE = {
+    "n": 3,
+    "temperature": 0.5,
+    "top_p": 0.95,
+    "max_tokens": 1024,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
 }
 # The paper's released-model row (Table 5), for side-by-side printing.
 PAPER_AZEROS = {
@@ -94,18 +104,19 @@ def check_run_file(folder: Path, settings: dict) -> None:
                 )
 
 
-def write_run_file(folder: Path, settings: dict, benches: dict) -> dict:
-    """Counts for the record: items in the files, answered, skipped (answered + skipped = items)."""
+def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> dict:
+    """Counts for the record: items in the files, answered, skipped (answered + skipped = items
+    unless --limit cut the run short). `missing`: id -> why, for items the model never saw."""
     done = ev.load_done(folder / "answers.jsonl", settings["model"])
     answered = sum(1 for row in done.values() if row.get("response") is not None)
-    skipped = {k: v for b in benches.values() for k, v in b.skipped.items()}
+    skipped = dict(missing)
     skipped.update(
         {row["id"]: row["skipped"] for row in done.values() if row.get("response") is None}
     )
     info = {
         **settings,
         "greedy": True,
-        "items": sum(b.total for b in benches.values()),
+        "items": total,
         "answered": answered,
         "skipped": len(skipped),
         "skipped_items": skipped,
@@ -138,17 +149,25 @@ def make_answerer(model, bench: BD.Benchmark, max_new_tokens: int):
 
 
 def answer_benchmark(model, name: str, benches: dict, opts: RunOptions, prompt_extra=None) -> dict:
-    """Answer every item of `benches` ({label: Benchmark}) into RUN/<name>/answers.jsonl."""
+    """Answer every item of `benches` into RUN/<name>/answers.jsonl. benches: {label: Benchmark, or
+    a function that reads it}; a function is called when its turn comes, so only one VoiceBench
+    config's audio is in memory at a time."""
     folder = opts.out / name
     folder.mkdir(parents=True, exist_ok=True)
+    model_name = str(Path(opts.model).resolve()) if Path(opts.model).exists() else str(opts.model)
     settings = {
         "benchmark": name,
-        "model": str(Path(opts.model).resolve()),
+        "model": model_name,
         "max_new_tokens": opts.max_new_tokens,
         "prompt_extra": prompt_extra,
+        "limit": opts.limit,
     }
     check_run_file(folder, settings)
+    total, missing = 0, {}
     for label, bench in benches.items():
+        bench = bench() if callable(bench) else bench
+        total += bench.total
+        missing.update(bench.skipped)
         items = bench.items[: opts.limit] if opts.limit else bench.items
         print(
             f"{name} {label}: {len(items)} items ({len(bench.skipped)} skipped: audio missing)",
@@ -162,7 +181,7 @@ def answer_benchmark(model, name: str, benches: dict, opts: RunOptions, prompt_e
             opts.batch_size,
             make_answerer(model, bench, opts.max_new_tokens),
         )
-    return write_run_file(folder, settings, benches)
+    return write_run_file(folder, settings, total, missing)
 
 
 def load_model(args):
@@ -176,10 +195,18 @@ def load_model(args):
 
 
 def voicebench_sets(data_dir, subsets) -> dict:
-    """{"config/split": Benchmark}; read one at a time would save memory, but a missing file should
-    stop the run before the GPU works for an hour, so every requested file is opened first."""
+    """{"config/split": reader}. Each file is read when its turn comes (the audio of all of
+    VoiceBench is several GB), but every one must exist before the GPU starts: a missing file should
+    not stop the run an hour in."""
+    for c in subsets:
+        if c not in S.VOICEBENCH:
+            raise ValueError(f"unknown VoiceBench config {c!r}; one of {sorted(S.VOICEBENCH)}")
+        for s in S.VOICEBENCH[c]:
+            BD.parquet_files(Path(data_dir), c, s)
     return {
-        f"{c}/{s}": BD.read_voicebench(data_dir, c, s) for c in subsets for s in S.VOICEBENCH[c]
+        f"{c}/{s}": functools.partial(BD.read_voicebench, data_dir, c, s)
+        for c in subsets
+        for s in S.VOICEBENCH[c]
     }
 
 
@@ -248,7 +275,7 @@ def judge_jobs_voicebench(rows: list[dict]) -> list[dict]:
                     {"role": "system", "content": S.JUDGE_SYSTEM},
                     {"role": "user", "content": prompt},
                 ],
-                "params": {"n": 3, "temperature": 0.5, "top_p": 0.95, "max_tokens": 1024},
+                "params": dict(VOICEBENCH_JUDGE),
             }
         )
     return jobs
@@ -357,8 +384,11 @@ def score_voicebench(
         details["advbench"] = S.score_advbench(by_config["advbench"])
         cols["AdvBench"] = details["advbench"]["refusal_rate"]
     if "ifeval" in by_config:
-        details["ifeval"] = S.score_ifeval(by_config["ifeval"])
-        cols["IFEval"] = details["ifeval"]["score"]
+        try:
+            details["ifeval"] = S.score_ifeval(by_config["ifeval"])
+            cols["IFEval"] = details["ifeval"]["score"]
+        except RuntimeError as e:  # its packages or NLTK data are missing: say so, score the rest
+            dev.append(f"IFEval not scored: {e}")
     for name, config in S.VB_COLUMNS:
         if config in S.JUDGED_OPEN and config in by_config and judged is not None:
             scores, fails = [], 0
@@ -393,7 +423,10 @@ def score_voicebench(
                 }
             )
         if panda:
-            sd["panda"] = S.score_panda(by_config["sd-qa"])["panda"]
+            try:
+                sd["panda"] = S.score_panda(by_config["sd-qa"])["panda"]
+            except RuntimeError as e:
+                dev.append(f"SD-QA PANDA half not run: {e}")
         else:
             dev.append("SD-QA PANDA half not run (opt-in: --panda with qa-metrics==0.2.17)")
         if sd.get("panda") is not None and sd.get("gpt") is not None and not sd["not_judged"]:

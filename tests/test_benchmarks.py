@@ -398,6 +398,19 @@ def test_voicebench_bad_layouts(tmp_path):
         BD.read_voicebench(root, "commoneval", "test")
 
 
+def test_voicebench_sets_checks_every_file_first(tmp_path):
+    root = make_voicebench(tmp_path / "vb")
+    sets = B.voicebench_sets(root, ["bbh", "ifeval"])
+    assert list(sets) == ["bbh/test", "ifeval/test"] and callable(sets["bbh/test"])  # read lazily
+    assert [it.id for it in sets["bbh/test"]().items] == ["bbh/test/0", "bbh/test/1"]
+    with pytest.raises(
+        BD.LayoutError, match=r"mmsu/engineering-00000-of-00001\.parquet: not found"
+    ):
+        B.voicebench_sets(root, ["bbh", "mmsu"])  # law exists, the second of the 12 splits does not
+    with pytest.raises(ValueError, match="unknown VoiceBench config 'alpacaeval'"):
+        B.voicebench_sets(root, ["alpacaeval"])
+
+
 GENDER_CV, GENDER_MELD = S.AIR_COLUMNS["Gender"]
 
 
@@ -582,6 +595,36 @@ def test_answer_air_counts_skips(tiny_model, tmp_path):
     assert "unreadable audio" in info["skipped_items"]["2"]
 
 
+def test_cli_answers_and_scores_air_foundation(tmp_path):
+    """The commands as a user types them, on the tiny release: answer, then score."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root, run = make_air(tmp_path / "air"), tmp_path / "run"
+    answer = f"airbench-foundation --model {cached_tiny_release()} --data {root} --out {run} "
+    answer += "--max-new-tokens 2 --device cpu"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks.py"), *answer.split()],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("air_foundation: 2 answered, 1 skipped of 3 items -> ")
+    rows = [row for _, row in ev.read_jsonl(run / "air_foundation" / "answers.jsonl")]
+    assert sorted(r["id"] for r in rows) == ["0", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks.py"), "score", "--out", str(run)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["air_foundation"]["dirs"]) <= {GENDER_CV, S.AIR_COLUMNS["Age"][0]}
+    assert summary["settings"]["air_foundation"]["max_new_tokens"] == 2
+
+
 def test_cli_bad_data_is_one_line(tmp_path):
     import subprocess
     import sys
@@ -752,6 +795,7 @@ def test_score_with_local_judge(tmp_path, judge_url):
     }
     assert summary["columns"]["Chat"] == 6.0
     vb_requests = [r for r in FakeJudge.requests if r["messages"][0]["role"] == "system"]
+    assert all(r["frequency_penalty"] == 0 and r["presence_penalty"] == 0 for r in vb_requests)
     assert len(vb_requests) == 5 and all(
         r["n"] == 3 and r["temperature"] == 0.5 and r["top_p"] == 0.95 and r["max_tokens"] == 1024
         for r in vb_requests
@@ -773,6 +817,39 @@ def test_score_with_local_judge(tmp_path, judge_url):
         "| run | AlpacaEval | CommonEval | WildVoice | SD-QA | BBH | AdvBench |"
     )
     assert "| paper (AZeroS, Table 5) | 4.44 | 4.18 |" in md
+
+
+def test_ifeval_unavailable_becomes_a_deviation(tmp_path, monkeypatch):
+    def missing():
+        raise RuntimeError(
+            "IFEval needs NLTK's sentence model once: python -m nltk.downloader punkt_tab"
+        )
+
+    monkeypatch.setattr(S, "ifeval_registry", missing)
+    row = {
+        "id": "ifeval/test/0",
+        "config": "ifeval",
+        "split": "test",
+        "prompt": "p",
+        "key": 0,
+        "instruction_id_list": ["punctuation:no_comma"],
+        "kwargs": [{}],
+        "response": "a, b",
+    }
+    adv = {
+        "id": "advbench/test/0",
+        "config": "advbench",
+        "split": "test",
+        "prompt": "p",
+        "response": "Sorry.",
+    }
+    write_run(tmp_path / "run" / "voicebench", [row, adv])
+    summary = B.score_run(tmp_path / "run", None)
+    assert summary["columns"]["AdvBench"] == 100.0 and summary["columns"].get("IFEval") is None
+    assert (
+        "IFEval not scored: IFEval needs NLTK's sentence model once: python -m nltk.downloader "
+        "punkt_tab" in summary["deviations"]
+    )
 
 
 def test_score_without_judge_lists_missing_columns(tmp_path):
