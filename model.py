@@ -11,6 +11,10 @@ Training (Sec. 3.4 SIFT, Sec. 4.2 two stages) happens in two stages, and only on
 The targets come from the frozen LLM itself (generate_targets.py), so the loss asks the projected audio to
 make the LLM say what it said for the transcript + metadata text.
 
+The semantic encoder may also be Whisper (paper Table 6; whisper_encoder.py): give a transformers Whisper
+folder instead of a Zipformer one. Each encoder reads its own front end (Kaldi fbank for Zipformers,
+Whisper's log-mel for Whisper), and config.json records which encoder it is (its model_type).
+
 Checkpoints use the layout of the released `AudenAI/azeros` (DESIGN.md): a root config.json, the projector
 weights in model.safetensors, the tokenizer at the root, and the frozen parts as sub-folders llm/,
 speech_encoder/, paraling_encoder/. A model saved here loads in the official code and vice versa.
@@ -33,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 import llm as L
 from projector import Projector
+from whisper_encoder import WhisperSpeechEncoder, is_whisper_folder
 
 SPEECH, PARALING = "speech", "paraling"
 # the user-turn layout of a two-encoder model: paralinguistic frames in <meta>, semantic frames in <text>
@@ -88,10 +93,9 @@ class AZeroS(nn.Module):
     def from_components(cls, llm: str, speech_encoder: str, paraling_encoder: str | None = None, *, gguf_file=None,
                         device=None, dtype=None, projector_k: int = 4) -> AZeroS:
         """A fresh model (randomly initialised projectors) from an LLM and encoder folders, for training."""
-        from zipformer import ZipformerEncoder
         model, tokenizer = L.load_llm(llm, gguf_file=gguf_file, dtype=dtype or default_dtype(device), device=device)
-        speech = ZipformerEncoder.from_pretrained(speech_encoder, device=device)
-        para = ZipformerEncoder.from_pretrained(paraling_encoder, device=device) if paraling_encoder else None
+        speech = load_encoder(speech_encoder, device=device)
+        para = load_encoder(paraling_encoder, device=device) if paraling_encoder else None
         self = cls(model, tokenizer, speech, para, speech_k=projector_k, paraling_k=projector_k).to(device)
         gguf = gguf_file or str(llm).endswith(".gguf")
         self.sources = {k: str(v) for k, v in (("llm", None if gguf else llm), ("speech_encoder", speech_encoder),
@@ -106,7 +110,6 @@ class AZeroS(nn.Module):
         weights are the trained fp32 values). Root weights may hold only the projectors (what training
         saves; the official loader needs strict=False for these) or a full state dict.
         """
-        from zipformer import ZipformerEncoder
         root = resolve_model_dir(path_or_hub_id)
         config = json.loads(require(root / "config.json").read_text())
         has_para = config.get("paraling_encoder_config") is not None
@@ -118,8 +121,8 @@ class AZeroS(nn.Module):
         attn = "flash_attention_2" if config.get("use_flash_attn") else None  # falls back to sdpa if missing
         llm, tokenizer = L.load_llm(str(root / "llm"), tokenizer_path=str(root), dtype=dtype or default_dtype(device),
                                     attn_implementation=attn)
-        speech = ZipformerEncoder.from_pretrained(str(root / "speech_encoder"))
-        para = ZipformerEncoder.from_pretrained(str(root / "paraling_encoder")) if has_para else None
+        speech = load_encoder(root / "speech_encoder")
+        para = load_encoder(root / "paraling_encoder") if has_para else None
         self = cls(llm, tokenizer, speech, para, config=config,
                    speech_k=config.get("speech_encoder_projector_ds_rate", 4),
                    paraling_k=config.get("paraling_encoder_projector_ds_rate", 4),
@@ -135,9 +138,8 @@ class AZeroS(nn.Module):
         is replaced, projector included: stage 2 always starts its projector from scratch.
         Returns self, for chaining after from_pretrained.
         """
-        from zipformer import ZipformerEncoder
         device = self.speech_encoder_projector.linear1.weight.device
-        encoder = ZipformerEncoder.from_pretrained(path, device=device)
+        encoder = load_encoder(path, device=device)
         self.paraling_encoder = L.freeze(encoder)
         self.paraling_encoder_projector = Projector(encoder.output_dim, self.llm.config.hidden_size, k).to(device)
         # the saved config.json must describe the new branch, or the folder would load without it
@@ -181,7 +183,10 @@ class AZeroS(nn.Module):
             if module is None or target.exists():
                 continue
             source = self.sources.get(name)
-            if link_frozen and source and os.path.isdir(source) and not self.resized:
+            # A transformers Whisper folder holds the decoder too, and the official loader
+            # (WhisperEncoder.from_pretrained) wants the encoder alone: write it, never link it.
+            whisper = isinstance(module, WhisperSpeechEncoder)
+            if link_frozen and source and os.path.isdir(source) and not self.resized and not whisper:
                 # a relative link keeps working when the whole experiment folder is moved or copied
                 target.symlink_to(os.path.relpath(os.path.abspath(source), out.resolve()), target_is_directory=True)
             else:
@@ -226,16 +231,39 @@ class AZeroS(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Audio -> LLM-width frames
 
+    def encoders(self) -> dict[str, nn.Module]:
+        """The encoders in use, {"speech": ..., "paraling": ...} (paraling only when used)."""
+        return {SPEECH: self.speech_encoder, **({PARALING: self.paraling_encoder} if self.use_paraling else {})}
+
     @torch.no_grad()
-    def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def encode(self, feats, feat_lens) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Run the frozen encoders -> {"speech": (out, lens), "paraling": (out, lens)} (paraling if used).
 
-        The result does not depend on the projectors, so training can cache it across epochs."""
-        feat_lens = feat_lens.clamp(max=feats.shape[1])
-        out = {SPEECH: self.speech_encoder(feats, feat_lens)}
-        if self.use_paraling:
-            out[PARALING] = self.paraling_encoder(feats, feat_lens)
+        feats/feat_lens as front_end returns them (tensors, or {branch: tensor} dicts when the encoders
+        read different front ends). The result does not depend on the projectors, so training can cache
+        it across epochs."""
+        out = {}
+        for branch, encoder in self.encoders().items():
+            x, lens = (feats[branch], feat_lens[branch]) if isinstance(feats, dict) else (feats, feat_lens)
+            out[branch] = encoder(x, lens.clamp(max=x.shape[1]))
         return out
+
+    def front_end(self, waves, wave_lens=None, device=None) -> tuple:
+        """16 kHz waveforms (list of 1-D tensors, or padded (B, N) with wave_lens) -> (feats, feat_lens), the
+        input of the encoders in use: Kaldi fbank for a Zipformer, Whisper's own log-mel for Whisper (paper
+        Table 6). When the two read different front ends (a Whisper semantic encoder beside a Zipformer
+        paralinguistic one), feats and feat_lens are {branch: tensor} dicts; otherwise plain tensors."""
+        import data
+        computed, per_branch = {}, {}
+        for branch, encoder in self.encoders().items():
+            kind = getattr(encoder, "front_end", "fbank")
+            if kind not in computed:
+                computed[kind] = (encoder.features(waves, wave_lens, device) if kind != "fbank"
+                                  else data.fbank(waves, wave_lens, device=device))
+            per_branch[branch] = computed[kind]
+        if len(computed) == 1:
+            return next(iter(computed.values()))
+        return {b: f for b, (f, _) in per_branch.items()}, {b: n for b, (_, n) in per_branch.items()}
 
     def project(self, encoder_outputs: dict) -> list[list[torch.Tensor]]:
         """Encoder outputs -> per row, the audio segments in prompt order (paralinguistic, then semantic)."""
@@ -285,14 +313,17 @@ class AZeroS(nn.Module):
         return {"loss": nll.sum() / num_tokens.clamp(min=1), "logits": logits, "acc": acc,
                 "num_tokens": num_tokens, "labels": batch.labels, "row_nll": nll.sum(1), "row_tokens": mask.sum(1)}
 
-    def features(self, audio) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveforms (list of 16 kHz float arrays) or an (feats, feat_lens) tuple -> fbank batch on our device."""
+    def features(self, audio) -> tuple:
+        """Waveforms (list of 16 kHz float arrays) or an (feats, feat_lens) tuple -> the encoders' input
+        features (see front_end) on our device."""
         device = self.speech_encoder_projector.linear1.weight.device
         if isinstance(audio, tuple) and len(audio) == 2:
             feats, lens = audio
         else:
-            import data
-            feats, lens = data.fbank([torch.as_tensor(w, dtype=torch.float32) for w in audio])
+            feats, lens = self.front_end([torch.as_tensor(w, dtype=torch.float32) for w in audio])
+        if isinstance(feats, dict):
+            return ({b: f.to(device) for b, f in feats.items()},
+                    {b: torch.as_tensor(n).to(device) for b, n in lens.items()})
         return feats.to(device), torch.as_tensor(lens).to(device)
 
     def user_message(self, prompt: str | None, with_audio: bool = True) -> dict:
@@ -327,9 +358,24 @@ class AZeroS(nn.Module):
 # Files
 
 
+def load_encoder(path, device=None) -> nn.Module:
+    """A frozen encoder from its folder: a transformers Whisper folder (config.json model_type "whisper",
+    paper Table 6) or a Zipformer folder (the paper's TTA and Auden-Voice encoders)."""
+    if is_whisper_folder(path):
+        return WhisperSpeechEncoder.from_pretrained(path, device=device)
+    from zipformer import ZipformerEncoder
+    return ZipformerEncoder.from_pretrained(str(path), device=device)
+
+
 def encoder_config(encoder) -> dict | None:
-    """An encoder's entry in the root config.json (None when the model has no such encoder)."""
-    return None if encoder is None else {"model_type": "zipformer", **encoder.config.to_dict()}
+    """An encoder's entry in the root config.json (None when the model has no such encoder). Its
+    model_type says which encoder it is: "zipformer", or transformers' "whisper" (the whole WhisperConfig,
+    as the official code stores it)."""
+    if encoder is None:
+        return None
+    if isinstance(encoder, WhisperSpeechEncoder):
+        return encoder.config.to_dict()
+    return {"model_type": "zipformer", **encoder.config.to_dict()}
 
 
 def require(path: Path) -> Path:

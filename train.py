@@ -51,7 +51,6 @@ from data import (
     DurationBucketSampler,
     ManifestError,
     collate,
-    fbank,
     padding_efficiency,
     read_manifest,
     write_atomic,
@@ -559,13 +558,16 @@ def autocast(device, precision: str):
 def encoder_outputs(model, batch, device, cache: EncoderCache | None, specaug_gen: torch.Generator | None,
                     precision: str = "fp32"):
     """Frozen encoder outputs of a batch, {branch: (frames (B, T, D), lens)}: from the cache when every
-    utterance is in it, else fbank (on the training device) -> encoders (no_grad, eval, inside model.encode)."""
+    utterance is in it, else front end (fbank, or log-mel for Whisper; on the training device) -> encoders
+    (no_grad, eval, inside model.encode)."""
     records = batch["records"]
     branches = ["speech"] + (["paraling"] if model.use_paraling else [])
     per_utt = cache.get(records, branches, device) if cache is not None else None
     if per_utt is None:
-        feats, feat_lens = fbank(batch["waves"], batch["wave_lens"], device=device)
-        if specaug_gen is not None:
+        feats, feat_lens = model.front_end(batch["waves"], batch["wave_lens"], device=device)
+        if specaug_gen is not None and isinstance(feats, dict):  # two front ends (Whisper + Zipformer)
+            feats = {b: spec_augment(f, feat_lens[b], specaug_gen) for b, f in feats.items()}
+        elif specaug_gen is not None:
             feats = spec_augment(feats, feat_lens, specaug_gen)
         with autocast(device, precision):
             out = model.encode(feats, feat_lens)

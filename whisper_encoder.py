@@ -104,8 +104,6 @@ class WhisperSpeechEncoder(nn.Module):
     its forward is replaced by ours. Frames past encoder_out_lens are zero.
     """
 
-    front_end = "whisper"
-
     def __init__(self, config):
         super().__init__()
         from transformers import WhisperConfig
@@ -116,6 +114,8 @@ class WhisperSpeechEncoder(nn.Module):
         self.n_mels = self.config.num_mel_bins
         self.output_dim = self.config.d_model
         self.weights_dtype = torch.float32  # the dtype save_pretrained writes (that of the loaded file)
+        # the features this encoder reads (model.front_end computes each kind once per batch)
+        self.front_end = f"whisper log-mel {self.n_mels}"
 
     def features(self, waves, lengths=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         return log_mel(waves, lengths, self.n_mels, device)

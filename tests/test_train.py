@@ -137,6 +137,9 @@ def test_out_of_memory_message(setup):
     class OOMModel:
         use_paraling = False
 
+        def front_end(self, waves, wave_lens, device=None):
+            return torch.zeros(len(wave_lens), 300, 80), wave_lens // 160
+
         def encode(self, feats, feat_lens):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
