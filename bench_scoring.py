@@ -3,8 +3,8 @@ Overall), AIR-Bench Foundation (6 speech columns + Avg) and AIR-Bench Chat, each
 rule and quirks.
 
     offline   MMSU / OpenBookQA letter extraction, BBH routing, IFEval strict/loose, AdvBench
-    refusals,
-              SD-QA's PANDA half, AIR Foundation letter parsing (failures leave the denominator);
+              refusals, SD-QA's PANDA half, AIR Foundation letter parsing (failures leave the
+              denominator);
     judged    the prompts and the strict parses of the LLM-judge columns (AlpacaEval, CommonEval,
               WildVoice: 1-5; SD-QA's GPT half: Yes/No x3; AIR Chat: pairwise 1-10); the HTTP client
               that asks the judge lives in benchmarks.py;
@@ -31,8 +31,7 @@ LETTERS = "ABCD"
 IFEVAL_PIN = "lm-eval==0.4.13"
 PANDA_PIN = "qa-metrics==0.2.17"
 
-# VoiceBench subsets as released (config, splits); SD-QA's leaderboard column is the `usa` split
-# only.
+# VoiceBench subsets as released (config, splits); SD-QA's column is the `usa` split only.
 MMSU_SPLITS = (
     "law",
     "engineering",
@@ -286,8 +285,7 @@ def score_advbench(rows: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# IFEval (official evaluator `ifeval`): Google's instruction checkers, taken from lm-eval's
-# maintained copy
+# IFEval (official evaluator `ifeval`): Google's instruction checkers, from lm-eval's maintained copy
 
 
 def ifeval_registry():

@@ -358,83 +358,92 @@ def answered_rows(folder: Path) -> list[dict]:
     return [row for row in done.values() if row.get("response") is not None]
 
 
+def score_open(rows: list[dict], judged: dict) -> dict:
+    """A 1-5 column: mean over every parsed judge sample (3 per item); failures counted."""
+    scores, fails = [], 0
+    for r in rows:
+        for text in judged.get(r["id"], {}).get("outputs", []):
+            value = S.parse_open_score(text.strip())
+            fails += value is None
+            scores += [] if value is None else [value]
+    return {
+        "n": len(rows),
+        "score": sum(scores) / len(scores) if scores else None,
+        "samples": len(scores),
+        "parse_failures": fails,
+        "not_judged": sum(r["id"] not in judged for r in rows),
+    }
+
+
+def score_sdqa(rows: list[dict], judged: dict | None, panda: bool, seed: int, dev: list) -> dict:
+    """SD-QA's two halves: `gpt` (judge majority vote) and `panda` (offline classifier, opt-in)."""
+    sd = {"n": len(rows)}
+    if judged is not None:
+        rng, votes, ties = random.Random(seed), [], 0
+        for r in rows:
+            if r["id"] in judged:
+                ok, tie = S.sdqa_vote([o.strip() for o in judged[r["id"]]["outputs"]], rng)
+                votes.append(ok)
+                ties += tie
+        sd.update(
+            {
+                "gpt": 100 * sum(votes) / len(votes) if votes else None,
+                "ties": ties,
+                "not_judged": len(rows) - len(votes),
+            }
+        )
+    if not panda:
+        dev.append("SD-QA PANDA half not run (opt-in: --panda with qa-metrics==0.2.17)")
+        return sd
+    try:
+        sd["panda"] = S.score_panda(rows)["panda"]
+    except RuntimeError as e:
+        dev.append(f"SD-QA PANDA half not run: {e}")
+    return sd
+
+
 def score_voicebench(
     rows, judged: dict | None, panda: bool, sdqa_gpt_only: bool, seed: int, dev: list
 ) -> dict:
+    """Per config details, the paper's columns and Overall. Columns that need a judge stay None
+    without one (or while some of their items are not judged yet)."""
     by_config = {}
     for r in rows:
         by_config.setdefault(r["config"], []).append(r)
     details, cols = {}, {}
     if "mmsu" in by_config:
-        per_split = {
-            s: S.score_mcq([r for r in by_config["mmsu"] if r["split"] == s], seed)
-            for s in S.MMSU_SPLITS
-            if any(r["split"] == s for r in by_config["mmsu"])
+        mmsu = by_config["mmsu"]
+        splits = [s for s in S.MMSU_SPLITS if any(r["split"] == s for r in mmsu)]
+        details["mmsu"] = {
+            "pooled": S.score_mcq(mmsu, seed),
+            "splits": {s: S.score_mcq([r for r in mmsu if r["split"] == s], seed) for s in splits},
         }
-        pooled = S.score_mcq(by_config["mmsu"], seed)
-        details["mmsu"] = {"pooled": pooled, "splits": per_split}
-        cols["MMSU"] = pooled["acc"]
-    if "openbookqa" in by_config:
-        details["openbookqa"] = S.score_mcq(by_config["openbookqa"], seed)
-        cols["OBQA"] = details["openbookqa"]["acc"]
-    if "bbh" in by_config:
-        details["bbh"] = S.score_bbh(by_config["bbh"], seed)
-        cols["BBH"] = details["bbh"]["acc"]
-    if "advbench" in by_config:
-        details["advbench"] = S.score_advbench(by_config["advbench"])
-        cols["AdvBench"] = details["advbench"]["refusal_rate"]
-    if "ifeval" in by_config:
-        try:
-            details["ifeval"] = S.score_ifeval(by_config["ifeval"])
-            cols["IFEval"] = details["ifeval"]["score"]
-        except RuntimeError as e:  # its packages or NLTK data are missing: say so, score the rest
-            dev.append(f"IFEval not scored: {e}")
+        cols["MMSU"] = details["mmsu"]["pooled"]["acc"]
+    rules = (
+        ("OBQA", "openbookqa", lambda rs: S.score_mcq(rs, seed), "acc"),
+        ("BBH", "bbh", lambda rs: S.score_bbh(rs, seed), "acc"),
+        ("AdvBench", "advbench", S.score_advbench, "refusal_rate"),
+        ("IFEval", "ifeval", S.score_ifeval, "score"),
+    )
+    for name, config, score, key in rules:
+        if config in by_config:
+            try:
+                details[config] = score(by_config[config])
+                cols[name] = details[config][key]
+            except RuntimeError as e:  # IFEval's packages or NLTK data missing: score the rest
+                dev.append(f"{name} not scored: {e}")
     for name, config in S.VB_COLUMNS:
         if config in S.JUDGED_OPEN and config in by_config and judged is not None:
-            scores, fails = [], 0
-            for r in by_config[config]:
-                for text in judged.get(r["id"], {}).get("outputs", []):
-                    value = S.parse_open_score(text.strip())
-                    fails += value is None
-                    scores += [] if value is None else [value]
-            missing = sum(r["id"] not in judged for r in by_config[config])
-            details[config] = {
-                "n": len(by_config[config]),
-                "score": sum(scores) / len(scores) if scores else None,
-                "samples": len(scores),
-                "parse_failures": fails,
-                "not_judged": missing,
-            }
-            cols[name] = details[config]["score"] if not missing else None
+            details[config] = score_open(by_config[config], judged)
+            cols[name] = None if details[config]["not_judged"] else details[config]["score"]
     if "sd-qa" in by_config:
-        sd = {"n": len(by_config["sd-qa"])}
-        if judged is not None:
-            rng, votes, ties = random.Random(seed), [], 0
-            for r in by_config["sd-qa"]:
-                if r["id"] in judged:
-                    ok, tie = S.sdqa_vote([o.strip() for o in judged[r["id"]]["outputs"]], rng)
-                    votes.append(ok)
-                    ties += tie
-            sd.update(
-                {
-                    "gpt": 100 * sum(votes) / len(votes) if votes else None,
-                    "ties": ties,
-                    "not_judged": sd["n"] - len(votes),
-                }
-            )
-        if panda:
-            try:
-                sd["panda"] = S.score_panda(by_config["sd-qa"])["panda"]
-            except RuntimeError as e:
-                dev.append(f"SD-QA PANDA half not run: {e}")
-        else:
-            dev.append("SD-QA PANDA half not run (opt-in: --panda with qa-metrics==0.2.17)")
-        if sd.get("panda") is not None and sd.get("gpt") is not None and not sd["not_judged"]:
+        sd = details["sd-qa"] = score_sdqa(by_config["sd-qa"], judged, panda, seed, dev)
+        complete = sd.get("gpt") is not None and not sd["not_judged"]
+        if complete and sd.get("panda") is not None:
             cols["SD-QA"] = (sd["panda"] + sd["gpt"]) / 2
-        elif sdqa_gpt_only and sd.get("gpt") is not None and not sd["not_judged"]:
+        elif complete and sdqa_gpt_only:
             cols["SD-QA"] = sd["gpt"]
             dev.append("SD-QA column = GPT half only (official: mean of PANDA and GPT halves)")
-        details["sd-qa"] = sd
     for key in ("mmsu", "openbookqa", "bbh"):
         fail = (details.get(key, {}).get("pooled") or details.get(key, {})).get("fail")
         if fail:
