@@ -11,9 +11,9 @@ Training (Sec. 3.4 SIFT, Sec. 4.2 two stages) happens in two stages, and only on
 The targets come from the frozen LLM itself (generate_targets.py), so the loss asks the projected audio to
 make the LLM say what it said for the transcript + metadata text.
 
-The semantic encoder may also be Whisper (paper Table 6; whisper_encoder.py): give a transformers Whisper
-folder instead of a Zipformer one. Each encoder reads its own front end (Kaldi fbank for Zipformers,
-Whisper's log-mel for Whisper), and config.json records which encoder it is (its model_type).
+The semantic encoder may also be Whisper (paper Table 6; whisper_encoder.py): give a transformers
+Whisper folder instead of a Zipformer one. Each encoder reads its own front end (Kaldi fbank for
+Zipformers, Whisper's log-mel for Whisper), and config.json records each encoder's model_type.
 
 Checkpoints use the layout of the released `AudenAI/azeros` (DESIGN.md): a root config.json, the projector
 weights in model.safetensors, the tokenizer at the root, and the frozen parts as sub-folders llm/,
@@ -185,8 +185,8 @@ class AZeroS(nn.Module):
             source = self.sources.get(name)
             # A transformers Whisper folder holds the decoder too, and the official loader
             # (WhisperEncoder.from_pretrained) wants the encoder alone: write it, never link it.
-            whisper = isinstance(module, WhisperSpeechEncoder)
-            if link_frozen and source and os.path.isdir(source) and not self.resized and not whisper:
+            linkable = not (self.resized or isinstance(module, WhisperSpeechEncoder))
+            if link_frozen and linkable and source and os.path.isdir(source):
                 # a relative link keeps working when the whole experiment folder is moved or copied
                 target.symlink_to(os.path.relpath(os.path.abspath(source), out.resolve()), target_is_directory=True)
             else:
@@ -204,18 +204,19 @@ class AZeroS(nn.Module):
     def audio_placeholder(self) -> str:
         return WRAPPED_AUDIO if self.use_paraling else L.AUDIO_TOKEN
 
-    def set_stage(self, stage: int | None) -> None:
-        """1: only the semantic projector trains; 2: only the paralinguistic one; None: nothing trains."""
+    def set_stage(self, stage: int | str | None) -> None:
+        """1: only the semantic projector trains; 2: only the paralinguistic one; "both": every
+        projector at once (the one-stage training of paper Table 6); None: nothing trains."""
         if stage == 2 and self.paraling_encoder is None:
             raise ValueError("stage 2 needs a paralinguistic encoder")
-        if stage not in (None, 1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage not in (None, 1, 2, "both"):
+            raise ValueError(f"stage must be 1, 2 or 'both', got {stage!r}")
         self.stage = stage
         for p in self.speech_encoder_projector.parameters():
-            p.requires_grad_(stage == 1)
+            p.requires_grad_(stage in (1, "both"))
         if self.paraling_encoder_projector is not None:
             for p in self.paraling_encoder_projector.parameters():
-                p.requires_grad_(stage == 2)
+                p.requires_grad_(stage in (2, "both"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -233,26 +234,32 @@ class AZeroS(nn.Module):
 
     def encoders(self) -> dict[str, nn.Module]:
         """The encoders in use, {"speech": ..., "paraling": ...} (paraling only when used)."""
-        return {SPEECH: self.speech_encoder, **({PARALING: self.paraling_encoder} if self.use_paraling else {})}
+        used = {SPEECH: self.speech_encoder}
+        if self.use_paraling:
+            used[PARALING] = self.paraling_encoder
+        return used
 
     @torch.no_grad()
     def encode(self, feats, feat_lens) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Run the frozen encoders -> {"speech": (out, lens), "paraling": (out, lens)} (paraling if used).
 
-        feats/feat_lens as front_end returns them (tensors, or {branch: tensor} dicts when the encoders
-        read different front ends). The result does not depend on the projectors, so training can cache
-        it across epochs."""
+        feats/feat_lens as front_end returns them (tensors, or {branch: tensor} dicts when the
+        encoders read different front ends). The result does not depend on the projectors, so
+        training can cache it across epochs."""
         out = {}
         for branch, encoder in self.encoders().items():
-            x, lens = (feats[branch], feat_lens[branch]) if isinstance(feats, dict) else (feats, feat_lens)
+            x, lens = feats, feat_lens
+            if isinstance(feats, dict):
+                x, lens = feats[branch], feat_lens[branch]
             out[branch] = encoder(x, lens.clamp(max=x.shape[1]))
         return out
 
     def front_end(self, waves, wave_lens=None, device=None) -> tuple:
-        """16 kHz waveforms (list of 1-D tensors, or padded (B, N) with wave_lens) -> (feats, feat_lens), the
-        input of the encoders in use: Kaldi fbank for a Zipformer, Whisper's own log-mel for Whisper (paper
-        Table 6). When the two read different front ends (a Whisper semantic encoder beside a Zipformer
-        paralinguistic one), feats and feat_lens are {branch: tensor} dicts; otherwise plain tensors."""
+        """16 kHz waveforms (list of 1-D tensors, or padded (B, N) with wave_lens) -> (feats,
+        feat_lens), the input of the encoders in use: Kaldi fbank for a Zipformer, Whisper's own
+        log-mel for Whisper (paper Table 6). When the two read different front ends (a Whisper
+        semantic encoder beside a Zipformer paralinguistic one), feats and feat_lens are
+        {branch: tensor} dicts; otherwise plain tensors."""
         import data
         computed, per_branch = {}, {}
         for branch, encoder in self.encoders().items():
@@ -263,7 +270,8 @@ class AZeroS(nn.Module):
             per_branch[branch] = computed[kind]
         if len(computed) == 1:
             return next(iter(computed.values()))
-        return {b: f for b, (f, _) in per_branch.items()}, {b: n for b, (_, n) in per_branch.items()}
+        return ({b: f for b, (f, _) in per_branch.items()},
+                {b: n for b, (_, n) in per_branch.items()})
 
     def project(self, encoder_outputs: dict) -> list[list[torch.Tensor]]:
         """Encoder outputs -> per row, the audio segments in prompt order (paralinguistic, then semantic)."""
@@ -314,8 +322,8 @@ class AZeroS(nn.Module):
                 "num_tokens": num_tokens, "labels": batch.labels, "row_nll": nll.sum(1), "row_tokens": mask.sum(1)}
 
     def features(self, audio) -> tuple:
-        """Waveforms (list of 16 kHz float arrays) or an (feats, feat_lens) tuple -> the encoders' input
-        features (see front_end) on our device."""
+        """Waveforms (list of 16 kHz float arrays) or an (feats, feat_lens) tuple -> the encoders'
+        input features (see front_end) on our device."""
         device = self.speech_encoder_projector.linear1.weight.device
         if isinstance(audio, tuple) and len(audio) == 2:
             feats, lens = audio
@@ -359,8 +367,8 @@ class AZeroS(nn.Module):
 
 
 def load_encoder(path, device=None) -> nn.Module:
-    """A frozen encoder from its folder: a transformers Whisper folder (config.json model_type "whisper",
-    paper Table 6) or a Zipformer folder (the paper's TTA and Auden-Voice encoders)."""
+    """A frozen encoder from its folder: a transformers Whisper folder (config.json model_type
+    "whisper", paper Table 6) or a Zipformer folder (the paper's TTA and Auden-Voice encoders)."""
     if is_whisper_folder(path):
         return WhisperSpeechEncoder.from_pretrained(path, device=device)
     from zipformer import ZipformerEncoder
@@ -369,8 +377,8 @@ def load_encoder(path, device=None) -> nn.Module:
 
 def encoder_config(encoder) -> dict | None:
     """An encoder's entry in the root config.json (None when the model has no such encoder). Its
-    model_type says which encoder it is: "zipformer", or transformers' "whisper" (the whole WhisperConfig,
-    as the official code stores it)."""
+    model_type says which encoder it is: "zipformer", or transformers' "whisper" (the whole
+    WhisperConfig, as the official code stores it)."""
     if encoder is None:
         return None
     if isinstance(encoder, WhisperSpeechEncoder):

@@ -11,6 +11,9 @@ the same answer. Only the projectors learn; the Zipformer encoders and the LLM s
            `<audio><meta><|AUDIO|></meta><text><|AUDIO|></text></audio>` (targets: `sift_sp`, usually mixed
            with `sift_s`). Loads the stage-1 model, FREEZES its projector and trains only
            `paraling_encoder_projector`, so stage 2 cannot undo what stage 1 learnt.
+  both     one stage instead (paper Table 6): fresh projectors for every encoder given, trained
+           together on a mix such as sift_s + sift_sp. With a Whisper folder as the only encoder
+           this is the Table 6 Whisper row.
 
     python train.py --stage 1 --llm Qwen/Qwen2.5-7B-Instruct --speech-encoder tta/ \\
         --train sift_s.jsonl --valid dev.jsonl --exp exp/stage1
@@ -70,11 +73,16 @@ class TrainError(RuntimeError):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--stage", type=int, choices=[1, 2], required=True, help="1: semantic projector; 2: paralinguistic")
+    g.add_argument("--stage", type=lambda s: s if s == "both" else int(s), choices=[1, 2, "both"],
+                   required=True, help="1: semantic projector; 2: paralinguistic;\n"
+                                       "both: every projector at once (one stage, paper Table 6)")
     g.add_argument("--llm", help="frozen LLM: HF folder, hub id or .gguf (stage 2: default the one in --init)")
     g.add_argument("--gguf-file", help="GGUF file name inside --llm")
-    g.add_argument("--speech-encoder", help="semantic Zipformer folder (stage 1; stage 2 uses the one in --init)")
-    g.add_argument("--paraling-encoder", help="paralinguistic Zipformer folder (stage 2)")
+    g.add_argument("--speech-encoder",
+                   help="semantic encoder folder: a Zipformer, or a transformers Whisper folder\n"
+                        "(stages 1 and both; stage 2 uses the one in --init)")
+    g.add_argument("--paraling-encoder",
+                   help="paralinguistic Zipformer folder (stage 2; optional with both)")
     g.add_argument("--init", help="stage 2: the stage-1 model folder (release layout, e.g. exp/stage1)")
     g = p.add_argument_group("data")
     g.add_argument("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
@@ -212,12 +220,14 @@ def make_loader(manifests, weights, args, rank, world, shuffle: bool):
 # 4. Model
 # ---------------------------------------------------------------------------------------------------
 
-TRAINED = {1: ["speech_encoder_projector"], 2: ["paraling_encoder_projector"]}
+TRAINED = {1: ["speech_encoder_projector"], 2: ["paraling_encoder_projector"],
+           "both": ["speech_encoder_projector", "paraling_encoder_projector"]}
 
 
 def build_model(args, device):
     """Stage 1: LLM + semantic encoder, fresh projector. Stage 2: the stage-1 model plus the paralinguistic
-    encoder and a fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage)."""
+    encoder and a fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage).
+    Stage both: LLM + the encoders given, every projector fresh."""
     from model import AZeroS  # imported here so `python train.py --help` is instant
 
     # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16 anyway).
@@ -227,11 +237,12 @@ def build_model(args, device):
                        ("--init", args.init)):
         if path and not Path(path).is_dir():
             raise TrainError(f"{flag} {path}: no such folder")
-    if args.stage == 1:
+    if args.stage in (1, "both"):
         if not (args.llm and args.speech_encoder):
-            raise TrainError("stage 1 needs --llm and --speech-encoder")
-        model = AZeroS.from_components(args.llm, args.speech_encoder, gguf_file=args.gguf_file,
-                                       device=device, dtype=dtype)
+            raise TrainError(f"stage {args.stage} needs --llm and --speech-encoder")
+        paraling = args.paraling_encoder if args.stage == "both" else None
+        model = AZeroS.from_components(args.llm, args.speech_encoder, paraling,
+                                       gguf_file=args.gguf_file, device=device, dtype=dtype)
     else:
         if not (args.init and args.paraling_encoder):
             raise TrainError("stage 2 needs --init (the stage-1 model folder) and --paraling-encoder")
@@ -275,11 +286,11 @@ def load_stage1_projector(model, init: Path):
     proj.load_state_dict(state)
 
 
-def trainable_names(model, stage: int) -> list[str]:
+def trainable_names(model, stage: int | str) -> list[str]:
     return [n for n in TRAINED[stage] if getattr(model, n, None) is not None]
 
 
-def check_frozen(model, stage: int):
+def check_frozen(model, stage: int | str):
     """Exactly the projector(s) of this stage may require gradients: anything else would silently train
     (and, for the LLM, cost an optimizer state the size of the model)."""
     allowed = {id(p) for n in trainable_names(model, stage) for p in getattr(model, n).parameters()}
@@ -558,14 +569,14 @@ def autocast(device, precision: str):
 def encoder_outputs(model, batch, device, cache: EncoderCache | None, specaug_gen: torch.Generator | None,
                     precision: str = "fp32"):
     """Frozen encoder outputs of a batch, {branch: (frames (B, T, D), lens)}: from the cache when every
-    utterance is in it, else front end (fbank, or log-mel for Whisper; on the training device) -> encoders
-    (no_grad, eval, inside model.encode)."""
+    utterance is in it, else the front end (fbank, or log-mel for Whisper; on the training device)
+    -> encoders (no_grad, eval, inside model.encode)."""
     records = batch["records"]
     branches = ["speech"] + (["paraling"] if model.use_paraling else [])
     per_utt = cache.get(records, branches, device) if cache is not None else None
     if per_utt is None:
         feats, feat_lens = model.front_end(batch["waves"], batch["wave_lens"], device=device)
-        if specaug_gen is not None and isinstance(feats, dict):  # two front ends (Whisper + Zipformer)
+        if specaug_gen is not None and isinstance(feats, dict):  # Whisper + Zipformer front ends
             feats = {b: spec_augment(f, feat_lens[b], specaug_gen) for b, f in feats.items()}
         elif specaug_gen is not None:
             feats = spec_augment(feats, feat_lens, specaug_gen)

@@ -87,18 +87,19 @@ def make_tiny_encoder_dir(path, seed: int = 0) -> Path:
 
 
 def tiny_whisper_config(d_model: int = 32, layers: int = 2):
-    """A random-weights Whisper config: 80 mel bins and 1500 positions (30 s) like the real ones, tiny widths."""
+    """A random Whisper config: 80 mel bins, 1500 positions (30 s) as the real ones, tiny widths."""
     from transformers import WhisperConfig
 
-    return WhisperConfig(vocab_size=64, num_mel_bins=80, d_model=d_model, encoder_layers=layers, decoder_layers=1,
-                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
-                         decoder_ffn_dim=2 * d_model, max_source_positions=1500, max_target_positions=32,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    return WhisperConfig(vocab_size=64, num_mel_bins=80, d_model=d_model, encoder_layers=layers,
+                         decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                         encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
+                         max_source_positions=1500, max_target_positions=32, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
 
 
-def make_tiny_whisper_dir(path, kind: str = "WhisperForConditionalGeneration", seed: int = 0) -> Path:
-    """A transformers Whisper folder (save_pretrained: config.json + model.safetensors) with random weights;
-    kind is WhisperForConditionalGeneration (what recipe/convert_whisper.py writes) or WhisperModel."""
+def make_tiny_whisper_dir(path, kind: str = "WhisperForConditionalGeneration", seed: int = 0):
+    """A transformers Whisper folder (save_pretrained: config.json + model.safetensors), random
+    weights; kind: WhisperForConditionalGeneration (convert_whisper.py) or WhisperModel."""
     import transformers
 
     torch.manual_seed(seed)
