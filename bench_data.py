@@ -59,6 +59,12 @@ AIR_CHAT_KEYS = (
 )
 
 
+AIR_INSTRUCTION = (
+    "Choose the most suitable answer from options A, B, C, and D to respond the question "
+    "in next line, you may only choose A or B or C or D."
+)
+
+
 class LayoutError(ValueError):
     """Benchmark files not laid out as released; the message names the file."""
 
@@ -199,11 +205,7 @@ def foundation_prompt(item: dict, extra: str | None) -> str:
     """The official instruction, question and lettered options ("None" where C/D are absent, as the
     official script prints them), then AZeroS's extra line on its own line (position not stated)."""
     options = "\n".join(f"{letter}. {item.get('choice_' + letter.lower())}" for letter in "ABCD")
-    text = (
-        "Choose the most suitable answer from options A, B, C, and D to respond the question in "
-        "next line, "
-        "you may only choose A or B or C or D.\n" + str(item["question"]) + "\n" + options
-    )
+    text = f"{AIR_INSTRUCTION}\n{item['question']}\n{options}"
     return f"{text}\n{extra}" if extra else text
 
 
@@ -223,6 +225,12 @@ def _air_items(folder: Path, meta: list[dict], keep, question, fields) -> Benchm
         record = data.Record(id=item_id, audio=str(audio), duration=audio.stat().st_size / 32000.0)
         bench.items.append(Item(item_id, record, question(item), fields(item)))
         bench.audio[item_id] = str(audio)
+    if bench.total and not bench.items:  # every file missing: a layout problem, not a few bad clips
+        first = next(iter(bench.skipped.values())).removeprefix("missing audio ")
+        raise LayoutError(
+            f"{folder}: none of the {bench.total} audio files found (e.g. {first}); the "
+            "audio folders <task_name>_<dataset_name>/ belong beside the meta file"
+        )
     return bench
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
 import sys
 import time
@@ -654,7 +655,11 @@ def parse_args(argv=None):
         help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1",
     )
     q.add_argument("--judge-model", default=None, help="model name the judge server serves")
-    q.add_argument("--judge-key", default="EMPTY")
+    q.add_argument(
+        "--judge-key",
+        default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
+        help="API key (default: $OPENAI_API_KEY, else a dummy for local servers)",
+    )
     q.add_argument("--judge-workers", type=int, default=4)
     q.add_argument(
         "--chat-temperature",

@@ -507,6 +507,28 @@ def test_air_bad_layouts(tmp_path):
     meta.write_text(json.dumps([{"path": "a.wav", "question": "q", "uniq_id": 7}]))
     with pytest.raises(BD.LayoutError, match=r"item 0 \(uniq_id 7\) lacks \['choice_a'"):
         BD.read_air_foundation(tmp_path)
+    meta.write_text(
+        json.dumps(
+            [
+                {
+                    "path": "a.wav",
+                    "question": "q",
+                    "choice_a": "x",
+                    "choice_b": "y",
+                    "answer_gt": "x",
+                    "task_name": "Speaker_Gender_Recognition",
+                    "dataset_name": "meld",
+                    "uniq_id": 7,
+                }
+            ]
+        )
+    )
+    with pytest.raises(
+        BD.LayoutError,
+        match=r"none of the 1 audio files found \(e\.g\. .*"
+        r"Speaker_Gender_Recognition_meld/a\.wav\)",
+    ):
+        BD.read_air_foundation(tmp_path)
     meta.write_text("[{")
     with pytest.raises(BD.LayoutError, match="Foundation_meta.json: not valid JSON"):
         BD.read_air_foundation(tmp_path)
@@ -668,7 +690,14 @@ class FakeJudge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeJudge.requests.append(body)
         prompt = body["messages"][-1]["content"]
-        if "[Response]:" in prompt:
+        if "flaky" in prompt and not any(
+            "flaky" in r["messages"][-1]["content"] for r in FakeJudge.requests[:-1]
+        ):
+            self.send_error(503)  # the first request about this item fails
+            return
+        if prompt.startswith("echo "):
+            text = prompt[5:]
+        elif "[Response]:" in prompt:
             response = prompt.split("### [Response]: ")[1].split("\n")[0]
             text = {"good": "5", "fine": "[[3]]", "rambling": "Score: 4"}[response]
         elif "### Candidate answer" in prompt:
@@ -850,6 +879,29 @@ def test_ifeval_unavailable_becomes_a_deviation(tmp_path, monkeypatch):
         "IFEval not scored: IFEval needs NLTK's sentence model once: python -m nltk.downloader "
         "punkt_tab" in summary["deviations"]
     )
+
+
+def test_judge_failures_are_retried_by_the_next_run(tmp_path, judge_url):
+    jobs = [
+        {"key": k, "messages": [{"role": "user", "content": f"echo {k}"}], "params": {"n": 2}}
+        for k in ("a", "flaky", "c")
+    ]
+    judge = B.JudgeOptions(judge_url, "j", workers=3, retries=1, retry_sleep=0.0)
+    path = tmp_path / "judge" / "x.jsonl"
+    done, errors = B.run_judge(jobs, path, judge)
+    assert (sorted(done), errors) == (["a", "c"], 1)
+    with open(path, "a") as f:
+        f.write('{"key": "half a line')  # a kill in the middle of a write
+    done, errors = B.run_judge(jobs, path, judge)
+    assert (sorted(done), errors) == (["a", "c", "flaky"], 0)
+    rows = [row for _, row in ev.read_jsonl(path)]
+    assert sorted(r["key"] for r in rows) == [
+        "a",
+        "c",
+        "flaky",
+    ]  # each job once, the torn line gone
+    assert next(r for r in rows if r["key"] == "flaky")["outputs"] == ["flaky", "flaky"]
+    assert len(FakeJudge.requests) == 4  # a, c, flaky (failed), flaky: nothing asked twice
 
 
 def test_score_without_judge_lists_missing_columns(tmp_path):
