@@ -285,7 +285,7 @@ def score_advbench(rows: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# IFEval (official evaluator `ifeval`): Google's instruction checkers, from lm-eval's maintained copy
+# IFEval (official evaluator `ifeval`): Google's instruction checkers, lm-eval's maintained copy
 
 
 def ifeval_registry():

@@ -645,6 +645,18 @@ def test_cli_answers_and_scores_air_foundation(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["air_foundation"]["dirs"]) <= {GENDER_CV, S.AIR_COLUMNS["Age"][0]}
     assert summary["settings"]["air_foundation"]["max_new_tokens"] == 2
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run2")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks.py"), "summary", str(run), str(tmp_path / "run2")],
+        capture_output=True,
+        text=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert lines[2].startswith(f"| {run} | - | - |")  # one row per run, in the order given
+    assert lines[3] == lines[2].replace(f"| {run} |", f"| {tmp_path / 'run2'} |")
+    assert lines[4].startswith("| paper (AZeroS, Table 5) | 4.44 |")
 
 
 def test_cli_bad_data_is_one_line(tmp_path):
