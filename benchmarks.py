@@ -504,7 +504,15 @@ def score_run(
                     f"{folder.name}: {run['skipped']} of {run['items']} items skipped "
                     "(see run.json)"
                 )
+            if run.get("limit"):
+                dev.append(
+                    f"{folder.name}: only the first {run['limit']} items of each set (--limit)"
+                )
     if (vb / "run.json").exists():
+        dev.append(
+            "VoiceBench audio resampled to 16 kHz with data.resample (torchaudio's filter; the "
+            "official loader uses the datasets library's)"
+        )
         rows = answered_rows(vb)
         judged = None
         if judge is not None:

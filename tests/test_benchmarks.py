@@ -847,6 +847,9 @@ def test_score_with_local_judge(tmp_path, judge_url):
     assert any(
         d.startswith("missing columns: CommonEval, WildVoice") for d in summary["deviations"]
     )
+    assert (
+        "voicebench: greedy, max_new_tokens 64 (not reported by the paper)" in summary["deviations"]
+    )
     raw = [row for _, row in ev.read_jsonl(run / "judge" / "voicebench.jsonl")]
     assert sorted(r["outputs"][0] for r in raw) == sorted(["5", "[[3]]", "Score: 4", "Yes", "No."])
     # resumable: a second scoring asks the judge nothing new and gives the same numbers
