@@ -121,11 +121,11 @@ def test_padded_utterance_gives_the_frames_it_gets_alone(encoder):
             alone, n = encoder(*W.log_mel([w]))
             assert lens[i] == n[0] == alone.shape[1]
             diff = (batch[i, : n[0]] - alone[0]).abs().max()
-            assert diff <= fp32_bound(encoder, alone, 150)  # measured 4.8e-7, bound ~2e-4
+            assert diff <= fp32_bound(encoder, alone, 150)  # measured <= 4.8e-7, bound 1.5e-4
             assert not batch[i, n[0]:].any()
         x, lens = W.log_mel(waves)
         leaky, _ = encoder(x, torch.full_like(lens, 300))  # padding read as if it were speech
-    assert (leaky[1, :64] - batch[1, :64]).abs().max() > 1e-2
+    assert (leaky[1, :64] - batch[1, :64]).abs().max() > 1e-2  # measured 0.04
 
 
 # -------------------------------------------------------------------------------------------------
