@@ -163,6 +163,7 @@ class WhisperSpeechEncoder(nn.Module):
         decoder is never read. Returned in eval mode, float32."""
         path = Path(path)
         model = cls(json.loads((path / "config.json").read_text()))
+        check_front_end(path, model.n_mels)
         state = read_encoder_weights(path)
         model.weights_dtype = next(iter(state.values())).dtype
         missing, unexpected = model.encoder.load_state_dict(state, strict=False)
@@ -181,6 +182,21 @@ class WhisperSpeechEncoder(nn.Module):
         state = {k: v.detach().to("cpu", self.weights_dtype).contiguous()
                  for k, v in self.encoder.state_dict().items()}
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_front_end(path: Path, n_mels: int) -> None:
+    """A folder's preprocessor_config.json (WhisperFeatureExtractor's settings), if there is one,
+    must describe the front end log_mel computes: other settings mean other features."""
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return
+    saved = json.loads(file.read_text())
+    ours = {"feature_size": n_mels, "sampling_rate": SAMPLE_RATE, "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH, "dither": 0.0}
+    wrong = {k: saved[k] for k in ours if k in saved and saved[k] != ours[k]}
+    if wrong:
+        raise ValueError(f"{file}: {wrong} differ from the front end whisper_encoder.log_mel "
+                         f"computes ({ours})")
 
 
 def read_encoder_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -167,9 +167,18 @@ def test_float16_checkpoint_runs_in_float32_and_is_saved_in_float16(tmp_path):
 
 
 def test_folder_errors_name_the_problem(tmp_path):
+    from transformers import WhisperFeatureExtractor
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         W.WhisperSpeechEncoder.from_pretrained(tmp_path)
+    # a feature extractor saved beside the model must be the front end we compute
+    folder = make_tiny_whisper_dir(tmp_path / "w")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(str(folder))
+    W.WhisperSpeechEncoder.from_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(str(folder))
+    with pytest.raises(ValueError, match=r"config.json: \{'feature_size': 128\} differ"):
+        W.WhisperSpeechEncoder.from_pretrained(folder)
 
 
 # -------------------------------------------------------------------------------------------------
