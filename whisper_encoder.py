@@ -162,15 +162,16 @@ class WhisperSpeechEncoder(nn.Module):
         WhisperEncoder; safetensors, one file or shards): config.json and the encoder's weights, the
         decoder is never read. Returned in eval mode, float32."""
         path = Path(path)
-        model = cls(json.loads((path / "config.json").read_text()))
+        with torch.device("meta"):  # no random init of weights that are loaded next (large: ~10 s)
+            model = cls(json.loads((path / "config.json").read_text()))
         check_front_end(path, model.n_mels)
         state = read_encoder_weights(path)
         model.weights_dtype = next(iter(state.values())).dtype
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        missing, unexpected = model.encoder.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(f"{path}: Whisper encoder weights do not match its config.json: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return (model.to(device) if device is not None else model).eval()
+        return model.to(device=device, dtype=torch.float32).eval()
 
     def save_pretrained(self, out_dir) -> None:
         """transformers' WhisperEncoder folder: config.json + model.safetensors with its key names,
