@@ -841,9 +841,13 @@ def collate(items) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_manifest(path, out=sys.stdout) -> bool:
-    """Print a report for one manifest: counts, hours, duration stats, missing audio and EVERY field
-    error (the file is read line by line and keeps going). Returns True when nothing is wrong."""
+def check_manifest(path, out=sys.stdout, max_audio_seconds: float | None = None) -> bool:
+    """Print a report for one manifest: counts, hours, duration stats, EVERY audio problem (missing or
+    unreadable file, offset or offset + duration past its end, too short or over `max_audio_seconds`; from
+    the file headers, see checks.audio_problems) and EVERY field error (the file is read line by line and
+    keeps going). Returns True when nothing is wrong."""
+    from checks import audio_problems
+
     print(f"== {path}", file=out)
     if not os.path.exists(path):
         print("  manifest file not found", file=out)
@@ -854,19 +858,19 @@ def check_manifest(path, out=sys.stdout) -> bool:
             (errors if isinstance(item, ManifestError) else records).append(item)
     except (OSError, UnicodeDecodeError, EOFError) as e:  # e.g. a corrupt .gz: report, don't crash
         errors.append(f"{path}: unreadable ({e})")
-    missing = [r for r in records if not os.path.isfile(r.audio)]
+    problems = audio_problems(records, max_audio_seconds)
     durs = np.array([r.duration for r in records])
     print(f"  utterances: {len(records)}" + ("  (empty manifest)" if not records else ""), file=out)
     if len(durs):
         print(f"  total hours: {durs.sum() / 3600:.4f}", file=out)
         print(f"  duration s: min {durs.min():.2f}  mean {durs.mean():.2f}  max {durs.max():.2f}", file=out)
-    print(f"  missing audio files: {len(missing)}", file=out)
-    for r in missing:
-        print(f"    {r.source}: {r.audio}", file=out)
+    print(f"  audio problems: {len(problems)}", file=out)
+    for p in problems:
+        print(f"    {p}", file=out)
     print(f"  field errors: {len(errors)}", file=out)
     for e in errors:
         print(f"    {e}", file=out)
-    return not errors and not missing and bool(records)
+    return not errors and not problems and bool(records)
 
 
 def main(argv=None) -> int:
@@ -874,10 +878,12 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate manifests: counts, hours, missing audio, field errors")
+    check = sub.add_parser("check", help="validate manifests: counts, hours, audio problems, field errors")
     check.add_argument("manifests", nargs="+")
+    check.add_argument("--max-audio-seconds", type=float, default=50.0,
+                       help="flag rows longer than this (train.py's default limit; 0: no limit)")
     args = parser.parse_args(argv)
-    ok = [check_manifest(m) for m in args.manifests]
+    ok = [check_manifest(m, max_audio_seconds=args.max_audio_seconds) for m in args.manifests]
     print("OK" if all(ok) else f"PROBLEMS in {ok.count(False)} of {len(ok)} manifest(s)")
     return 0 if all(ok) else 1
 

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checks
 from data import (
     SAMPLE_RATE,
     AudioDataset,
@@ -94,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
     g.add_argument("--max-length", type=int, help="truncate token sequences to this length")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
+    g.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS, help=checks.MAX_AUDIO_HELP)
     g.add_argument("--spec-augment", action="store_true", help="time/frequency masking on fbank (off by default)")
     g.add_argument("--cache-encoders", metavar="DIR", help="store frozen encoder outputs here; later epochs reuse them")
     g = p.add_argument_group("optimisation")
@@ -122,7 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from CKPT, or from the newest checkpoint in <exp>/checkpoints")
     g.add_argument("--log-batches", action="store_true",
                    help="write the ids of every batch to <exp>/batches.rankN.jsonl")
-    return p.parse_args(argv)
+    g.add_argument("--overwrite", action="store_true", help="replace a finished model in --exp")
+    args = p.parse_args(argv)
+    checks.training_args(args)  # positive budgets, a device that exists, no finished model replaced
+    return args
 
 
 def parse_train_spec(spec: str) -> tuple[str, float]:
@@ -178,9 +183,10 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_manifests(paths: list[str], what: str) -> list[list]:
-    """Read manifests and refuse the two mistakes that would otherwise surface as a crash deep inside a
-    step (or, worse, as silent training on nothing): an empty manifest, and rows without a target."""
+def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None = None) -> list[list]:
+    """Read manifests and refuse the mistakes that would otherwise surface as a crash deep inside a
+    step (or, worse, as silent training on nothing): an empty manifest, rows without a target, and audio
+    that is missing, shorter than its row says, or too long (checked from the file headers)."""
     manifests = []
     for path in paths:
         records = read_manifest(path)
@@ -194,6 +200,7 @@ def load_manifests(paths: list[str], what: str) -> list[list]:
                 f"generated itself; make them first, e.g.\n"
                 f"  python generate_targets.py --mode sift_s --model <LLM> --in {path} --out targets.jsonl\n"
                 f"(stage 2: --mode sift_sp) and train on the output.")
+        checks.training_rows(records, path, what, max_audio_seconds)
         manifests.append(records)
     return manifests
 
@@ -237,6 +244,8 @@ def build_model(args, device):
                        ("--init", args.init)):
         if path and not Path(path).is_dir():
             raise TrainError(f"{flag} {path}: no such folder")
+        if path and flag != "--init":
+            checks.encoder_folder(path, flag)
     if args.stage in (1, "both"):
         if not (args.llm and args.speech_encoder):
             raise TrainError(f"stage {args.stage} needs --llm and --speech-encoder")
@@ -530,10 +539,32 @@ def save_checkpoint(exp: Path, state: dict, keep_last: int, rank: int):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{state['step']:08d}.pt"
     tmp = folder / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with checks.cleaned_up(tmp, f"could not write the checkpoint {path}"):  # e.g. disk full: one line
+        torch.save(state, tmp)
+        os.replace(tmp, path)
     for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
         old.unlink()
+
+
+def load_checkpoint(exp: Path, resume: str, stage: int, rank: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint --resume asks for, loaded. `latest` falls back to the newest READABLE checkpoint:
+    a file damaged after it was written (a full disk, a copy cut short) costs some steps, not the run."""
+    candidates = [find_checkpoint(exp, resume)] if resume != "latest" else \
+        sorted((exp / "checkpoints").glob("step-*.pt"), reverse=True)
+    for path in candidates:
+        if path is None:
+            break
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, bad pickle: torch raises several types
+            if resume != "latest":
+                raise TrainError(f"--resume {path}: unreadable checkpoint ({checks.first_line(e)})") from None
+            if rank == 0:
+                print(f"note: {path} is unreadable ({checks.first_line(e)}); trying the checkpoint before it")
+            continue
+        checks.checkpoint_stage(ckpt, path, stage)
+        return path, ckpt
+    return None, None
 
 
 def find_checkpoint(exp: Path, resume: str) -> Path | None:
@@ -604,11 +635,15 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
         with autocast(device, args.precision):
             out = net(messages=messages, encoder_outputs=enc, max_length=args.max_length)
         if train:
+            checks.batch_tokens(float(out["num_tokens"]), batch["records"], args.max_length)
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if the
             # whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
     except torch.OutOfMemoryError as e:
         raise TrainError(oom_message(batch, args)) from e
+    except ValueError as e:
+        checks.max_length_cut(e, args.max_length)  # one line when --max-length cut into the audio
+        raise
     ntok, loss = float(out["num_tokens"]), float(out["loss"].detach())
     wave_lens = batch["wave_lens"]
     return {"loss_sum": loss * ntok, "acc_sum": float(out["acc"]) * ntok, "tokens": ntok,
@@ -665,9 +700,10 @@ def main(argv=None) -> dict:
 
     # -- data ------------------------------------------------------------------------------------
     specs = [parse_train_spec(s) for s in args.train]
-    train_manifests = load_manifests([p for p, _ in specs], "training")
+    train_manifests = load_manifests([p for p, _ in specs], "training", args.max_audio_seconds)
     loader, sampler = make_loader(train_manifests, [w for _, w in specs], args, rank, world, shuffle=True)
-    valid_loaders = [make_loader(load_manifests([v], "validation"), None, args, rank, world, shuffle=False)
+    valid_loaders = [make_loader(load_manifests([v], "validation", args.max_audio_seconds), None, args, rank, world,
+                                 shuffle=False)
                      for v in args.valid]
     steps_per_epoch = len(sampler) // args.grad_accum
     if steps_per_epoch == 0 and args.max_steps is None:
@@ -700,9 +736,8 @@ def main(argv=None) -> dict:
 
     # -- resume --------------------------------------------------------------------------------------
     step, epoch = 0, 0
-    ckpt_path = find_checkpoint(exp, args.resume) if args.resume else None
+    ckpt_path, ckpt = load_checkpoint(exp, args.resume, args.stage, rank) if args.resume else (None, None)
     if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for n in names:
             getattr(model, n).load_state_dict(ckpt["projectors"][n])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -723,6 +758,8 @@ def main(argv=None) -> dict:
 
     # -- loop ---------------------------------------------------------------------------------------
     log_path = exp / "metrics.jsonl"
+    if rank == 0:
+        checks.truncate_metrics(log_path, step)  # steps after the checkpoint are run (and logged) again
     history = []
     batch_log = open(exp / f"batches.rank{rank}.jsonl", "a") if args.log_batches else None
 
@@ -831,7 +868,7 @@ def main(argv=None) -> dict:
 def cli():
     try:
         main()
-    except (TrainError, ManifestError, AudioError, FileNotFoundError) as e:  # user-fixable: one line, no traceback
+    except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -136,7 +136,7 @@ def run_check(*paths):
 
 
 def test_check_cli_reports_counts_hours_missing_audio_and_all_errors(tmp_path):
-    sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    sf.write(tmp_path / "a.wav", np.zeros(8 * 16000, dtype=np.float32), 16000)  # longer than every row
     durations = [2.5, 7.25]
     good = write_lines(tmp_path / "good.jsonl", [ours(id=f"u{i}", audio="a.wav", duration=d)
                                                    for i, d in enumerate(durations)])
@@ -144,7 +144,7 @@ def test_check_cli_reports_counts_hours_missing_audio_and_all_errors(tmp_path):
     assert rc == 0, out
     assert "utterances: 2" in out and f"total hours: {sum(durations) / 3600:.4f}" in out
     assert f"min {min(durations):.2f}  mean {np.mean(durations):.2f}  max {max(durations):.2f}" in out
-    assert "missing audio files: 0" in out and "field errors: 0" in out and out.strip().endswith("OK")
+    assert "audio problems: 0" in out and "field errors: 0" in out and out.strip().endswith("OK")
 
     bad = write_lines(tmp_path / "bad.jsonl", [
         ours(id="u0", audio="a.wav"), ours(id="u1", audio="gone.wav"), ours(id="u2", duration="x"),
@@ -152,7 +152,8 @@ def test_check_cli_reports_counts_hours_missing_audio_and_all_errors(tmp_path):
     rc, out = run_check(good, bad)
     assert rc == 1
     assert "utterances: 2" in out  # bad.jsonl: u0 and u1 parse, three lines do not
-    assert "missing audio files: 1" in out and f"{bad}:2: {tmp_path / 'gone.wav'}" in out
+    assert "audio problems: 1" in out
+    assert f"{bad}:2: field 'audio': {tmp_path / 'gone.wav'}: audio file not found" in out
     assert "field errors: 3" in out
     assert f"{bad}:3: field 'duration'" in out and f"{bad}:4: field '<json>'" in out and f"{bad}:5: field 'id'" in out
     assert "PROBLEMS in 1 of 2 manifest(s)" in out
