@@ -82,6 +82,15 @@ def training_args(args) -> None:
     finished_model(args.exp, args.overwrite, args.resume)
 
 
+@contextlib.contextmanager
+def readable(path):
+    """Around reading an input file: a truncated .gz or an I/O error names the file, in one line."""
+    try:
+        yield
+    except (OSError, EOFError) as e:
+        raise CheckError(f"{path}: unreadable ({first_line(e)})") from None
+
+
 def files_exist(paths, flag: str) -> None:
     for path in paths:
         if not os.path.isfile(path):
@@ -238,6 +247,23 @@ def weight_files(folder) -> None:
                 pass
         except Exception as e:  # SafetensorError, or OSError from the file system
             raise CheckError(f"{path}: corrupt or truncated safetensors file ({first_line(e)})") from None
+
+
+def model_files(root) -> None:
+    """Every config.json and safetensors file of a release folder (root, llm/, the encoders) reads."""
+    root = Path(root)
+    for folder in (root, root / "llm", root / "speech_encoder", root / "paraling_encoder"):
+        if (folder / "config.json").is_file():
+            json_file(folder / "config.json")
+        weight_files(folder)
+
+
+def looks_local(name: str) -> bool:
+    """A --model string meant as a local folder: absolute, relative (./, ../, ~), not of the hub's
+    "owner/name" form, or under a folder that exists here (exp/stage2 when exp/ exists)."""
+    parts = Path(name).parts
+    return (name.startswith((".", "/", "~")) or name.count("/") != 1
+            or (len(parts) > 1 and Path(parts[0]).is_dir()))
 
 
 @contextlib.contextmanager

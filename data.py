@@ -328,11 +328,21 @@ def read_manifest(path) -> list[Record]:
     return records
 
 
+def _new_file_mode() -> int:
+    """The mode open() would give a new file: 0666 minus the umask. mkstemp makes its files 0600, which
+    would leave other users (a shared group, a web server) unable to read our outputs. The umask can
+    only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path, lines) -> None:
     """Write a whole text file or nothing: temporary file in the same folder, fsync, rename. A crash (or a
-    reader racing the writer) never sees half a file."""
+    reader racing the writer) never sees half a file. The file gets the usual permissions (umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _new_file_mode())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(lines)
@@ -353,6 +363,7 @@ def write_manifest(records, path, relative: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.resolve().parent if relative else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _new_file_mode())
     os.close(fd)
     try:
         opener = gzip.open if path.name.endswith(".gz") else open  # .jsonl.gz like the released cuts

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checks
 import data
 import generate_targets
 from generate_targets import age_group, build_prompt
@@ -798,8 +799,10 @@ def write_results(out: Path, task: str, results: dict) -> None:
 
 
 def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batch_size: int = 8,
-             max_new_tokens: int = 256, systems=SYSTEMS, limit: int | None = None, segments_fn=None) -> dict:
-    """Run one task end to end with an already loaded model; returns the results dict (also written)."""
+             max_new_tokens: int = 256, systems=SYSTEMS, limit: int | None = None, segments_fn=None,
+             max_audio_seconds: float | None = checks.MAX_AUDIO_SECONDS) -> dict:
+    """Run one task end to end with an already loaded model; returns the results dict (also written).
+    The audio of every row is checked first (headers only; length limit `max_audio_seconds`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task}_answers.jsonl"
@@ -809,6 +812,7 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
         if not records:
             raise ValueError(f"{manifest}: no record has a self-generated target (mode + response); "
                              "run generate_targets.py first")
+        checks.manifest_audio(records, manifest, max_audio_seconds)
         done = run_align(model, records, path, model_name, systems, batch_size, segments_fn)
         results = {**head, "systems": list(systems), "modes": summarize_align(records, done, systems)}
         write_results(out, task, results)
@@ -816,6 +820,7 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
 
     if task == "choice":
         items = read_choice(manifest)[:limit]
+        checks.manifest_audio([it.record for it in items], manifest, max_audio_seconds)
         done = run_items(items, path, model_name, systems, batch_size,
                          lambda chunk, system: [{"nll": nll} for nll in choice_nll(model, chunk, system)])
         rows = {s: [done[it.id, s] for it in items if (it.id, s) in done] for s in systems}
@@ -832,6 +837,7 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     items = items[:limit]
+    checks.manifest_audio([it.record for it in items], manifest, max_audio_seconds)
     def generate(chunk, system):
         answers = answer_batch(model, chunk, system, max_new_tokens)
         return [{"response": a, **score_row(it.fields, a)} for it, a in zip(chunk, answers)]
@@ -870,11 +876,24 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="LLM dtype (default: the checkpoint's on CUDA, float32 on CPU)")
-    return p.parse_args(argv)
+    p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS, help=checks.MAX_AUDIO_HELP)
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        run(args)
+    except (checks.CheckError, data.ManifestError, data.AudioError, FileNotFoundError) as e:
+        sys.exit(print(f"error: {checks.first_line(e)}", file=sys.stderr) or 1)  # one line, no traceback
+
+
+def run(args) -> None:
+    checks.files_exist([args.manifest], "--manifest")  # before the model loads
+    checks.device(args.device)
     from model import AZeroS
 
     systems = [s for s in args.systems.split(",") if s]
@@ -886,7 +905,7 @@ def main(argv=None) -> None:
     out = Path(args.out or Path("eval") / args.task)
     results = evaluate(model, args.task, args.manifest, out, model_name=str(Path(args.model).resolve()),
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, systems=systems,
-                       limit=args.limit)
+                       limit=args.limit, max_audio_seconds=args.max_audio_seconds)
     print(markdown_table(args.task, results), end="")
     print(f"written: {out / (args.task + '_results.json')}, {out / (args.task + '_results.md')}")
 

@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import checks
 from data import ManifestError, Record, parse_line, write_atomic
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
@@ -254,7 +255,7 @@ def read_rows(in_paths) -> tuple[list[Row], int]:
     rows, blank = [], 0
     for path in in_paths:
         folder = Path(path).resolve().parent
-        with _open_lines(path) as f:
+        with checks.readable(path), _open_lines(path) as f:  # a truncated .gz: one line naming the file
             for lineno, data in enumerate(f, start=1):
                 source = f"{path}:{lineno}"
                 try:
@@ -515,7 +516,7 @@ def read_done(path: Path, repair: bool) -> list[str]:
 
 def check_resumable(lines: list[str], path: Path, todo_ids: set, mode: str, label: str) -> dict[str, str]:
     """id -> line of what is already done, after checking it was made by this very job."""
-    done = {}
+    done, first = {}, {}
     for n, line in enumerate(lines, start=1):
         obj = json.loads(line)
         where = f"{path}:{n}"
@@ -523,11 +524,16 @@ def check_resumable(lines: list[str], path: Path, todo_ids: set, mode: str, labe
             raise SystemExit(f"{where}: id {obj.get('id')!r} is not a row of these inputs/this shard; "
                              "wrong --out, --in or --shard?")
         if obj["id"] in done:
-            raise SystemExit(f"{where}: id {obj['id']!r} written twice")
+            # a byte-identical repeat (e.g. left by two runs before the output was locked) is dropped; the
+            # final rewrite in input order keeps one copy. A differing one cannot be decided here.
+            if line == done[obj["id"]]:
+                continue
+            raise SystemExit(f"{where}: id {obj['id']!r} written twice with different content "
+                             f"(first on line {first[obj['id']]})")
         if obj.get("mode") != mode or obj.get("model", "") != label:
             raise SystemExit(f"{where}: written by mode={obj.get('mode')!r} model={obj.get('model')!r}, "
                              f"this run is mode={mode!r} model={label!r}; use another --out")
-        done[obj["id"]] = line
+        done[obj["id"]], first[obj["id"]] = line, n
     return done
 
 
@@ -591,15 +597,22 @@ def run(in_paths, out, mode: str, backend, *, seed: int = 0, shard: int = 0, nsh
     """Generate targets for one shard of the inputs into shard_path(out), resuming what is already there.
 
     Rows are appended in batch order while running (length-sorted, so not input order); when every row is
-    done, the file is rewritten in input order. `id` is the key: resume skips ids already in the file."""
-    from tqdm import tqdm
-
+    done, the file is rewritten in input order. `id` is the key: resume skips ids already in the file.
+    The output is locked for the whole run (`<output>.lock`), so two runs never append to one file."""
     if not 0 <= shard < nshards:
         raise SystemExit(f"--shard {shard} is not in 0..{nshards - 1}")
     path = shard_path(out, shard, nshards)
     if path.suffix == ".gz":
         raise SystemExit("write a plain .jsonl (appends to gzip cannot be repaired after a kill); compress later")
     path.parent.mkdir(parents=True, exist_ok=True)
+    with checks.exclusive_lock(path):  # a second run on the same output stops here, naming the first
+        return _run_locked(path, in_paths, mode, backend, seed, shard, nshards, progress, window)
+
+
+def _run_locked(path, in_paths, mode, backend, seed, shard, nshards, progress, window) -> Summary:
+    """The body of run(), while this process holds the lock on `path`."""
+    from tqdm import tqdm
+
     all_rows, blank = plan(in_paths, mode, seed)
     rows = [r for r in all_rows if in_shard(r, shard, nshards)]
     todo = [r for r in rows if r.skip is None]
@@ -691,12 +704,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.merge and args.mode is None:
         p.error("--mode is required")
+    if args.max_new_tokens <= 0:  # checked before the LLM loads, not after
+        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     return args
 
 
 def main(argv=None, backend=None) -> Summary:
     """The command line. `backend` lets a caller (tests, notebooks) reuse an already loaded model."""
     args = parse_args(argv)
+    checks.files_exist(args.inputs, "--in")
+    checks.device(args.device)
     if args.merge:
         summary = merge(args.inputs, args.out, args.nshards, args.mode, args.seed)
     else:
@@ -709,5 +726,15 @@ def main(argv=None, backend=None) -> Summary:
     return summary
 
 
+def cli(argv=None, backend=None) -> int:
+    """main() with the user-fixable errors as one line on stderr and exit status 1."""
+    try:
+        main(argv, backend)
+    except (checks.CheckError, ManifestError, FileNotFoundError) as e:
+        print(f"error: {checks.first_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

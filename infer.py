@@ -17,6 +17,8 @@ import os
 import sys
 import warnings
 
+import checks
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -33,15 +35,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="LLM dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS, help=checks.MAX_AUDIO_HELP)
     args = p.parse_args(argv)
     args.audio, args.prompt = split_inputs(args.inputs)
     return args
 
 
 def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
-    """All positionals but the last are audio; the last is the prompt, unless it is itself an audio file."""
+    """All positionals but the last are audio; the last is the prompt, unless it looks like an audio file
+    (an audio extension and no spaces): then it is audio, and a mistyped path is an error, not a question."""
     last = inputs[-1]
-    if last.lower().endswith(AUDIO_EXTENSIONS) and (len(inputs) > 1 or os.path.exists(last)):
+    looks_like_path = os.path.exists(last) or not any(c.isspace() for c in last)
+    if last.lower().endswith(AUDIO_EXTENSIONS) and looks_like_path:
         return inputs, ""
     return inputs[:-1], last
 
@@ -54,11 +59,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
 
 
-def check_files(paths: list[str]) -> None:
-    """Fail on a missing file before the slow imports and the model load."""
+def check_files(paths: list[str], args) -> None:
+    """Fail on a missing file, bad audio or bad options before the slow imports and the model load."""
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"audio file not found: {path}")
+        checks.audio_file(path, args.max_audio_seconds)
+    checks.positive(args, "max_new_tokens")
+    checks.sampling(args)
+    checks.device(args.device)
 
 
 def run(args) -> int:
@@ -88,7 +97,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_files(args.audio)
+        check_files(args.audio, args)
         quiet_libraries()
         return run(args)
     except KeyboardInterrupt:

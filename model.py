@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import checks
 import llm as L
 from projector import Projector
 from whisper_encoder import WhisperSpeechEncoder, is_whisper_folder
@@ -111,11 +112,12 @@ class AZeroS(nn.Module):
         saves; the official loader needs strict=False for these) or a full state dict.
         """
         root = resolve_model_dir(path_or_hub_id)
-        config = json.loads(require(root / "config.json").read_text())
+        config = checks.json_file(require(root / "config.json"))
         has_para = config.get("paraling_encoder_config") is not None
         require(root / "speech_encoder"), require(root / "llm")
         if has_para:
             require(root / "paraling_encoder")
+        checks.model_files(root)  # corrupt or truncated weights / configs: named here, not deep in a library
         weights = load_state_dict(find_weights(root))
         require(root / "tokenizer_config.json")
         attn = "flash_attention_2" if config.get("use_flash_attn") else None  # falls back to sdpa if missing
@@ -398,8 +400,8 @@ def resolve_model_dir(path_or_hub_id) -> Path:
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).count("/") != 1:
-        raise FileNotFoundError(f"model folder not found: {path_or_hub_id}")
+    if path.exists() or checks.looks_local(str(path_or_hub_id)):  # a mistyped path is not a hub id
+        raise FileNotFoundError(f"model folder {path_or_hub_id}: no such folder")
     from huggingface_hub import snapshot_download
     logging.info("downloading %s from the Hugging Face hub", path_or_hub_id)
     try:

@@ -12,11 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_train import make_llm_dir, stage1_args, write_manifest
 
 import checks
 import data
@@ -26,7 +28,6 @@ import infer
 import train
 from checks import CheckError
 from conftest import ROOT
-from test_train import make_llm_dir, stage1_args, write_manifest
 from tiny import cached_tiny_release, make_tiny_encoder_dir, write_wav
 
 
@@ -156,7 +157,9 @@ def test_long_audio_is_refused_by_evaluate(release, long_wav, tmp_path, capsys):
         evaluate.main(["--model", str(release), "--manifest", str(manifest), "--task", "align",
                        "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert e.value.code == 1
-    assert one_line_error(capsys.readouterr().err).startswith(f"{manifest}:1: field 'duration': 51.0 s of audio")
+    err = capsys.readouterr().err  # (after the model's loading bar)
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: {manifest}:1: field 'duration': 51.0 s of audio")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -386,22 +389,26 @@ def test_resume_drops_identical_duplicates_and_names_differing_ones(tmp_path):
     changed = lines[2].replace('"cat"', '"dog"').replace('"utterance 2"', '"other"')
     assert changed != lines[2]
     out.write_text("".join(lines[:4]) + changed)
-    with pytest.raises(SystemExit, match=f"{out}:5: id 'u2' written twice with different content \\(first on line 3\\)"):
+    with pytest.raises(SystemExit, match=f"{out}:5: id 'u2' written twice with different content "
+                                         "\\(first on line 3\\)"):
         gt.main(["--mode", "tsit_s", "--in", str(manifest), "--out", str(out), "--no-progress"])
 
 
-class SlowBackend:
-    """tsit_s with a pause per row: long enough for a second run to start while the first holds the lock."""
+class GatedBackend:
+    """tsit_s that holds its first batch until the file `gate` exists: the run keeps its lock on the output
+    for as long as the test needs, however slowly a second process starts."""
 
-    def __init__(self, seconds):
-        self.inner, self.seconds = gt.TranscriptBackend(), seconds
+    def __init__(self, gate):
+        self.inner, self.gate = gt.TranscriptBackend(), gate
         self.model_label = self.inner.model_label
 
     def batches(self, prompts):
         return [[i] for i in range(len(prompts))]
 
     def generate(self, prompts):
-        time.sleep(self.seconds)
+        deadline = time.time() + 60
+        while not os.path.exists(self.gate) and time.time() < deadline:
+            time.sleep(0.05)
         return self.inner.generate(prompts)
 
 
@@ -411,7 +418,7 @@ def start(code, *args):
 
 
 GENERATE = ("import sys; sys.path[:0] = ['tests']; import generate_targets as gt; from test_reliability import "
-            "SlowBackend; gt.cli(sys.argv[1:], backend=SlowBackend(0.2))")
+            "GatedBackend; sys.exit(gt.cli(sys.argv[2:], backend=GatedBackend(sys.argv[1])))")
 
 
 @pytest.mark.slow
@@ -419,12 +426,14 @@ def test_concurrent_generation_and_killed_training(setup, tmp_path):
     # two generation runs on one --out: the second is refused and names the holder; the first is complete
     manifest = tsit_manifest(tmp_path, 20)
     out = tmp_path / "out.jsonl"
-    first = start(GENERATE, "--mode", "tsit_s", "--in", manifest, "--out", out, "--no-progress")
+    gate = tmp_path / "gate"
+    first = start(GENERATE, gate, "--mode", "tsit_s", "--in", manifest, "--out", out, "--no-progress")
     deadline = time.time() + 60
-    while not (out.exists() and out.stat().st_size) and time.time() < deadline:
-        time.sleep(0.1)
-    second = start(GENERATE, "--mode", "tsit_s", "--in", manifest, "--out", out, "--no-progress")
+    while not (out.exists() and Path(f"{out}.lock").exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    second = start(GENERATE, gate, "--mode", "tsit_s", "--in", manifest, "--out", out, "--no-progress")
     _, err2 = second.communicate(timeout=60)
+    gate.touch()  # now the first run may generate
     _, err1 = first.communicate(timeout=60)
     assert first.returncode == 0, err1
     assert second.returncode == 1
@@ -448,9 +457,10 @@ def test_concurrent_generation_and_killed_training(setup, tmp_path):
     ckpts = sorted((exp / "checkpoints").glob("step-*.pt"))
     assert len(ckpts) >= 3 and not (exp / "model.safetensors").exists()
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:100])
-    resumed = subprocess.run([sys.executable, *cmd[:-2], "--max-steps", str(len(ckpts) + 1), "--resume"],
+    newest = int(ckpts[-1].stem.split("-")[1])  # step-00000007 -> 7
+    resumed = subprocess.run([sys.executable, *cmd, "--max-steps", str(newest + 1), "--resume"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"note: {ckpts[-1]} is unreadable" in resumed.stdout
-    assert f"resumed from {ckpts[-2]} at step {len(ckpts) - 1}" in resumed.stdout
+    assert f"resumed from {ckpts[-2]} at step {newest - 1}" in resumed.stdout
     assert (exp / "model.safetensors").exists()
