@@ -799,10 +799,8 @@ def write_results(out: Path, task: str, results: dict) -> None:
 
 
 def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batch_size: int = 8,
-             max_new_tokens: int = 256, systems=SYSTEMS, limit: int | None = None, segments_fn=None,
-             max_audio_seconds: float | None = checks.MAX_AUDIO_SECONDS) -> dict:
-    """Run one task end to end with an already loaded model; returns the results dict (also written).
-    The audio of every row is checked first (headers only; length limit `max_audio_seconds`)."""
+             max_new_tokens: int = 256, systems=SYSTEMS, limit: int | None = None, segments_fn=None) -> dict:
+    """Run one task end to end with an already loaded model; returns the results dict (also written)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task}_answers.jsonl"
@@ -812,7 +810,6 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
         if not records:
             raise ValueError(f"{manifest}: no record has a self-generated target (mode + response); "
                              "run generate_targets.py first")
-        checks.manifest_audio(records, manifest, max_audio_seconds)
         done = run_align(model, records, path, model_name, systems, batch_size, segments_fn)
         results = {**head, "systems": list(systems), "modes": summarize_align(records, done, systems)}
         write_results(out, task, results)
@@ -820,7 +817,6 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
 
     if task == "choice":
         items = read_choice(manifest)[:limit]
-        checks.manifest_audio([it.record for it in items], manifest, max_audio_seconds)
         done = run_items(items, path, model_name, systems, batch_size,
                          lambda chunk, system: [{"nll": nll} for nll in choice_nll(model, chunk, system)])
         rows = {s: [done[it.id, s] for it in items if (it.id, s) in done] for s in systems}
@@ -837,7 +833,6 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     items = items[:limit]
-    checks.manifest_audio([it.record for it in items], manifest, max_audio_seconds)
     def generate(chunk, system):
         answers = answer_batch(model, chunk, system, max_new_tokens)
         return [{"response": a, **score_row(it.fields, a)} for it, a in zip(chunk, answers)]
@@ -851,6 +846,13 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
             head["systems"][system] = accuracy_table(rs, "task" if task == "mcq" else "attribute")
     write_results(out, task, head)
     return head
+
+
+def task_audio(task: str, manifest) -> list[data.Record]:
+    """The audio rows of a task file, for the header checks the command line runs before the model loads."""
+    if task in ("align", "label"):
+        return data.read_manifest(manifest)
+    return [it.record for it in {"choice": read_choice, "mcq": read_mcq, "open": read_open}[task](manifest)]
 
 
 def write_judge_file(path: Path, rows: list[dict]) -> None:
@@ -892,8 +894,9 @@ def main(argv=None) -> None:
 
 
 def run(args) -> None:
-    checks.files_exist([args.manifest], "--manifest")  # before the model loads
+    checks.files_exist([args.manifest], "--manifest")  # before the model loads, as is everything below
     checks.device(args.device)
+    checks.manifest_audio(task_audio(args.task, args.manifest), args.manifest, args.max_audio_seconds)
     from model import AZeroS
 
     systems = [s for s in args.systems.split(",") if s]
@@ -905,7 +908,7 @@ def run(args) -> None:
     out = Path(args.out or Path("eval") / args.task)
     results = evaluate(model, args.task, args.manifest, out, model_name=str(Path(args.model).resolve()),
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, systems=systems,
-                       limit=args.limit, max_audio_seconds=args.max_audio_seconds)
+                       limit=args.limit)
     print(markdown_table(args.task, results), end="")
     print(f"written: {out / (args.task + '_results.json')}, {out / (args.task + '_results.md')}")
 
