@@ -221,13 +221,13 @@ def checkpoint_stage(ckpt: dict, path, stage: int) -> None:
 
 
 def encoder_folder(path, flag: str) -> None:
-    """An encoder flag must name a Zipformer folder, not e.g. an LLM's."""
+    """An encoder flag must name a Zipformer (or transformers Whisper) folder, not e.g. an LLM's."""
     config = json_file(Path(path) / "config.json")
     composite = any(f"{k}_config" in config for k in ("speech_encoder", "audio_encoder", "encoder"))
     kind = config.get("model_type", "zipformer")
-    if kind != "zipformer" and not composite:
+    if kind not in ("zipformer", "whisper") and not composite:
         raise CheckError(f"{flag} {path}: config.json describes a {kind!r} model, not a Zipformer "
-                         "encoder")
+                         "or Whisper encoder")
 
 
 def truncate_metrics(path, step: int) -> None:

@@ -329,8 +329,8 @@ def read_manifest(path) -> list[Record]:
 
 
 def _new_file_mode() -> int:
-    """The mode open() would give a new file: 0666 minus the umask. mkstemp makes its files 0600, which
-    would leave other users (a shared group, a web server) unable to read our outputs. The umask can
+    """The mode open() gives a new file: 0666 minus the umask. mkstemp makes its files 0600, which
+    would keep other users (a shared group, a web server) from reading our outputs. The umask can
     only be read by setting it, so it is set back at once."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -339,7 +339,7 @@ def _new_file_mode() -> int:
 
 def write_atomic(path, lines) -> None:
     """Write a whole text file or nothing: temporary file in the same folder, fsync, rename. A crash (or a
-    reader racing the writer) never sees half a file. The file gets the usual permissions (umask)."""
+    reader racing the writer) never sees half a file. It gets the usual permissions (umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, _new_file_mode())
@@ -853,10 +853,10 @@ def collate(items) -> dict:
 
 
 def check_manifest(path, out=sys.stdout, max_audio_seconds: float | None = None) -> bool:
-    """Print a report for one manifest: counts, hours, duration stats, EVERY audio problem (missing or
-    unreadable file, offset or offset + duration past its end, too short or over `max_audio_seconds`; from
-    the file headers, see checks.audio_problems) and EVERY field error (the file is read line by line and
-    keeps going). Returns True when nothing is wrong."""
+    """Print a report for one manifest: counts, hours, duration stats, EVERY audio problem
+    (missing or unreadable file, offset or offset + duration past its end, too short, over
+    `max_audio_seconds`; from the file headers, see checks.audio_problems) and EVERY field error
+    (the file is read line by line and keeps going). Returns True when nothing is wrong."""
     from checks import audio_problems
 
     print(f"== {path}", file=out)
@@ -889,7 +889,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate manifests: counts, hours, audio problems, field errors")
+    check = sub.add_parser("check", help="validate manifests: counts, hours, audio, field errors")
     check.add_argument("manifests", nargs="+")
     check.add_argument("--max-audio-seconds", type=float, default=50.0,
                        help="flag rows longer than this (train.py's default limit; 0: no limit)")

@@ -206,8 +206,8 @@ def train_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
               "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)), "--lr", str(size["lr"]),
               "--max-batch", str(size["batch"]), "--max-duration", "1000", "--num-workers", "0",
               "--log-every", "5", "--valid-every", str(10 * steps), "--save-every", str(steps),
-              "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache"), "--precision", precision,
-              "--overwrite"]  # a phase without its done/ marker is redone, even if it had saved its model
+              "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache"), "--precision", precision]
+    common.append("--overwrite")  # a phase without its done/ marker is redone, saved model or not
     if stage == 1:
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(out / "encoders" / "semantic"),
                  "--train", str(targets / "train_sift_s.jsonl")]

@@ -849,10 +849,11 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
 
 
 def task_audio(task: str, manifest) -> list[data.Record]:
-    """The audio rows of a task file, for the header checks the command line runs before the model loads."""
+    """The audio rows of a task file, for the checks main() runs before loading the model."""
     if task in ("align", "label"):
         return data.read_manifest(manifest)
-    return [it.record for it in {"choice": read_choice, "mcq": read_mcq, "open": read_open}[task](manifest)]
+    read = {"choice": read_choice, "mcq": read_mcq, "open": read_open}[task]
+    return [it.record for it in read(manifest)]
 
 
 def write_judge_file(path: Path, rows: list[dict]) -> None:
@@ -878,7 +879,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="LLM dtype (default: the checkpoint's on CUDA, float32 on CPU)")
-    p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS, help=checks.MAX_AUDIO_HELP)
+    p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
+                   help=checks.MAX_AUDIO_HELP)
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:
         p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -890,13 +892,15 @@ def main(argv=None) -> None:
     try:
         run(args)
     except (checks.CheckError, data.ManifestError, data.AudioError, FileNotFoundError) as e:
-        sys.exit(print(f"error: {checks.first_line(e)}", file=sys.stderr) or 1)  # one line, no traceback
+        print(f"error: {checks.first_line(e)}", file=sys.stderr)  # one line, no traceback
+        sys.exit(1)
 
 
 def run(args) -> None:
-    checks.files_exist([args.manifest], "--manifest")  # before the model loads, as is everything below
+    checks.files_exist([args.manifest], "--manifest")  # these three before the model loads
     checks.device(args.device)
-    checks.manifest_audio(task_audio(args.task, args.manifest), args.manifest, args.max_audio_seconds)
+    checks.manifest_audio(task_audio(args.task, args.manifest), args.manifest,
+                          args.max_audio_seconds)
     from model import AZeroS
 
     systems = [s for s in args.systems.split(",") if s]

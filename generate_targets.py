@@ -255,7 +255,7 @@ def read_rows(in_paths) -> tuple[list[Row], int]:
     rows, blank = [], 0
     for path in in_paths:
         folder = Path(path).resolve().parent
-        with checks.readable(path), _open_lines(path) as f:  # a truncated .gz: one line naming the file
+        with checks.readable(path), _open_lines(path) as f:  # a truncated .gz: one line, named
             for lineno, data in enumerate(f, start=1):
                 source = f"{path}:{lineno}"
                 try:
@@ -524,7 +524,7 @@ def check_resumable(lines: list[str], path: Path, todo_ids: set, mode: str, labe
             raise SystemExit(f"{where}: id {obj.get('id')!r} is not a row of these inputs/this shard; "
                              "wrong --out, --in or --shard?")
         if obj["id"] in done:
-            # a byte-identical repeat (e.g. left by two runs before the output was locked) is dropped; the
+            # a byte-identical repeat (left by two runs before outputs were locked) is dropped; the
             # final rewrite in input order keeps one copy. A differing one cannot be decided here.
             if line == done[obj["id"]]:
                 continue
@@ -597,15 +597,16 @@ def run(in_paths, out, mode: str, backend, *, seed: int = 0, shard: int = 0, nsh
     """Generate targets for one shard of the inputs into shard_path(out), resuming what is already there.
 
     Rows are appended in batch order while running (length-sorted, so not input order); when every row is
-    done, the file is rewritten in input order. `id` is the key: resume skips ids already in the file.
-    The output is locked for the whole run (`<output>.lock`), so two runs never append to one file."""
+    done, the file is rewritten in input order. `id` is the key: resume skips ids already in the
+    file. The output is locked for the whole run (`<output>.lock`): two runs never append to one
+    file."""
     if not 0 <= shard < nshards:
         raise SystemExit(f"--shard {shard} is not in 0..{nshards - 1}")
     path = shard_path(out, shard, nshards)
     if path.suffix == ".gz":
         raise SystemExit("write a plain .jsonl (appends to gzip cannot be repaired after a kill); compress later")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with checks.exclusive_lock(path):  # a second run on the same output stops here, naming the first
+    with checks.exclusive_lock(path):  # a second run on this output stops here, naming the first
         return _run_locked(path, in_paths, mode, backend, seed, shard, nshards, progress, window)
 
 

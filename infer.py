@@ -35,15 +35,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="LLM dtype; auto = the checkpoint's on GPU, float32 on CPU")
-    p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS, help=checks.MAX_AUDIO_HELP)
+    p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
+                   help=checks.MAX_AUDIO_HELP)
     args = p.parse_args(argv)
     args.audio, args.prompt = split_inputs(args.inputs)
     return args
 
 
 def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
-    """All positionals but the last are audio; the last is the prompt, unless it looks like an audio file
-    (an audio extension and no spaces): then it is audio, and a mistyped path is an error, not a question."""
+    """All positionals but the last are audio; the last is the prompt, unless it looks like an audio
+    file (an audio extension, no spaces): then it is audio, and a mistyped path is an error, not a
+    question."""
     last = inputs[-1]
     looks_like_path = os.path.exists(last) or not any(c.isspace() for c in last)
     if last.lower().endswith(AUDIO_EXTENSIONS) and looks_like_path:
@@ -60,7 +62,7 @@ def quiet_libraries() -> None:
 
 
 def check_files(paths: list[str], args) -> None:
-    """Fail on a missing file, bad audio or bad options before the slow imports and the model load."""
+    """Fail on a missing file, bad audio or bad options before the slow imports and the model."""
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"audio file not found: {path}")

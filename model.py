@@ -117,7 +117,7 @@ class AZeroS(nn.Module):
         require(root / "speech_encoder"), require(root / "llm")
         if has_para:
             require(root / "paraling_encoder")
-        checks.model_files(root)  # corrupt or truncated weights / configs: named here, not deep in a library
+        checks.model_files(root)  # a corrupt weight or config file is named, no library traceback
         weights = load_state_dict(find_weights(root))
         require(root / "tokenizer_config.json")
         attn = "flash_attention_2" if config.get("use_flash_attn") else None  # falls back to sdpa if missing

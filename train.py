@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
     g.add_argument("--max-length", type=int, help="truncate token sequences to this length")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
-    g.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS, help=checks.MAX_AUDIO_HELP)
+    g.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
+                   help=checks.MAX_AUDIO_HELP)
     g.add_argument("--spec-augment", action="store_true", help="time/frequency masking on fbank (off by default)")
     g.add_argument("--cache-encoders", metavar="DIR", help="store frozen encoder outputs here; later epochs reuse them")
     g = p.add_argument_group("optimisation")
@@ -183,10 +184,10 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None = None) -> list[list]:
+def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None = None) -> list:
     """Read manifests and refuse the mistakes that would otherwise surface as a crash deep inside a
-    step (or, worse, as silent training on nothing): an empty manifest, rows without a target, and audio
-    that is missing, shorter than its row says, or too long (checked from the file headers)."""
+    step (or, worse, as silent training on nothing): an empty manifest, rows without a target, and
+    audio that is missing, shorter than its row says, or too long (from the file headers)."""
     manifests = []
     for path in paths:
         records = read_manifest(path)
@@ -539,16 +540,16 @@ def save_checkpoint(exp: Path, state: dict, keep_last: int, rank: int):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{state['step']:08d}.pt"
     tmp = folder / f".{path.name}.tmp"
-    with checks.cleaned_up(tmp, f"could not write the checkpoint {path}"):  # e.g. disk full: one line
+    with checks.cleaned_up(tmp, f"could not write the checkpoint {path}"):  # disk full: one line
         torch.save(state, tmp)
         os.replace(tmp, path)
     for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
         old.unlink()
 
 
-def load_checkpoint(exp: Path, resume: str, stage: int, rank: int) -> tuple[Path | None, dict | None]:
-    """The checkpoint --resume asks for, loaded. `latest` falls back to the newest READABLE checkpoint:
-    a file damaged after it was written (a full disk, a copy cut short) costs some steps, not the run."""
+def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint --resume asks for, loaded. `latest` falls back to the newest READABLE one: a
+    file damaged after it was written (a full disk, a cut copy) costs some steps, not the run."""
     candidates = [find_checkpoint(exp, resume)] if resume != "latest" else \
         sorted((exp / "checkpoints").glob("step-*.pt"), reverse=True)
     for path in candidates:
@@ -558,9 +559,11 @@ def load_checkpoint(exp: Path, resume: str, stage: int, rank: int) -> tuple[Path
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, bad pickle: torch raises several types
             if resume != "latest":
-                raise TrainError(f"--resume {path}: unreadable checkpoint ({checks.first_line(e)})") from None
+                raise TrainError(f"--resume {path}: unreadable checkpoint "
+                                 f"({checks.first_line(e)})") from None
             if rank == 0:
-                print(f"note: {path} is unreadable ({checks.first_line(e)}); trying the checkpoint before it")
+                print(f"note: {path} is unreadable ({checks.first_line(e)}); "
+                      "trying the checkpoint before it")
             continue
         checks.checkpoint_stage(ckpt, path, stage)
         return path, ckpt
@@ -702,8 +705,8 @@ def main(argv=None) -> dict:
     specs = [parse_train_spec(s) for s in args.train]
     train_manifests = load_manifests([p for p, _ in specs], "training", args.max_audio_seconds)
     loader, sampler = make_loader(train_manifests, [w for _, w in specs], args, rank, world, shuffle=True)
-    valid_loaders = [make_loader(load_manifests([v], "validation", args.max_audio_seconds), None, args, rank, world,
-                                 shuffle=False)
+    valid_loaders = [make_loader(load_manifests([v], "validation", args.max_audio_seconds), None,
+                                 args, rank, world, shuffle=False)
                      for v in args.valid]
     steps_per_epoch = len(sampler) // args.grad_accum
     if steps_per_epoch == 0 and args.max_steps is None:
@@ -736,7 +739,8 @@ def main(argv=None) -> dict:
 
     # -- resume --------------------------------------------------------------------------------------
     step, epoch = 0, 0
-    ckpt_path, ckpt = load_checkpoint(exp, args.resume, args.stage, rank) if args.resume else (None, None)
+    ckpt_path, ckpt = (load_checkpoint(exp, args.resume, args.stage, rank) if args.resume
+                       else (None, None))
     if ckpt_path is not None:
         for n in names:
             getattr(model, n).load_state_dict(ckpt["projectors"][n])
@@ -759,7 +763,7 @@ def main(argv=None) -> dict:
     # -- loop ---------------------------------------------------------------------------------------
     log_path = exp / "metrics.jsonl"
     if rank == 0:
-        checks.truncate_metrics(log_path, step)  # steps after the checkpoint are run (and logged) again
+        checks.truncate_metrics(log_path, step)  # steps after the checkpoint run (and log) again
     history = []
     batch_log = open(exp / f"batches.rank{rank}.jsonl", "a") if args.log_batches else None
 
@@ -868,7 +872,8 @@ def main(argv=None) -> dict:
 def cli():
     try:
         main()
-    except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:  # one line, no traceback
+    # user-fixable: one line, no traceback
+    except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -271,7 +271,7 @@ def test_stage2_resume_from_stage1_checkpoint(setup, tmp_path):
 
 def test_paraling_encoder_pointing_at_an_llm(setup, tmp_path):
     with pytest.raises(CheckError, match=f"--paraling-encoder {setup['llm']}: config.json describes a 'qwen2' "
-                                         "model, not a Zipformer encoder"):
+                                         "model, not a Zipformer or Whisper encoder"):
         train.main(["--stage", "2", "--init", str(tmp_path), "--paraling-encoder", setup["llm"],
                     "--train", setup["train8"], "--exp", str(tmp_path / "x"), "--num-workers", "0"])
 
