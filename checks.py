@@ -209,7 +209,7 @@ def max_length_cut(e: ValueError, max_length: int | None) -> None:
     """llm.build_batch refuses a row whose audio --max-length cut off: name the flag."""
     if max_length and "audio frames" in str(e):
         raise CheckError(f"--max-length {max_length} cuts into the audio of a row "
-                         f"({first_line(e)}); raise it, or leave it out") from None
+                         f"({first_line(e)}); raise it, or --max-length 0 for no limit") from None
 
 
 def checkpoint_stage(ckpt: dict, path, stage: int) -> None:

@@ -799,7 +799,7 @@ def write_results(out: Path, task: str, results: dict) -> None:
 
 
 def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batch_size: int = 8,
-             max_new_tokens: int = 256, systems=SYSTEMS, limit: int | None = None, segments_fn=None) -> dict:
+             max_new_tokens: int = 200, systems=SYSTEMS, limit: int | None = None, segments_fn=None) -> dict:
     """Run one task end to end with an already loaded model; returns the results dict (also written)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -873,7 +873,7 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--out", default=None, help="output folder (default: eval/<task>)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="official evaluation: 200")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of audio,oracle,silent")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (quick look)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -55,6 +55,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,11 +103,20 @@ _CJK = re.compile(
 _BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]")  # <noise>, [laughter]: annotations, not words
 
 
+ZHCONV_MISSING = ("zhconv is not installed: Chinese transcripts are NOT converted from Traditional to Simplified "
+                  "Chinese as the official pipeline does, so targets of Traditional text differ from the "
+                  "official ones (pip install zhconv)")
+
+
 def _to_simplified(text: str) -> str:
-    """Traditional -> Simplified Chinese, as the official pipeline does, when `zhconv` is installed."""
+    """Traditional -> Simplified Chinese, as the official pipeline does. zhconv is optional (CI and the
+    English demo do without); Chinese text without it gets a warning, never a silent difference."""
+    if not _CJK.search(text):
+        return text
     try:
         from zhconv import convert
     except ImportError:
+        warnings.warn(ZHCONV_MISSING, stacklevel=3)
         return text
     return convert(text, "zh-cn")
 
@@ -124,11 +134,15 @@ def normalize_text(text: str) -> str:
     return _to_simplified(re.sub(r"\s+", " ", text))
 
 
-_NUMBER = re.compile(r"\d+(\.\d*)?")
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
 
 
 def age_group(age: float) -> str | None:
-    """A numeric age -> one of the four groups the datasets use (official `age_to_group`), None if absurd."""
+    """A numeric age -> one of the four groups the datasets use (official `age_to_group`), None if absurd.
+
+    Ages of 200 or more, and of 0 or less, are dropped as unknown. (Official: 200+ raises inside a try and
+    becomes "null", dropped; an int 0 is falsy and never reaches the function; but "0" and negative ages fall
+    into its `elif age < 40` branch and become "young adult", an accident of a chain with no lower bound.)"""
     age = int(age)
     if not 0 < age < 200:
         return None

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero or more audio files followed by the prompt (the prompt may be omitted after audio)")
     p.add_argument("--model", default="AudenAI/azeros", help="model folder or hub id (default: %(default)s)")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="answer length limit (official: 200)")
     p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

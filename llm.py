@@ -282,7 +282,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll * mask, mask
 
 
-def generation_kwargs(llm, tokenizer, max_new_tokens: int = 256, temperature: float | None = None,
+def generation_kwargs(llm, tokenizer, max_new_tokens: int = 200, temperature: float | None = None,
                       top_p: float | None = None, **extra) -> dict:
     """Arguments for `llm.generate`: greedy unless a temperature > 0 is given.
 

@@ -346,7 +346,8 @@ class AZeroS(nn.Module):
                  **gen) -> list[str]:
         """Answer each row. audio: list of waveforms, an (feats, feat_lens) tuple, or None (text only).
 
-        gen: max_new_tokens (256), temperature/top_p (greedy when no temperature), other HF generate args.
+        gen: max_new_tokens (200, as the official generate_config), temperature/top_p (greedy when no
+        temperature), other HF generate args.
         """
         segments = None if audio is None else self.audio_segments(*self.features(audio))
         batch = L.build_batch(self.llm, self.tokenizer, messages, segments, training=False, system=system)

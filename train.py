@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -93,20 +95,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-duration", type=float, default=200.0, help="padded seconds of audio per batch and rank")
     g.add_argument("--max-batch", type=int, default=64, help="utterances per batch at most")
     g.add_argument("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
-    g.add_argument("--max-length", type=int, help="truncate token sequences to this length")
+    g.add_argument("--max-length", type=int, default=512,
+                   help="truncate token sequences to this length (official: 512; 0 = no limit)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
     g.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                    help=checks.MAX_AUDIO_HELP)
-    g.add_argument("--spec-augment", action="store_true", help="time/frequency masking on fbank (off by default)")
-    g.add_argument("--cache-encoders", metavar="DIR", help="store frozen encoder outputs here; later epochs reuse them")
+    g.add_argument("--no-spec-augment", dest="spec_augment", action="store_false",
+                   help="turn off SpecAugment (on by default, as the official recipe: Lhotse's time warp and\n"
+                        "frequency/time masks on the fbank)")
+    g.add_argument("--cache-encoders", metavar="DIR",
+                   help="store frozen encoder outputs here; later epochs reuse them (needs --no-spec-augment)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (official recipe: 1e-3)")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the linear decay")
-    g.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up from 0 to --lr")
-    g.add_argument("--decay-steps", type=int, help="step at which the decay reaches --min-lr (default: total steps)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-3, help="base learning rate of Adam (official recipe: 1e-3)")
+    g.add_argument("--schedule", choices=["eden2", "linear"], default="eden2",
+                   help="eden2 (official): lr * (1 + (step/--lr-batches)^2)^-0.5, warm-up from lr/2 over\n"
+                        "--warmup-steps; linear: warm-up from 0, then linear decay to --min-lr at --decay-steps")
+    g.add_argument("--lr-batches", type=float, default=7500, help="eden2: step at which lr has fallen by 1/sqrt(2)")
+    g.add_argument("--warmup-steps", type=int, default=500, help="warm-up length (official eden2: 500)")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="linear: learning rate at the end of the decay")
+    g.add_argument("--decay-steps", type=int, help="linear: step at which the decay reaches --min-lr (default: last)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam's L2 weight decay (official: 0)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0: off, as official)")
+    g.add_argument("--average-period", type=int, default=200,
+                   help="every N steps fold the weights into a running uniform average, which is what the\n"
+                        "final model holds (official use_averaged_model, average_period 200; 0: off)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
@@ -239,7 +252,7 @@ def build_model(args, device):
     from model import AZeroS  # imported here so `python train.py --help` is instant
 
     # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16 anyway).
-    # The projectors stay fp32: they are the master weights AdamW updates.
+    # The projectors stay fp32: they are the master weights Adam updates.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for flag, path in (("--speech-encoder", args.speech_encoder), ("--paraling-encoder", args.paraling_encoder),
                        ("--init", args.init)):
@@ -334,8 +347,17 @@ class TrainedPart(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
+def eden2(step: int, lr: float, lr_batches: float = 7500, warmup: float = 500) -> float:
+    """The official schedule (Auden's Eden2, which the recipe's `eden` config builds for an infinite
+    dataset): a slow inverse-square-root-like decay, lr/sqrt(2) at step lr_batches, times a warm-up that
+    rises linearly from 1/2 to 1 over the first `warmup` steps. `step` counts optimizer updates from 1,
+    as the official trainer does (it sets the rate for batch b before the b-th update)."""
+    warm = 0.5 + 0.5 * step / warmup if step < warmup else 1.0
+    return lr * (1 + (step / lr_batches) ** 2) ** -0.5 * warm
+
+
 def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> float:
-    """Multiplier of --lr for optimizer step `step` (0-based), the schedule:
+    """`--schedule linear`, multiplier of --lr for optimizer step `step` (0-based) (the demo's short runs):
 
         lr
         |     /\\
@@ -344,9 +366,8 @@ def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> flo
         |  /             \\___ min_lr, then flat
         +--warmup--------decay_steps---> step
 
-    Linear warm-up from ~0 avoids big early updates from AdamW's not yet calibrated second moments (the
-    projector starts random and the first gradients are large); linear decay anneals to a low rate so the
-    last steps refine rather than jump.
+    Warm-up from ~0 avoids big early updates while Adam's second moments are not calibrated; the linear
+    decay anneals a run of a few hundred steps, which Eden2 (tuned for 10^5 steps) would hardly decay.
     """
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -356,37 +377,99 @@ def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> flo
     return 1.0 - progress * (1.0 - min_ratio)
 
 
+def learning_rate(step: int, args, decay_steps: int) -> float:
+    """Learning rate of optimizer update number `step` (1-based)."""
+    if args.schedule == "eden2":
+        return eden2(step, args.lr, args.lr_batches, args.warmup_steps)
+    return args.lr * lr_factor(step - 1, args.warmup_steps, decay_steps, args.min_lr / args.lr)
+
+
 # ---------------------------------------------------------------------------------------------------
-# 6. SpecAugment on fbank (optional)
+# 6. SpecAugment on fbank (Park et al. 2019), Lhotse's rule as the official recipe configures it
 # ---------------------------------------------------------------------------------------------------
 
 
-def spec_augment(feats: torch.Tensor, feat_lens: torch.Tensor, generator: torch.Generator,
-                 freq_masks: int = 2, freq_width: int = 27, time_masks: int = 10, time_fraction: float = 0.15,
-                 time_width: int = 100) -> torch.Tensor:
-    """Mask random frequency bands and time spans (Park et al. 2019; Lhotse's defaults, no time warping) with
-    each utterance's mean. The encoders are frozen, so this only regularises the projector: it sees slightly
-    damaged encoder outputs and must still produce the target. Off by default; worth it when the data is
-    small enough for the projector to memorise. Random numbers come from `generator` (CPU) so a resumed run
-    draws the same masks."""
-    feats = feats.clone()
-    B, _, F = feats.shape
-    for b in range(B):
-        T = int(feat_lens[b])
-        if T == 0:
-            continue
-        x = feats[b, :T]
-        fill = x.mean()
-        for _ in range(freq_masks):
-            w = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
-            f0 = int(torch.randint(0, max(1, F - w), (1,), generator=generator))
-            x[:, f0:f0 + w] = fill
-        width = min(time_width, int(time_fraction * T))
-        for _ in range(time_masks if width > 0 else 0):
-            w = int(torch.randint(0, width + 1, (1,), generator=generator))
-            t0 = int(torch.randint(0, max(1, T - w), (1,), generator=generator))
-            x[t0:t0 + w] = fill
-    return feats
+@dataclasses.dataclass
+class SpecAugment:
+    """Lhotse's SpecAugment with the official recipe's settings. Per utterance, on its own frames:
+
+    - time warp (probability p): a random centre frame c (at least `time_warp` frames from either end) moves
+      to w, up to `time_warp` frames away; both sides are resized with bicubic interpolation. Clips of
+      at most 2 * time_warp + 1 frames (1.6 s) are not warped.
+    - masks (a second, independent draw with probability p), filled with the utterance's mean:
+      `freq_masks` bands of 0..freq_width-1 bins, and n = min(time_masks, ceil(M / time_width)) spans of
+      0..min(time_width, M // n) - 1 frames, where M = max_time_fraction * frames, so the spans cannot
+      add up to more than 15% of the utterance.
+
+    The encoders are frozen, so this only regularises the projectors: they see slightly damaged encoder
+    outputs and must still produce the target."""
+    time_warp: int = 80
+    freq_masks: int = 2
+    freq_width: int = 27
+    time_masks: int = 10
+    time_width: int = 100
+    max_time_fraction: float = 0.15
+    p: float = 0.9
+
+    def __call__(self, feats: torch.Tensor, feat_lens: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B, T, F) fbank -> augmented copy; padding frames are left alone. All random numbers come from
+        `gen` (a CPU generator), so a resumed run draws the same augmentation."""
+        feats = feats.clone()
+        for b, n in enumerate(feat_lens.tolist()):
+            if n == 0:
+                continue
+            x = feats[b, :n]
+            if rand(gen) < self.p:
+                x = self.warp(x, gen)
+            if rand(gen) < self.p:
+                x = self.mask(x, gen)
+            feats[b, :n] = x
+        return feats
+
+    def warp(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        T, W = x.shape[0], self.time_warp
+        if W < 1 or T - W <= W + 1:
+            return x
+        centre = randint(W + 1, T - W, gen)
+        moved = randint(centre - W, centre + W + 1, gen)
+        if moved == centre:
+            return x
+        img = x[None, None]  # (1, 1, T, F): interpolate resizes the last two dimensions
+        left = F.interpolate(img[:, :, :centre], size=(moved, x.shape[1]), mode="bicubic", align_corners=False)
+        right = F.interpolate(img[:, :, centre:], size=(T - moved, x.shape[1]), mode="bicubic", align_corners=False)
+        return torch.cat([left, right], dim=2)[0, 0]
+
+    def mask(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x, fill = x.clone(), x.mean()
+        T, n_bins = x.shape
+        for start, width in spans(self.freq_masks, self.freq_width, n_bins, gen):
+            x[:, start:start + width] = fill
+        budget = self.max_time_fraction * T  # at most this many frames masked in all
+        count = min(self.time_masks, math.ceil(budget / self.time_width))
+        width = min(self.time_width, int(budget // count)) if count else 0
+        if width >= 1:
+            for start, w in spans(count, width, T, gen):
+                x[start:start + w] = fill
+        return x
+
+
+SPEC_AUGMENT = SpecAugment()  # the official recipe's settings (Lhotse's defaults)
+
+
+def rand(gen: torch.Generator) -> float:
+    return float(torch.rand((), generator=gen))
+
+
+def randint(low: int, high: int, gen: torch.Generator) -> int:
+    """Uniform in [low, high)."""
+    return int(torch.randint(low, high, (), generator=gen))
+
+
+def spans(count: int, max_width: int, size: int, gen: torch.Generator) -> list[tuple[int, int]]:
+    """Lhotse's masks: widths uniform in [0, max_width), starts uniform where the span fits."""
+    widths = torch.randint(0, max_width, (count,), generator=gen)
+    starts = (torch.rand(count, generator=gen) * (size - widths)).long()
+    return list(zip(starts.tolist(), widths.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -500,6 +583,50 @@ class EncoderCache:
 # ---------------------------------------------------------------------------------------------------
 
 
+class WeightAverage:
+    """A running uniform average of the trained weights, as the official trainer keeps it
+    (use_averaged_model, average_period; icefall's update_averaged_model).
+
+    Every `period` steps, at step s: avg = avg * (1 - period/s) + weights * (period/s). After the updates at
+    steps period, 2 period, ..., k period, avg is the plain mean of those k snapshots: late-training noise
+    averages out. Kept in float64 (a mean of thousands of snapshots must not lose their small differences),
+    stored in every checkpoint and restored on resume, so a resumed run averages exactly like an
+    uninterrupted one. Only the projectors being trained are averaged: everything else is frozen, and the
+    mean of a constant is the constant."""
+
+    def __init__(self, model, names: list[str], period: int):
+        self.period, self.updates = period, 0
+        self.params = {f"{n}.{k}": p for n in names for k, p in getattr(model, n).named_parameters()}
+        self.avg = {k: p.detach().double().cpu().clone() for k, p in self.params.items()}
+
+    def update(self, step: int):
+        if self.period <= 0 or step % self.period != 0:
+            return
+        w = self.period / step
+        for k, p in self.params.items():
+            # weights * w is rounded to the parameters' float32 before the float64 sum, as in the official code
+            self.avg[k].mul_(1 - w).add_(p.detach().cpu() * w)
+        self.updates += 1
+
+    def copy_to(self, model) -> str:
+        """Load the average into the model (for export); a sentence saying which weights it now holds."""
+        if self.updates == 0:
+            return "last weights: no average yet" if self.period > 0 else "last weights: averaging off"
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.avg[k])
+        return f"uniform average of {self.updates} snapshots, one every {self.period} steps"
+
+    def state_dict(self) -> dict:
+        return {"period": self.period, "updates": self.updates, "weights": self.avg}
+
+    def load_state_dict(self, state: dict):
+        if state["period"] != self.period:
+            raise TrainError(f"the checkpoint averaged every {state['period']} steps, this run "
+                             f"--average-period {self.period}: use the same period to resume")
+        self.updates, self.avg = state["updates"], {k: v.clone() for k, v in state["weights"].items()}
+
+
 def rng_state(specaug_gen: torch.Generator) -> dict:
     """Every random stream of this process. weights_only loading accepts tensors and plain Python values, so
     numpy's state array travels as a tensor."""
@@ -611,9 +738,9 @@ def encoder_outputs(model, batch, device, cache: EncoderCache | None, specaug_ge
     if per_utt is None:
         feats, feat_lens = model.front_end(batch["waves"], batch["wave_lens"], device=device)
         if specaug_gen is not None and isinstance(feats, dict):  # Whisper + Zipformer front ends
-            feats = {b: spec_augment(f, feat_lens[b], specaug_gen) for b, f in feats.items()}
+            feats = {b: SPEC_AUGMENT(f, feat_lens[b], specaug_gen) for b, f in feats.items()}
         elif specaug_gen is not None:
-            feats = spec_augment(feats, feat_lens, specaug_gen)
+            feats = SPEC_AUGMENT(feats, feat_lens, specaug_gen)
         with autocast(device, precision):
             out = model.encode(feats, feat_lens)
         per_utt = {b: unpad(*out[b]) for b in branches}
@@ -636,7 +763,7 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
         enc = encoder_outputs(model, batch, device, cache, specaug_gen if train else None, args.precision)
         messages = [model.training_messages(r) for r in batch["records"]]
         with autocast(device, args.precision):
-            out = net(messages=messages, encoder_outputs=enc, max_length=args.max_length)
+            out = net(messages=messages, encoder_outputs=enc, max_length=args.max_length or None)
         if train:
             checks.batch_tokens(float(out["num_tokens"]), batch["records"], args.max_length)
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if the
@@ -688,6 +815,11 @@ def batches_forever(loader, sampler, epoch: int, on_epoch_end):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.spec_augment and args.cache_encoders:
+        # Cached outputs are those of unaugmented features; SpecAugment draws new masks at every step, so a
+        # cache would either be wrong or never hit. Refused rather than silently bypassed.
+        raise TrainError("--cache-encoders stores encoder outputs of unaugmented fbank, but SpecAugment (on by "
+                         "default) changes the fbank at every step: add --no-spec-augment to use the cache")
     rank, world, device = setup_distributed(args.device)
     args.precision = resolve_precision(args.precision, device)
     exp = Path(args.exp)
@@ -719,16 +851,15 @@ def main(argv=None) -> dict:
     model.eval()  # frozen LLM and encoders: no dropout, fixed norms. (The projectors have no dropout either.)
     names = trainable_names(model, args.stage)
     params = [p for n in names for p in getattr(model, n).parameters()]
-    if args.spec_augment and args.cache_encoders:
-        raise TrainError("--spec-augment changes the encoder input every epoch, so it cannot use --cache-encoders")
     net = TrainedPart(model, names)
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    # AdamW over the projector parameters only: optimizer state is 2x the projector, not 2x the LLM.
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, args.warmup_steps, decay_steps, args.min_lr / args.lr))
+    # Adam (the official optimizer) over the projector parameters only: its state is 2x the projector, not
+    # 2x the LLM. The learning rate is set before every update from the step count (learning_rate), so it
+    # needs no scheduler state.
+    optimizer = torch.optim.Adam(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                                 fused=device.type == "cuda")
+    average = WeightAverage(model, names, args.average_period)
     cache = None
     if args.cache_encoders:
         fps = {"speech": encoder_fingerprint(model.speech_encoder)}
@@ -745,7 +876,9 @@ def main(argv=None) -> dict:
         for n in names:
             getattr(model, n).load_state_dict(ckpt["projectors"][n])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if "average" not in ckpt:
+            raise TrainError(f"{ckpt_path} was written by an older train.py (no weight average): start afresh")
+        average.load_state_dict(ckpt["average"])
         sampler.load_state_dict(ckpt["sampler"])
         step, epoch = ckpt["step"], ckpt["sampler"]["epoch"]
         if len(ckpt["rng"]) == world:
@@ -775,7 +908,7 @@ def main(argv=None) -> dict:
 
     def checkpoint():
         state = {"step": step, "projectors": {n: getattr(model, n).state_dict() for n in names},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "optimizer": optimizer.state_dict(), "average": average.state_dict(),
                  "sampler": {"epoch": epoch, "batches_done": done}, "rng": gather_objects(rng_state(specaug_gen)),
                  "args": {k: v for k, v in vars(args).items() if k != "resume"}}
         save_checkpoint(exp, state, args.keep_last, rank)
@@ -813,11 +946,13 @@ def main(argv=None) -> dict:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        lr = optimizer.param_groups[0]["lr"]
+        lr = learning_rate(step + 1, args, decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        average.update(step)
         bar.update(1)
 
         if step % args.log_every == 0 or step == total_steps:
@@ -862,9 +997,12 @@ def main(argv=None) -> dict:
     log({"step": step, "event": "end", "world_size": world, "rank_weight_max_diff": rank_diff})
     if rank_diff != 0.0:
         raise TrainError(f"ranks ended with different projector weights (max diff {rank_diff:g})")
+    # The release holds the averaged weights, as the official export does (it prefers a checkpoint's
+    # model_avg); the last raw weights stay in the last checkpoint. Too short a run has no average yet.
+    exported = average.copy_to(model)
     if rank == 0:
         model.save_pretrained(str(exp))
-        print(f"saved the stage-{args.stage} model to {exp}")
+        print(f"saved the stage-{args.stage} model to {exp} ({exported})")
     barrier()
     return {"model": model, "history": history, "step": step, "exp": exp}
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -461,3 +462,24 @@ def test_cli_killed_with_sigkill_then_resumed_is_identical(tmp_path, tiny_dir):
     assert done.returncode == 0, done.stderr
     assert "in 24 = out 24 + skipped 0" in done.stderr and f"{n_written} already done" in done.stderr
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+def test_chinese_without_zhconv_warns_loudly(monkeypatch):
+    """The official pipeline converts Traditional to Simplified Chinese; without zhconv we cannot, and say so
+    (once per call site) instead of passing Traditional text on silently. Text without CJK needs nothing."""
+    monkeypatch.setitem(sys.modules, "zhconv", None)  # `from zhconv import convert` now raises ImportError
+    with pytest.warns(UserWarning, match=r"zhconv is not installed: Chinese transcripts are NOT converted"):
+        assert gt.normalize_text("我們那邊") == "我們那邊"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gt.normalize_text("Hello there") == "hello there"
+
+
+@pytest.mark.parametrize("age,group", [(17, "teenager"), ("18", "young adult"), (39.9, "young adult"),
+                                       (40, "middle-age adult"), ("60", "middle-age adult"), (61, "senior"),
+                                       (199, "senior"), (200, None), ("250", None), (0, None), ("0", None),
+                                       (-5, None), ("-5", None), ("-0.5", None)])
+def test_numeric_ages_map_to_the_official_groups(age, group):
+    """Official age_to_group bands (<18, <40, <=60, <200); ages of 200+ and of 0 or less carry no age."""
+    meta = gt.normalize_meta({"age": age, "gender": "female"})
+    assert meta == ({"age": group, "gender": "female"} if group else {"gender": "female"})

@@ -65,3 +65,9 @@ def test_errors_and_modes_in_process(release, tmp_path, capsys):
     # no audio: a text question for the frozen LLM
     assert infer.main(["hello", "--model", str(release), "--max-new-tokens", "4", "--system", "Be brief."]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_defaults_are_the_official_generation_config():
+    """Greedy, at most 200 new tokens: the official generate_config (examples/azeros README and evaluate.py)."""
+    args = infer.parse_args(["a.wav", "Describe the audio."])
+    assert args.max_new_tokens == 200 and args.temperature is None

@@ -4,7 +4,9 @@ Everything runs on CPU with tiny random models built here (no network). Most run
 in-process (the import of torch/transformers is paid once); the DDP test launches a real
 `torchrun --nproc_per_node=2` with the gloo backend.
 """
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -97,14 +99,70 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert f[14:] == pytest.approx([0.1] * 6)  # then flat at min_lr
 
 
-def test_spec_augment_masks_only_valid_frames_and_is_reproducible():
-    feats = torch.randn(2, 50, 80)
-    feats[1, 30:] = -23.0
-    lens = torch.tensor([50, 30])
-    a = train.spec_augment(feats, lens, torch.Generator().manual_seed(0))
-    b = train.spec_augment(feats, lens, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and not torch.equal(a, feats)
-    assert torch.equal(a[1, 30:], feats[1, 30:])  # padding untouched
+def test_eden2_schedule_is_the_official_formula():
+    """lr(b) = 1e-3 * (1 + (b/7500)^2)^-0.5 * w(b), w(b) = 0.5 + 0.5 b/500 below b = 500, else 1 (Auden's Eden2
+    as the official config builds it), evaluated by hand."""
+    expected = {0: 1e-3 * 0.5,
+                250: 1e-3 * (1 + (250 / 7500) ** 2) ** -0.5 * 0.75,
+                500: 1e-3 / math.sqrt(1 + 1 / 15**2),
+                7500: 1e-3 / math.sqrt(2),
+                30000: 1e-3 / math.sqrt(17)}
+    for step, lr in expected.items():
+        assert train.eden2(step, 1e-3) == pytest.approx(lr, rel=1e-12), step
+    args = train.parse_args(["--stage", "1", "--train", "x", "--exp", "x"])  # the defaults are official
+    assert (args.schedule, args.lr, args.lr_batches, args.warmup_steps) == ("eden2", 1e-3, 7500, 500)
+    assert (args.weight_decay, args.grad_clip, args.max_length, args.average_period) == (0.0, 0.0, 512, 200)
+    assert args.spec_augment and train.learning_rate(250, args, 0) == pytest.approx(expected[250], rel=1e-12)
+
+
+def masked(x: torch.Tensor, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames, bins) that a SpecAugment mask set to `fill` throughout (random input is never constant)."""
+    hit = x == fill
+    return hit.all(1), hit.all(0)
+
+
+def test_spec_augment_lhotse_bounds_over_many_draws():
+    """Time masks: at most 15% of an utterance's frames, on 2-10 s clips; frequency masks: at most
+    2 x 27 bins; both drawn with probability 0.9 (one SpecAugment per utterance, padding untouched)."""
+    aug = dataclasses.replace(train.SPEC_AUGMENT, time_warp=0)  # warping moves values: masks measured alone
+    gen = torch.Generator().manual_seed(0)
+    fractions, bins, untouched = [], [], 0
+    for i in range(300):
+        n = 200 + (i * 37) % 801  # 2..10 s of 10 ms frames
+        feats = torch.randn(2, 1000, 80)
+        lens = torch.tensor([n, 1000])
+        out = aug(feats, lens, gen)
+        assert torch.equal(out[0, n:], feats[0, n:])
+        x = out[0, :n]
+        frames, freq = masked(x, feats[0, :n].mean())
+        fractions.append(float(frames.float().mean()))
+        bins.append(int(freq.sum()))
+        untouched += torch.equal(out[0], feats[0])
+    assert max(fractions) <= 0.15 and max(bins) <= 2 * 27
+    assert max(fractions) > 0.10 and max(bins) > 27  # the masks do reach near their limits
+    assert 0.05 < untouched / 300 < 0.17  # p = 0.9: about one utterance in ten is left alone
+
+
+def test_spec_augment_time_warp():
+    """Warping (probability 0.9) changes a 5 s ramp but keeps its ends and its length; clips of at most
+    2 x 80 + 1 frames are never warped (Lhotse's rule)."""
+    aug = dataclasses.replace(train.SPEC_AUGMENT, freq_masks=0, time_masks=0, p=1.0)
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.arange(500, dtype=torch.float32)[None, :, None].expand(1, 500, 80).contiguous()
+    changed = 0
+    for _ in range(50):
+        out = aug(ramp, torch.tensor([500]), gen)
+        assert out.shape == ramp.shape
+        assert abs(float(out[0, 0, 0])) < 1 and abs(float(out[0, -1, 0]) - 499) < 1
+        changed += not torch.equal(out, ramp)
+    assert changed >= 45  # unchanged only when the drawn target equals the centre (1 in 161)
+    short = torch.randn(1, 161, 80)
+    assert torch.equal(aug(short, torch.tensor([161]), gen), short)
+
+
+def test_spec_augment_refuses_the_encoder_cache(setup, tmp_path):
+    with pytest.raises(train.TrainError, match="add --no-spec-augment to use the cache"):
+        train.main(stage1_args(setup, tmp_path / "x", "--cache-encoders", str(tmp_path / "c")))
 
 
 def test_checkpoints_atomic_and_rotated(tmp_path):
@@ -161,7 +219,8 @@ def test_overfit_halves_loss_and_only_projector_learns(setup, tmp_path):
     never require or receive gradients, metrics.jsonl has the logged numbers, the export is the release
     layout and loads back with the trained weights."""
     exp = tmp_path / "exp"
-    r = train.main(stage1_args(setup, exp, "--max-steps", "60", "--cache-encoders", str(tmp_path / "cache"),
+    r = train.main(stage1_args(setup, exp, "--max-steps", "60", "--no-spec-augment",
+                               "--cache-encoders", str(tmp_path / "cache"),
                                "--valid", setup["train8"], "--valid-every", "30", train="train16"))
     loss = losses(r)
     assert len(loss) == 60 and loss[-1] <= 0.5 * loss[0], (loss[0], loss[-1])
@@ -188,20 +247,51 @@ def test_overfit_halves_loss_and_only_projector_learns(setup, tmp_path):
 
 
 def test_resume_is_exact(setup, tmp_path):
-    """3 steps, then resume for 3 more == 6 steps in one go (grad accumulation 2, SpecAugment on, so the
-    sampler position, optimizer, scheduler and RNG states all have to come back)."""
-    common = ("--max-duration", "1.6", "--grad-accum", "2", "--spec-augment", "--decay-steps", "6",
-              "--save-every", "2", "--keep-last", "2")
+    """3 steps, then resume for 3 more == 6 steps in one go (grad accumulation 2, SpecAugment on, weight
+    averaging every 2 steps, so the sampler position, optimizer, average and RNG states all have to come
+    back): the same losses, the same last weights, bit-identical averaged weights."""
+    common = ("--max-duration", "1.6", "--grad-accum", "2", "--average-period", "2",
+              "--save-every", "2", "--keep-last", "3")
     full = train.main(stage1_args(setup, tmp_path / "full", "--max-steps", "6", *common))
     first = train.main(stage1_args(setup, tmp_path / "split", "--max-steps", "3", *common))
     assert first["step"] == 3
     second = train.main(stage1_args(setup, tmp_path / "split", "--max-steps", "6", "--resume", *common))
     assert second["step"] == 6
     assert losses(first) + losses(second) == pytest.approx(losses(full), abs=1e-6)
-    a, b = projector_state(tmp_path / "full"), projector_state(tmp_path / "split")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
-    assert ckpts == ["step-00000004.pt", "step-00000006.pt"]
+    assert ckpts == ["step-00000003.pt", "step-00000004.pt", "step-00000006.pt"]
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "step-00000006.pt", weights_only=True)
+            for run in ("full", "split"))
+    last_a, last_b = a["projectors"]["speech_encoder_projector"], b["projectors"]["speech_encoder_projector"]
+    assert max(float((last_a[k] - last_b[k]).abs().max()) for k in last_a) < 1e-6
+    assert a["average"]["updates"] == b["average"]["updates"] == 3
+    assert all(torch.equal(a["average"]["weights"][k], b["average"]["weights"][k]) for k in a["average"]["weights"])
+    exported = projector_state(tmp_path / "full"), projector_state(tmp_path / "split")
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+    # the loop sets Eden2's rate for update b (from 1) before that update, as the official trainer
+    assert [h["lr"] for h in full["history"] if "lr" in h] == [train.eden2(b, 1e-2, 7500, 2) for b in range(1, 7)]
+
+
+def test_exported_weights_are_the_uniform_average(setup, tmp_path):
+    """With --average-period 2, six steps: the average (float64, in the checkpoint) is the mean of the
+    weights after steps 2, 4 and 6, and model.safetensors holds it (rounded to float32) rather than the
+    last weights, as the official export holds model_avg. The official update rounds weights * (2/s) to
+    float32 before the float64 sum: each of the 3 terms is off by at most half an fp32 ulp of itself."""
+    exp = tmp_path / "avg"
+    train.main(stage1_args(setup, exp, "--max-steps", "6", "--max-duration", "1.6", "--average-period", "2",
+                           "--save-every", "2", "--keep-last", "3"))
+    ckpt = {s: torch.load(exp / "checkpoints" / f"step-{s:08d}.pt", weights_only=True) for s in (2, 4, 6)}
+    snaps = {s: c["projectors"]["speech_encoder_projector"] for s, c in ckpt.items()}
+    avg = ckpt[6]["average"]["weights"]
+    exported = projector_state(exp)
+    eps = torch.finfo(torch.float32).eps
+    for k, v in snaps[6].items():
+        mean = sum(snaps[s][k].double() for s in (2, 4, 6)) / 3
+        got = avg[f"speech_encoder_projector.{k}"]
+        assert got.dtype == torch.float64
+        assert ((got - mean).abs() <= 3 * eps * max(float(snaps[s][k].abs().max()) for s in snaps)).all(), k
+        assert torch.equal(exported[f"speech_encoder_projector.{k}"], got.float()), k
+        assert not torch.equal(exported[f"speech_encoder_projector.{k}"], v)  # not the last weights
 
 
 def test_ssp_rows_train_exactly_like_sp_rows(setup, tmp_path):
@@ -232,7 +322,7 @@ def test_cached_encoders_equal_uncached(setup, tmp_path, monkeypatch):
     calls = []
     encode = AZeroS.encode
     monkeypatch.setattr(AZeroS, "encode", lambda self, f, n: calls.append(len(n)) or encode(self, f, n))
-    common = ("--max-duration", "1.6", "--epochs", "3", "--num-buckets", "1")
+    common = ("--max-duration", "1.6", "--epochs", "3", "--num-buckets", "1", "--no-spec-augment")
     plain = train.main(stage1_args(setup, tmp_path / "plain", *common))
     n_plain, calls[:] = len(calls), []
     cached = train.main(stage1_args(setup, tmp_path / "cached", *common, "--cache-encoders", str(tmp_path / "c")))
@@ -253,7 +343,7 @@ def test_bf16_autocast_on_cpu(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(AZeroS, "forward", lambda self, *a, **k: seen.append(torch.get_autocast_dtype("cpu")
                                                                              if torch.is_autocast_enabled("cpu")
                                                                              else None) or forward(self, *a, **k))
-    common = ("--max-steps", "3", "--max-duration", "1.6")
+    common = ("--max-steps", "3", "--max-duration", "1.6", "--no-spec-augment")
     fp32 = train.main(stage1_args(setup, tmp_path / "fp32", *common, "--precision", "fp32",
                                   "--cache-encoders", str(tmp_path / "cache")))
     assert seen == [None] * 3
