@@ -1,6 +1,6 @@
 """The data side of AZeroS: manifests, audio, the fbank front end, batching.
 
-Everything the frozen Zipformer encoders see passes through this file (DESIGN.md, top of the diagram):
+Everything the frozen Zipformer encoders see passes through this file (the top of model.py's diagram):
 
     manifest line --read_manifest--> Record --load_audio--> 16 kHz mono float waveform in [-1, 1]
                   --fbank--> 80-bin Kaldi log-mel at 100 Hz --> zipformer.py (frozen)
@@ -49,7 +49,7 @@ LOG_ZERO = math.log(1e-10)
 
 @dataclass
 class Record:
-    """One utterance: a line of our JSONL manifest (DESIGN.md "Manifest"), plus the fields that
+    """One utterance: a line of our JSONL manifest (README "Data"), plus the fields that
     generate_targets.py adds (mode ... model). `audio` is always an absolute, resolved path."""
 
     id: str
@@ -161,7 +161,7 @@ class _LineChecker:
 
 
 def _record_from_ours(obj: dict, folder: Path, check: _LineChecker) -> Record:
-    """Our JSONL schema (DESIGN.md): id, audio, duration required; everything else optional."""
+    """Our JSONL schema (README "Data"): id, audio, duration required; everything else optional."""
     rec = Record(
         id=check.string(obj, "id", required=True),
         audio=check.string(obj, "audio", required=True),

@@ -165,7 +165,7 @@ def parse_option(answer: str, choices: list[str]) -> str | None:
 # female, "anger" -> angry); an answer scores when its surface forms name exactly one label.
 
 ATTRIBUTES = ("gender", "age", "emotion", "language")
-AGE_GROUPS = ("teenager", "young adult", "middle-age adult", "senior")  # DESIGN.md age mapping
+AGE_GROUPS = ("teenager", "young adult", "middle-age adult", "senior")  # generate_targets.age_group
 # A reference value that is no label. Target generation drops exactly the official recipe's spellings
 # (generate_targets.UNKNOWN_VALUES) so the targets match the official ones; scoring also ignores a few more
 # spellings of "no value", because counting "none" as a wrong answer would only add noise to the accuracy.

@@ -124,9 +124,9 @@ def _to_simplified(text: str) -> str:
 def normalize_text(text: str) -> str:
     """The transcript as the LLM sees it (official `text_normalization(case='lower', simplified_chinese=True)`).
 
-    Bracketed annotations go (DESIGN.md; the official call leaves them in, but "[laughter]" is not something
-    the speaker said), then lower case, CJK-aware spacing, whitespace collapsed. Punctuation is kept: the
-    LLM reads sentences, not ASR tokens.
+    Bracketed annotations go (a deliberate difference: the official call leaves them in, but "[laughter]"
+    is not something the speaker said), then lower case, CJK-aware spacing, whitespace collapsed.
+    Punctuation is kept: the LLM reads sentences, not ASR tokens.
     """
     text = _BRACKETED.sub("", text).lower()
     pieces = [p for p in _CJK.split(text) if p.strip()]

@@ -15,9 +15,11 @@ The semantic encoder may also be Whisper (paper Table 6; whisper_encoder.py): gi
 Whisper folder instead of a Zipformer one. Each encoder reads its own front end (Kaldi fbank for
 Zipformers, Whisper's log-mel for Whisper), and config.json records each encoder's model_type.
 
-Checkpoints use the layout of the released `AudenAI/azeros` (DESIGN.md): a root config.json, the projector
+Checkpoints use the layout of the released `AudenAI/azeros`: a root config.json, the projector
 weights in model.safetensors, the tokenizer at the root, and the frozen parts as sub-folders llm/,
-speech_encoder/, paraling_encoder/. A model saved here loads in the official code and vice versa.
+speech_encoder/, paraling_encoder/. The official release loads here as is; a model saved here loads in the
+official code with `AzerosModel.from_pretrained(folder, strict=False)` (model.safetensors holds only the
+projectors, so the default strict=True reports the frozen parts' keys as missing).
 
 One numerical detail matters for parity: the official code casts projector outputs to float16 before they
 are spliced into the LLM input. The released projectors were trained behind that rounding, so we keep it

@@ -21,9 +21,14 @@ the same answer. Only the projectors learn; the Zipformer encoders and the LLM s
         --train sift_sp.jsonl:1 sift_s.jsonl:0.5 --valid dev.jsonl --exp exp/stage2
     torchrun --nproc_per_node=8 train.py ...        # same flags, DistributedDataParallel
 
+The defaults are the official recipe's (examples/azeros/configs/train.yaml): Adam at 1e-3 with the Eden2
+schedule, no gradient clipping, sequences cut at 512 tokens, Lhotse's SpecAugment, and a running average of
+the weights every 200 steps, which is what the exported model holds. The README's "Differences from the
+official code" lists where we deliberately differ.
+
 The file reads top to bottom like nanoGPT's train.py: command line, distributed setup, data, model, the
-few helpers the loop needs (learning-rate schedule, SpecAugment, encoder cache, checkpoints), then the
-hand-written loop itself. No framework: every step of training is a line you can read here.
+few helpers the loop needs (learning-rate schedule, SpecAugment, encoder cache, checkpoints, weight
+average), then the hand-written loop itself. No framework: every step of training is a line you can read here.
 """
 from __future__ import annotations
 

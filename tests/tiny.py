@@ -108,7 +108,7 @@ def make_tiny_whisper_dir(path, kind: str = "WhisperForConditionalGeneration", s
 
 
 def make_tiny_release(path, paraling: bool = True, seed: int = 0) -> Path:
-    """A complete release folder (DESIGN.md layout) usable by AZeroS.from_pretrained and infer.py."""
+    """A complete release folder (the official release layout) usable by AZeroS.from_pretrained and infer.py."""
     from model import AZeroS
 
     path = Path(path)
