@@ -199,8 +199,9 @@ def batch_tokens(num_tokens: float, records, max_length: int | None) -> None:
     """Zero supervised tokens in a training batch: name its rows and the cause, do not train."""
     if num_tokens == 0:
         files = ", ".join(sorted({r.source.rpartition(":")[0] for r in records}))
-        cause = (f"--max-length {max_length} cuts off every response" if max_length
-                 else "every response is empty and truncated")
+        empty = all(not r.response and r.truncated for r in records)  # nothing to supervise in any row
+        cause = ("every response is empty and truncated" if empty or not max_length
+                 else f"--max-length {max_length} cuts off every response")
         raise CheckError(f"a training batch of {len(records)} rows from {files} (first: "
                          f"{records[0].source}) has no supervised token: {cause}")
 
