@@ -335,7 +335,8 @@ def check_clips(n_real: int = 3) -> list[tuple[str, torch.Tensor]]:
     try:
         import real_speech
 
-        clips += [(r.text, real_speech.load(r)) for r in real_speech.records()[:n_real]]
+        sentences = [r for r in real_speech.records() if len(r.text.split()) >= 3]  # not just "Activated."
+        clips += [(r.text, real_speech.load(r)) for r in sentences[:n_real]]
     except real_speech.NotInstalled:
         pass
     return clips

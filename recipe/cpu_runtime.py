@@ -7,10 +7,13 @@ Three facts measured on shared 2-core machines (BENCHMARKS.md, "Threads and wait
     spinning thread takes CPU from it, and a descheduled thread stalls every parallel operator: training
     steps went from ~1.2 s to 10-30 s. OMP_WAIT_POLICY=PASSIVE (sleep at once) removes this. It is read
     when torch loads OpenMP, so it must be set before `import torch`: `set_wait_policy()` first thing.
-  * Whether 2 threads beat 1 depends on the machine. The probe runs the same matrix products with 1 and
-    2 threads and compares CPU seconds (all threads together): CPU time is what the work costs, whatever
-    else runs, while wall time measures the other processes as much as ours. 2 threads are kept when they
-    add little CPU time (spin and synchronisation overhead) over 1 thread.
+  * Even with PASSIVE, 2 threads lose to 1 when the cores are busy with other work (encoder step 1.7x
+    slower), because every parallel operator waits for its slower thread. They win when two cores are
+    free. So the probe asks two questions, both in CPU seconds (what the work costs, whatever else runs)
+    rather than wall seconds: does a second thread add little CPU time for the same matrix products
+    (spin and synchronisation overhead), and do our 2 threads actually get 2 cores (CPU seconds per wall
+    second, the median of repeats)? Only two yeses give 2 threads: 1 thread is never far from the best,
+    2 threads on a busy machine can be much worse.
   * Whether bf16 matrix products beat fp32 depends on the CPU, not on its flags (an Intel Xeon with the
     AVX512-BF16 flag multiplies bf16 1.8x slower than fp32; AMD EPYCs 2.1-2.4x faster). The probe times
     both on one thread in CPU seconds, so a busy machine cannot flip the choice.
@@ -29,6 +32,8 @@ REPEATS = 3
 # 2 threads are used when their CPU time is at most this much above 1 thread's for the same work: at 1.3,
 # two threads still finish in 0.65 of the time when each gets a core.
 MAX_THREAD_OVERHEAD = 1.3
+# ... and when they ran on at least this many cores' worth of CPU time per wall second (2 = both all along).
+MIN_PARALLELISM = 1.5
 # bf16 is used when it needs at most this share of fp32's CPU time (a clear win, not noise).
 BF16_MAX_RATIO = 0.7
 # Matrix sizes of the demo's LLM step: 256 positions x SmolLM2's hidden 576 x its MLP width 1536.
@@ -54,6 +59,17 @@ def cpu_seconds(fn, repeats: int = REPEATS) -> float:
     return best
 
 
+def parallelism(fn, repeats: int = REPEATS) -> float:
+    """The median over `repeats` runs of fn()'s process CPU seconds per wall second: how many cores we got."""
+    fn()
+    shares = []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        shares.append((time.process_time() - c) / (time.perf_counter() - w))
+    return sorted(shares)[len(shares) // 2]
+
+
 def matmuls(dtype, n: int = 2):
     import torch
 
@@ -68,12 +84,13 @@ class Runtime:
     precision: str
     wait_policy: str
     thread_overhead: float  # CPU time with 2 threads / with 1 thread, same work (nan: one core only)
+    parallelism: float  # CPU seconds per wall second of the 2-thread probe (nan: one core only)
     bf16_ratio: float  # CPU time of bf16 / fp32 matmuls on one thread
 
     def line(self) -> str:
-        return (f"CPU runtime: {self.threads} thread(s) (2 threads cost {self.thread_overhead:.2f}x the CPU time "
-                f"of 1), {self.precision} (bf16 matmul CPU time {self.bf16_ratio:.2f}x fp32), "
-                f"OMP_WAIT_POLICY={self.wait_policy}")
+        return (f"CPU runtime: {self.threads} thread(s) (2 threads: {self.thread_overhead:.2f}x the CPU time of 1, "
+                f"on {self.parallelism:.2f} cores), {self.precision} (bf16 matmul CPU time {self.bf16_ratio:.2f}x "
+                f"fp32), OMP_WAIT_POLICY={self.wait_policy}")
 
 
 def choose(threads: int | None = None, precision: str | None = None) -> Runtime:
@@ -88,18 +105,19 @@ def choose(threads: int | None = None, precision: str | None = None) -> Runtime:
     if bf16 < 2 * fp32:  # only a close call needs the repeats (emulated bf16 is 30x slower: no doubt there)
         bf16 = min(bf16, cpu_seconds(matmuls(torch.bfloat16)))
     ratio = bf16 / fp32
-    overhead = float("nan")
+    overhead = cores_used = float("nan")
     if cores >= 2:
         torch.set_num_threads(2)
         overhead = cpu_seconds(matmuls(torch.float32)) / fp32
-    auto_threads, auto_precision = decide(cores, overhead, ratio)
+        cores_used = parallelism(matmuls(torch.float32, n=8))  # ~0.1 s runs: longer than a scheduler slice
+    auto_threads, auto_precision = decide(cores, overhead, cores_used, ratio)
     threads, precision = threads or auto_threads, precision or auto_precision
     torch.set_num_threads(threads)
-    return Runtime(threads, precision, policy, overhead, ratio)
+    return Runtime(threads, precision, policy, overhead, cores_used, ratio)
 
 
-def decide(cores: int, thread_overhead: float, bf16_ratio: float) -> tuple[int, str]:
-    """The rule: 2 threads if there are 2 cores and the second thread costs little CPU time (NaN compares
-    false: one core); bf16 if it needs clearly less CPU time than fp32."""
-    threads = 2 if cores >= 2 and thread_overhead <= MAX_THREAD_OVERHEAD else 1
-    return threads, "bf16" if bf16_ratio <= BF16_MAX_RATIO else "fp32"
+def decide(cores: int, thread_overhead: float, cores_used: float, bf16_ratio: float) -> tuple[int, str]:
+    """The rule: 2 threads if there are 2 cores, the second thread costs little CPU time and both threads
+    ran at once (NaN compares false: one core); bf16 if it needs clearly less CPU time than fp32."""
+    two = cores >= 2 and thread_overhead <= MAX_THREAD_OVERHEAD and cores_used >= MIN_PARALLELISM
+    return (2 if two else 1), "bf16" if bf16_ratio <= BF16_MAX_RATIO else "fp32"

