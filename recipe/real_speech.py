@@ -3,21 +3,22 @@
 Everything else in the CPU demo hears eSpeak NG, a formant synthesiser. The paper evaluates on real
 recordings, so the demo adds one real-speech test set that installs offline: Asterisk's English core
 sounds, 568 studio prompts ("Please enter your password followed by the pound key.") read by one US
-female speaker, Allison Smith (CC-BY-SA-3.0), as 8 kHz 16-bit wavs. The transcripts are a separate text
-file in the documentation package:
+female speaker, Allison Smith (CC-BY-SA-3.0), as 8 kHz 16-bit wavs. The transcripts are a separate
+text file in the documentation package:
 
     apt-get install asterisk-core-sounds-en-wav asterisk-core-sounds-en
 
     /usr/share/asterisk/sounds/en_US_f_Allison/<name>.wav             the recordings (wav package)
     /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz      "<name>: <transcript>" lines
 
-Bracketed notes are not speech: "[sound of monkeys screaming]" prompts are dropped and "at [@]" keeps
-"at". The recordings are read with data.load_audio, which resamples them to 16 kHz (data.resample); the
-telephone band (up to 4 kHz) is all they contain. They never enter training: the speaker and the
-sentences are both unseen by the demo's encoders and projectors.
+Bracketed notes are not speech: "[sound of monkeys screaming]" prompts are dropped and "at [@]"
+keeps "at". The recordings are read with data.load_audio, which resamples them to 16 kHz
+(data.resample); the telephone band (up to 4 kHz) is all they contain. They never enter training:
+the speaker and the sentences are both unseen by the demo's encoders and projectors.
 
     python recipe/real_speech.py --out data/real/test.jsonl     # the manifest (gender: female)
 """
+
 import argparse
 import gzip
 import re
@@ -43,8 +44,10 @@ def read_transcripts(path=TRANSCRIPTS) -> dict[str, str]:
     """core-sounds-en.txt(.gz) -> {prompt name: transcript}. ';' lines are comments."""
     path = Path(path)
     if not path.exists():
-        raise NotInstalled(f"{path} not found: {INSTALL} (and keep /usr/share/doc: some minimal images "
-                           "exclude it in /etc/dpkg/dpkg.cfg.d)")
+        raise NotInstalled(
+            f"{path} not found: {INSTALL} (and keep /usr/share/doc: some minimal images "
+            "exclude it in /etc/dpkg/dpkg.cfg.d)"
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
@@ -72,9 +75,17 @@ def records(sounds=SOUNDS, transcripts=TRANSCRIPTS) -> list[Record]:
     for name, text in sorted(read_transcripts(transcripts).items()):
         wav = sounds / f"{name}.wav"
         if wav.exists():
-            out.append(Record(id="asterisk_" + name.replace("/", "_"), audio=str(wav),
-                              duration=round(sf.info(str(wav)).duration, 4), text=text, language="en",
-                              meta=dict(SPEAKER), extra={"speaker": "asterisk-allison"}))
+            out.append(
+                Record(
+                    id="asterisk_" + name.replace("/", "_"),
+                    audio=str(wav),
+                    duration=round(sf.info(str(wav)).duration, 4),
+                    text=text,
+                    language="en",
+                    meta=dict(SPEAKER),
+                    extra={"speaker": "asterisk-allison"},
+                )
+            )
     if not out:
         raise NotInstalled(f"no wav in {sounds} matches a transcript of {transcripts}: {INSTALL}")
     return out
@@ -86,9 +97,13 @@ def load(record: Record):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="manifest to write (absolute audio paths)")
-    p.add_argument("--min-words", type=int, default=1, help="keep prompts with at least this many words")
+    p.add_argument(
+        "--min-words", type=int, default=1, help="keep prompts with at least this many words"
+    )
     args = p.parse_args(argv)
     try:
         recs = [r for r in records() if len(r.text.split()) >= args.min_words]

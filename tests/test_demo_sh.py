@@ -1,5 +1,7 @@
-"""bash demo.sh: creates .venv and installs the pinned requirements once (again only when they change), then
-runs demo.py with the given options. Checked with a stand-in python3 that records what it is asked to do."""
+"""bash demo.sh: creates .venv and installs the pinned requirements once (again when they change),
+then runs demo.py with the given options. Checked with a stand-in python3 that records what it is
+asked to do."""
+
 import os
 import shutil
 import subprocess
@@ -19,8 +21,14 @@ fi
 
 def run(folder, log, *args):
     env = dict(os.environ, PATH=f"{folder / 'fakebin'}:{os.environ['PATH']}", LOG=str(log))
-    out = subprocess.run(["bash", str(folder / "demo.sh"), *args], cwd=folder, env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(folder / "demo.sh"), *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = log.read_text().splitlines()
     log.write_text("")
@@ -37,10 +45,16 @@ def test_demo_sh_installs_once_and_passes_options(tmp_path):
     log.write_text("")
 
     first = run(tmp_path, log, "--quick", "--out", "exp/x")
-    assert first == ["venv .venv", "-m pip install --quiet --upgrade pip",
-                     "-m pip install --quiet -r requirements.txt",
-                     "-m pip install --quiet --no-deps -r requirements-nodeps.txt", "demo.py --quick --out exp/x"]
+    assert first == [
+        "venv .venv",
+        "-m pip install --quiet --upgrade pip",
+        "-m pip install --quiet -r requirements.txt",
+        "-m pip install --quiet --no-deps -r requirements-nodeps.txt",
+        "demo.py --quick --out exp/x",
+    ]
     assert run(tmp_path, log) == ["demo.py"]  # set up already: straight to the demo
     with open(tmp_path / "requirements.txt", "a") as f:
         f.write("something-new==1.0\n")
-    assert run(tmp_path, log)[2:] == first[2:4] + ["demo.py"]  # changed requirements: installed again
+    assert run(tmp_path, log)[2:] == first[2:4] + [
+        "demo.py"
+    ]  # changed requirements: installed again
