@@ -56,7 +56,7 @@ from tqdm import tqdm
 import checks
 import data
 import generate_targets
-from generate_targets import age_group, build_prompt
+from generate_targets import build_prompt, normalize_meta
 
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
 SYSTEMS = ("audio", "oracle", "silent")
@@ -220,13 +220,9 @@ def match_label(answer: str, vocab: list[str]) -> str | None:
 
 
 def age_label(value) -> str | None:
-    """Numeric ages -> the four groups, with the very function target generation uses for the training
-    metadata (generate_targets.age_group); group names pass through."""
-    try:
-        age = float(value)
-    except (TypeError, ValueError):
-        return str(value).lower()
-    return age_group(age)
+    """An age as target generation writes it into `<meta>` (generate_targets.normalize_meta, the official
+    age_to_group bands and quirks): numbers -> the four groups, group names pass through."""
+    return normalize_meta({"age": value}).get("age")
 
 
 def record_label(record: data.Record, attribute: str) -> str | None:
@@ -234,10 +230,12 @@ def record_label(record: data.Record, attribute: str) -> str | None:
     value = record.language if attribute == "language" else record.meta.get(attribute)
     if value is None or str(value).strip().lower() in UNKNOWN_VALUES:
         return None
+    if attribute == "age":
+        return age_label(value)  # the raw value: a numeric 0 is no age, "0" is (official quirk)
     value = str(value).strip().lower()
     if attribute == "language":
         value = value.split("-")[0].split("_")[0]  # en-US -> en
-    return age_label(value) if attribute == "age" else value
+    return value
 
 
 def label_vocabularies(records: list[data.Record]) -> dict[str, list[str]]:

@@ -138,15 +138,15 @@ _NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
 
 
 def age_group(age: float) -> str | None:
-    """A numeric age -> one of the four groups the datasets use (official `age_to_group`), None if absurd.
+    """A numeric age -> one of the four groups the datasets use, None if 200 or more.
 
-    Ages of 200 or more, and of 0 or less, are dropped as unknown. (Official: 200+ raises inside a try and
-    becomes "null", dropped; an int 0 is falsy and never reaches the function; but "0" and negative ages fall
-    into its `elif age < 40` branch and become "young adult", an accident of a chain with no lower bound.)"""
+    The official `age_to_group` bands, its quirks included so our targets match its data: the chain has
+    no lower bound, so "0" and negative ages land in "young adult". (A numeric 0 is falsy there and never
+    reaches the function: `normalize_meta` drops it.)"""
     age = int(age)
-    if not 0 < age < 200:
+    if age >= 200:
         return None
-    if age < 18:
+    if 0 < age < 18:
         return "teenager"
     if age < 40:
         return "young adult"
@@ -165,7 +165,8 @@ def normalize_meta(meta: dict) -> dict[str, str]:
             continue
         key, text = str(key).strip().lower(), str(value).strip().lower()
         if key == "age" and _NUMBER.fullmatch(text):
-            text = age_group(float(text)) or ""  # an impossible age is as good as none
+            # official: a falsy age (0) is no age; 200+ is dropped as impossible
+            text = (age_group(float(text)) or "") if value else ""
         if text not in UNKNOWN_VALUES:
             clean[key] = text
     first = [k for k in META_ORDER if k in clean]

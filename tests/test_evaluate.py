@@ -395,3 +395,13 @@ def test_choice_nll_equals_single_forward_and_resumes(tiny, tmp_path, monkeypatc
 def test_rows_without_task_are_counted_once():
     rows = [{"task": "all", "correct": True, "pred": "A"}, {"task": "all", "correct": False, "pred": None}]
     assert ev.accuracy_table(rows, "task") == {"all": {"n": 2, "correct": 1, "accuracy": 50.0, "unparsed": 1}}
+
+
+@pytest.mark.parametrize("value,label", [(0, None), ("0", "young adult"), (25, "young adult"), ("-5", "young adult"),
+                                         (250, None), ("Senior", "senior")])
+def test_age_label_follows_the_training_metadata(value, label):
+    """Scoring labels ages as target generation does (gt.normalize_meta), a zero age included."""
+    assert ev.age_label(value) == label
+    record = ev.data.Record(id="a", audio="/a.wav", duration=1.0, meta={"age": value})
+    meta = f"age: {label}" if label else ""
+    assert f"<meta>{meta}</meta>" in build_prompt(record, "sift_sp").input_text

@@ -133,10 +133,11 @@ def test_text_normalisation_like_the_official_pipeline():
                                        (39.9, "young adult"), (40, "middle-age adult"), (60, "middle-age adult"),
                                        (61, "senior"), (199, "senior"), ("25", "young adult"), (33.0, "young adult"),
                                        (200, None), (250, None), ("Young Adult", "young adult"), ("NULL", None),
-                                       (0, None), ("0", None), (-5, None), ("-5", None), ("-0.5", None)])
+                                       (0, None), (0.0, None), ("0", "young adult"), (-5, "young adult"),
+                                       ("-5", "young adult"), ("-0.5", "young adult")])
 def test_age_groups(age, group):
-    """Official age_to_group bands (<18, <40, <=60, <200). Ages of 200+ and of 0 or less carry no age (the
-    official chain turns "0" and negative ages into "young adult": README, Differences)."""
+    """Official age_to_group bands (<18, <40, <=60, <200), quirks included: 200+ and a numeric 0 (falsy
+    in the official generator) carry no age, "0" and negative ages fall in "young adult" (no lower bound)."""
     assert gt.normalize_meta({"age": age}).get("age") == group
 
 
