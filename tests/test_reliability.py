@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_train import make_llm_dir, stage1_args, write_manifest
+from test_train import build_setup, stage1_args
 
 import checks
 import data
@@ -28,20 +28,12 @@ import infer
 import train
 from checks import CheckError
 from conftest import ROOT
-from tiny import cached_tiny_release, make_tiny_encoder_dir, write_wav
+from tiny import cached_tiny_release, write_wav
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliab")
-    return {
-        "root": root,
-        "llm": str(make_llm_dir(root / "llm")),
-        "speech": str(make_tiny_encoder_dir(root / "speech_encoder", seed=1)),
-        "paraling": str(make_tiny_encoder_dir(root / "paraling_encoder", seed=2)),
-        # 8 short utterances, 2 per batch with --max-duration 1.6: 4 batches per epoch
-        "train8": str(write_manifest(root / "train8.jsonl", 8, seconds=lambda i: 0.6 + 0.02 * i)),
-    }
+    return build_setup(tmp_path_factory.mktemp("reliab"), with_train16=False)
 
 
 @pytest.fixture(scope="module")

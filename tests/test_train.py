@@ -55,18 +55,24 @@ def write_manifest(path, n, seconds=lambda i: 0.8 + 0.05 * i, response=True):
     return path
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return {
+def build_setup(root, with_train16: bool = True) -> dict:
+    """A tiny LLM, two tiny encoders and the training manifests, in one folder (shared with other tests)."""
+    setup = {
         "root": root,
         "llm": str(make_llm_dir(root / "llm")),
         "speech": str(make_tiny_encoder_dir(root / "speech_encoder", seed=1)),
         "paraling": str(make_tiny_encoder_dir(root / "paraling_encoder", seed=2)),
-        "train16": str(write_manifest(root / "train16.jsonl", 16)),
         # 8 short utterances, 2 per batch with --max-duration 1.6: 4 batches per epoch
         "train8": str(write_manifest(root / "train8.jsonl", 8, seconds=lambda i: 0.6 + 0.02 * i)),
     }
+    if with_train16:
+        setup["train16"] = str(write_manifest(root / "train16.jsonl", 16))
+    return setup
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_setup(tmp_path_factory.mktemp("train"))
 
 
 def stage1_args(s, exp, *extra, train="train8"):
