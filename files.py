@@ -1,0 +1,108 @@
+"""Support module: safe file writing, shared by every script (not part of the method's reading path).
+
+Two rules keep long jobs from losing or corrupting data:
+  - a whole file is written to a temporary file in the same folder and renamed into place
+    (`atomic_path`, `write_atomic`): a crash, a full disk or a reader racing the writer never sees
+    half a manifest, model or checkpoint;
+  - a growing result file is JSONL appended in whole lines, flushed and fsynced per batch
+    (`append_jsonl`), and read back with `read_jsonl(repair=True)`: a kill mid-append leaves at most
+    one partial last line, which is cut off and redone. Any other bad line is corruption and stops.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+class WriteError(OSError):
+    """A write that failed (e.g. a full disk); the temporary file is already removed."""
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 minus the umask. mkstemp makes its files 0600, which
+    would keep other users (a shared group, a web server) from reading our outputs. The umask can
+    only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path, what: str | None = None):
+    """Yield a temporary path next to `path`; when the block ends without error it is fsynced and
+    renamed onto `path`, else removed. `what` turns an OSError (a full disk) into one WriteError line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if what is not None and isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"{what}: {e}") from None
+        raise
+
+
+def write_atomic(path, lines, what: str | None = None) -> None:
+    """Write a whole text file (an iterable of strings; gzip if the name ends in .gz) or nothing."""
+    with atomic_path(path, what) as tmp:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            f.writelines(lines)
+
+
+def json_line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def append_jsonl(path, rows) -> None:
+    """Append whole lines, then flush and fsync: after a kill the file holds whole batches plus at
+    most one partial line, which `read_jsonl(repair=True)` removes."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json_line(row) for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path, repair: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a missing file is empty.
+
+    Any line that is not a JSON object is an error naming file and line: nothing is skipped silently.
+    `repair` is for files we append to: a last line without its newline is what a kill during
+    `append_jsonl` leaves, so it is cut off the file (the caller redoes it). Without `repair` (input
+    files written by people) a last line without a newline is an ordinary line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    cut = raw.rfind(b"\n") + 1
+    if repair and cut < len(raw):
+        print(f"{path}: dropping a partial last line ({len(raw) - cut} bytes) left by an "
+              "interrupted run; it will be redone", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            os.fsync(f.fileno())
+        raw = raw[:cut]
+    rows = []
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: a line must be a JSON object")
+        rows.append((lineno, obj))
+    return rows
