@@ -144,15 +144,16 @@ def estimate(size: dict, quick: bool, precision: str, semantic: str = "whisper")
 # The phases. Each calls an entry point's main(argv) (or its library function, to reuse a loaded model).
 
 
-def export_llm(out: Path) -> dict:
-    """The frozen LLM as a plain Hugging Face folder: the GGUF is de-quantized once, so that every later phase
-    loads it in a second instead of spending ~20 s de-quantizing again."""
+def export_llm(out: Path, source: str) -> dict:
+    """The frozen LLM as a plain Hugging Face folder: a GGUF is de-quantized once, so that every later
+    phase loads it in a second instead of spending ~20 s de-quantizing again."""
     from llm import load_llm
 
-    model, tokenizer = load_llm(smollm2_path(), device="cpu")
+    model, tokenizer = load_llm(source, device="cpu")
     model.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
-    return {"source": smollm2_path()}
+    return {"source": source}
+
 
 
 def make_corpus(out: Path, size: dict, quick: bool) -> dict:
@@ -477,6 +478,9 @@ def main(argv=None):
                    help="frozen semantic encoder: Whisper tiny.en, pretrained on real speech "
                         "(default), or a small Zipformer trained here on the eSpeak corpus (the "
                         "stand-in of earlier versions)")
+    p.add_argument("--llm", help="the frozen instruct LLM: a local .gguf file or Hugging Face folder "
+                                  "(default: the bundled SmolLM2-135M-Instruct; see "
+                                  "recipe/qwen_gguf.py for Qwen2.5-Coder-0.5B-Instruct)")
     p.add_argument("--threads", type=int,
                    help="torch threads (default: 2 if they cost little more CPU time than 1 and "
                         "got 2 cores, measured at start-up; see recipe/cpu_runtime.py)")
@@ -487,17 +491,22 @@ def main(argv=None):
     if args.stage_steps:
         size["stage1_steps"] = size["stage2_steps"] = args.stage_steps
     out = Path(args.out)
-    check_same_run(out, {"semantic_encoder": args.semantic_encoder, "quick": args.quick})
+    llm = args.llm or smollm2_path()
+    if not os.path.exists(llm):
+        sys.exit(f"--llm {llm}: no such file or folder")
+    settings = {"semantic_encoder": args.semantic_encoder, "quick": args.quick}
+    check_same_run(out, settings if args.llm is None else {**settings, "llm": os.path.abspath(llm)})
     runtime = cpu_runtime.choose(args.threads, None if args.precision == "auto" else args.precision)
     print(runtime.line())
     os.environ["OMP_NUM_THREADS"] = str(runtime.threads)  # for the report's infer.py child process
     precision = runtime.precision
     est = estimate(size, args.quick, precision, args.semantic_encoder)
     print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU in {precision} ("
-          + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")")
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")"
+          + ("" if args.llm is None else "; the estimate is for SmolLM2-135M, a larger --llm takes longer"))
     t0 = time.time()
     phases = Phases(out, est)
-    phases.run("llm", lambda: export_llm(out))
+    phases.run("llm", lambda: export_llm(out, llm))
     phases.run("corpus", lambda: make_corpus(out, size, args.quick))
     phases.run("targets", lambda: generate(out, size))
     if args.semantic_encoder == "whisper":
