@@ -129,6 +129,9 @@ def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> d
 def make_answerer(model, bench: BD.Benchmark, max_new_tokens: int):
     """answer(chunk, system) for evaluate.run_items: greedy answers; an unreadable clip becomes a
     row with response None and the reason, so it is counted once and never retried."""
+    from llm import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
 
     def answer(chunk, system):
         results, ready, waves = {}, [], []
@@ -141,7 +144,7 @@ def make_answerer(model, bench: BD.Benchmark, max_new_tokens: int):
         if ready:
             messages = [[model.user_message(it.question)] for it in ready]
             for it, text in zip(
-                ready, model.generate(waves, messages, max_new_tokens=max_new_tokens)
+                ready, model.generate(waves, messages, options)
             ):
                 results[it.id] = {"response": text, "max_new_tokens": max_new_tokens}
         return [results[it.id] for it in chunk]

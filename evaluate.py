@@ -435,11 +435,14 @@ def user_turn(model, item: Item, system: str) -> dict:
 def answer_batch(model, items: list[Item], system: str, max_new_tokens: int) -> list[str]:
     """Greedy answers of one system to a batch of items, all through model.generate (same template,
     padding and decoding): only what stands where the audio goes differs."""
+    from llm import GenerationOptions
+
     messages = [[user_turn(model, it, system)] for it in items]
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
     if system == "oracle":
-        return model.generate(None, messages, max_new_tokens=max_new_tokens)
+        return model.generate(None, messages, options)
     waves = load_waves([it.record for it in items], silent=system == "silent")
-    return model.generate(waves, messages, max_new_tokens=max_new_tokens)
+    return model.generate(waves, messages, options)
 
 
 @torch.no_grad()

@@ -376,11 +376,12 @@ class HFBackend:
 
     def __init__(self, model, tokenizer, *, model_label: str, max_new_tokens: int = 256,
                  batch_tokens: int = 16384, max_batch_rows: int | None = None):
-        from llm import generation_kwargs
+        from llm import GenerationOptions, generation_kwargs
 
         self.model, self.tokenizer, self.model_label = model, tokenizer, model_label
         self.max_new_tokens, self.batch_tokens, self.max_batch_rows = max_new_tokens, batch_tokens, max_batch_rows
-        self.gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens)
+        options = GenerationOptions(max_new_tokens=max_new_tokens)
+        self.gen_kwargs = generation_kwargs(model, tokenizer, options)
         self.end_ids = set(self.gen_kwargs["eos_token_id"])  # <|im_end|> and the model's eos
         self._ids: dict[Prompt, list[int]] = {}
 

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import warnings
+from dataclasses import replace
 
 import checks
 
@@ -76,6 +77,7 @@ def run(args) -> int:
     import torch
 
     import data
+    from llm import GenerationOptions
     from model import AZeroS
 
     waves = [data.load_audio(path) for path in args.audio]
@@ -83,15 +85,16 @@ def run(args) -> int:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AZeroS.from_pretrained(args.model, device=device, dtype=dtype)
 
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p)
     if not waves:  # a plain text question goes straight to the frozen LLM
-        model.generate(None, [[{"role": "user", "content": args.prompt}]], system=args.system, stream=True, **gen)
+        question = [[{"role": "user", "content": args.prompt}]]
+        model.generate(None, question, replace(options, stream=True), system=args.system)
         return 0
     messages = [[model.user_message(args.prompt)] for _ in waves]
     if len(waves) == 1:
-        model.generate(waves, messages, system=args.system, stream=True, **gen)
+        model.generate(waves, messages, replace(options, stream=True), system=args.system)
         return 0
-    for path, text in zip(args.audio, model.generate(waves, messages, system=args.system, **gen)):
+    for path, text in zip(args.audio, model.generate(waves, messages, options, system=args.system)):
         print(f"{path}\t{text.strip()}", flush=True)
     return 0
 

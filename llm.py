@@ -22,7 +22,7 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -282,9 +282,18 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll * mask, mask
 
 
-def generation_kwargs(llm, tokenizer, max_new_tokens: int = 200, temperature: float | None = None,
-                      top_p: float | None = None, **extra) -> dict:
-    """Arguments for `llm.generate`: greedy unless a temperature > 0 is given.
+@dataclass
+class GenerationOptions:
+    """How to decode: greedy (as the official evaluation) unless a temperature > 0 is given."""
+    max_new_tokens: int = 200  # the official generate_config
+    temperature: float | None = None  # None or 0: greedy; > 0: top-p sampling
+    top_p: float | None = None  # nucleus threshold when sampling (None: 1.0, no cut)
+    stream: bool = False  # print the answer to stdout as it is produced (a batch of one)
+    extra: dict = field(default_factory=dict)  # any other transformers generate() argument
+
+
+def generation_kwargs(llm, tokenizer, options: GenerationOptions) -> dict:
+    """Arguments for `llm.generate` from `options`.
 
     Released chat LLMs ship a generation_config with sampling on and a repetition penalty (Qwen2.5:
     temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05). Transformers fills every argument
@@ -295,33 +304,34 @@ def generation_kwargs(llm, tokenizer, max_new_tokens: int = 200, temperature: fl
     eos |= set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos}
     eos = sorted(i for i in eos if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, num_beams=1,
-              repetition_penalty=1.0)
-    if temperature:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p if top_p is not None else 1.0, top_k=0)
+    kw = dict(max_new_tokens=options.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+              num_beams=1, repetition_penalty=1.0)
+    if options.temperature:
+        top_p = options.top_p if options.top_p is not None else 1.0
+        kw.update(do_sample=True, temperature=options.temperature, top_p=top_p, top_k=0)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    kw.update(extra)
+    kw.update(options.extra)
     return kw
 
 
 @torch.no_grad()
-def generate_ids(llm, tokenizer, batch: Batch, *, stream: bool = False, **gen) -> torch.Tensor:
+def generate_ids(llm, tokenizer, batch: Batch, options: GenerationOptions) -> torch.Tensor:
     """Generate from a left-padded inference Batch -> new token ids (B, n), padded after EOS.
 
-    With only inputs_embeds, HF returns just the new tokens and derives position ids from the attention
-    mask (cumsum - 1), so a left-padded row sees the same positions as when it runs alone.
-    stream=True prints text to stdout as it is produced (single row only).
+    With only inputs_embeds, HF returns just the new tokens and derives position ids from the
+    attention mask (cumsum - 1), so a left-padded row sees the same positions as when it runs alone.
     """
-    kw = generation_kwargs(llm, tokenizer, **gen)
-    if stream:
+    kw = generation_kwargs(llm, tokenizer, options)
+    if options.stream:
         if batch.inputs_embeds.shape[0] != 1:
             raise ValueError("streaming needs a batch of one")
         kw["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     return llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kw)
 
 
-def generate(llm, tokenizer, batch: Batch, *, stream: bool = False, **gen) -> list[str]:
+def generate(llm, tokenizer, batch: Batch, options: GenerationOptions) -> list[str]:
     """generate_ids, decoded. skip_special_tokens drops <|im_end|> and the padding after it, as the
     official batch_decode does."""
-    return tokenizer.batch_decode(generate_ids(llm, tokenizer, batch, stream=stream, **gen), skip_special_tokens=True)
+    ids = generate_ids(llm, tokenizer, batch, options)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -344,16 +344,13 @@ class AZeroS(nn.Module):
         return {"role": "user", "content": text}
 
     @torch.no_grad()
-    def generate(self, audio, messages: list[list[dict]], *, system: str | None = None, stream: bool = False,
-                 **gen) -> list[str]:
+    def generate(self, audio, messages: list[list[dict]], options: L.GenerationOptions | None = None,
+                 *, system: str | None = None) -> list[str]:
         """Answer each row. audio: list of waveforms, an (feats, feat_lens) tuple, or None (text only).
-
-        gen: max_new_tokens (200, as the official generate_config), temperature/top_p (greedy when no
-        temperature), other HF generate args.
-        """
+        options: decoding settings (default: greedy, at most 200 new tokens, as the official code)."""
         segments = None if audio is None else self.audio_segments(*self.features(audio))
         batch = L.build_batch(self.llm, self.tokenizer, messages, segments, training=False, system=system)
-        return L.generate(self.llm, self.tokenizer, batch, stream=stream, **gen)
+        return L.generate(self.llm, self.tokenizer, batch, options or L.GenerationOptions())
 
     def training_messages(self, record) -> list[dict]:
         """A data.Record with a SIFT response -> the chat the projectors learn from (Sec. 3.4).

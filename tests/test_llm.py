@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import llm as L
+import llm
 from conftest import FIXTURES
 from tiny import TOKENIZER_DIR, make_tiny_llm_dir
 
@@ -24,48 +24,49 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    return L.load_llm(make_tiny_llm_dir(tmp_path_factory.mktemp("llm")), dtype=torch.float32)
+    return llm.load_llm(make_tiny_llm_dir(tmp_path_factory.mktemp("llm")), dtype=torch.float32)
 
 
 def test_training_text_is_plain_chatml_without_system(tok):
-    assert L.chat_text(tok, FWD["messages"][0], training=True) == FWD["text_after_CHAT_TEMPLATE"]
-    with_sys = L.chat_text(tok, [{"role": "user", "content": "hi"}], training=True, system="Be brief.")
+    assert llm.chat_text(tok, FWD["messages"][0], training=True) == FWD["text_after_CHAT_TEMPLATE"]
+    with_sys = llm.chat_text(tok, [{"role": "user", "content": "hi"}], training=True, system="Be brief.")
     assert with_sys == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_truncated_response_loses_its_end(tok):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answ", "truncated": True}]
-    assert L.chat_text(tok, msgs, training=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\na long answ"
+    expected = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\na long answ"
+    assert llm.chat_text(tok, msgs, training=True) == expected
 
 
 def test_inference_text_uses_tokenizer_template(tok):
     msgs = [{"role": "user", "content": "Describe the audio."}]
-    text = L.chat_text(tok, msgs, training=False)
+    text = llm.chat_text(tok, msgs, training=False)
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")  # Qwen2.5 default system
     assert text.endswith("<|im_start|>user\nDescribe the audio.<|im_end|>\n<|im_start|>assistant\n")
-    text = L.chat_text(tok, msgs, training=False, system="S.")
+    text = llm.chat_text(tok, msgs, training=False, system="S.")
     assert text.startswith("<|im_start|>system\nS.<|im_end|>\n") and "Qwen" not in text
 
 
 def test_labels_match_official_on_exact_sequence(tok):
     ids = FWD["input_ids"]
-    assert L.make_labels(ids, tok) == FWD["labels"]
+    assert llm.make_labels(ids, tok) == FWD["labels"]
     # the supervised part is the answer, <|im_end|> and the newline after it
-    assert [i for i in L.make_labels(ids, tok) if i != L.IGNORE_INDEX][-2:] == [IM_END, NL]
+    assert [i for i in llm.make_labels(ids, tok) if i != llm.IGNORE_INDEX][-2:] == [IM_END, NL]
 
 
 def test_labels_found_by_token_sequence_not_single_id(tok):
     # A tokenizer-agnostic check: "assistant" inside the user turn and a multi-turn chat.
     msgs = [{"role": "user", "content": "assistant\nsay hi"}, {"role": "assistant", "content": "hi"},
             {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
-    ids = tok.encode(L.chat_text(tok, msgs, training=True), add_special_tokens=False)
-    labels = L.make_labels(ids, tok)
-    supervised = [i for i in labels if i != L.IGNORE_INDEX]
+    ids = tok.encode(llm.chat_text(tok, msgs, training=True), add_special_tokens=False)
+    labels = llm.make_labels(ids, tok)
+    supervised = [i for i in labels if i != llm.IGNORE_INDEX]
     assert tok.decode(supervised) == "hi<|im_end|>\nok<|im_end|>\n"
     # truncated: the answer is supervised but no <|im_end|>
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "partial", "truncated": True}]
-    ids = tok.encode(L.chat_text(tok, msgs, training=True), add_special_tokens=False)
-    assert tok.decode([i for i in L.make_labels(ids, tok) if i != L.IGNORE_INDEX]) == "partial"
+    ids = tok.encode(llm.chat_text(tok, msgs, training=True), add_special_tokens=False)
+    assert tok.decode([i for i in llm.make_labels(ids, tok) if i != llm.IGNORE_INDEX]) == "partial"
 
 
 def char_chatml_tokenizer():
@@ -84,31 +85,31 @@ def char_chatml_tokenizer():
 def test_labels_with_multi_token_assistant_header():
     # the official rule keys on a single "assistant" id, which this tokenizer does not have
     tok = char_chatml_tokenizer()
-    assert len(tok.encode(L.ASSISTANT_HEADER, add_special_tokens=False)) == 11
+    assert len(tok.encode(llm.ASSISTANT_HEADER, add_special_tokens=False)) == 11
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi there!"}]
-    ids = tok.encode(L.chat_text(tok, msgs, training=True), add_special_tokens=False)
-    supervised = [i for i in L.make_labels(ids, tok) if i != L.IGNORE_INDEX]
+    ids = tok.encode(llm.chat_text(tok, msgs, training=True), add_special_tokens=False)
+    supervised = [i for i in llm.make_labels(ids, tok) if i != llm.IGNORE_INDEX]
     assert tok.decode(supervised).replace(" ", "") == "Hithere!<|im_end|>\n"
-    assert L.add_audio_token(tok) == len(tok) - 1  # a tokenizer without <|AUDIO|> gets it appended
+    assert llm.add_audio_token(tok) == len(tok) - 1  # a tokenizer without <|AUDIO|> gets it appended
 
 
 def test_expand_audio_tokens_counts_and_mismatch():
     ids = [1, AUDIO, 2, AUDIO, 3]
-    out = L.expand_audio_tokens(ids, AUDIO, [3, 2])
+    out = llm.expand_audio_tokens(ids, AUDIO, [3, 2])
     assert out == [1, AUDIO, AUDIO, AUDIO, 2, AUDIO, AUDIO, 3]
     with pytest.raises(ValueError, match=r"2 <\|AUDIO\|> placeholder\(s\) .* 1 segment"):
-        L.expand_audio_tokens(ids, AUDIO, [3])
+        llm.expand_audio_tokens(ids, AUDIO, [3])
 
 
 def test_splice_replaces_audio_rows_in_order():
     ids = torch.tensor([[5, AUDIO, AUDIO, 6], [AUDIO, 7, 8, 9]])
     embeds = torch.zeros(2, 4, 3)
     frames = torch.arange(9, dtype=torch.float32).view(3, 3) + 1
-    out = L.splice_audio(embeds, ids, AUDIO, frames)
+    out = llm.splice_audio(embeds, ids, AUDIO, frames)
     assert torch.equal(out[0, 1], frames[0]) and torch.equal(out[0, 2], frames[1]) and torch.equal(out[1, 0], frames[2])
     assert out[ids != AUDIO].abs().sum() == 0
     with pytest.raises(ValueError, match="3 <.*positions in the prompt but 2 audio frames"):
-        L.splice_audio(embeds, ids, AUDIO, frames[:2])
+        llm.splice_audio(embeds, ids, AUDIO, frames[:2])
 
 
 def test_build_batch_padding_sides_and_labels(tok, tiny_llm):
@@ -116,18 +117,18 @@ def test_build_batch_padding_sides_and_labels(tok, tiny_llm):
     msgs = [[{"role": "user", "content": "<|AUDIO|> hi"}, {"role": "assistant", "content": "yes"}],
             [{"role": "user", "content": "<|AUDIO|>"}, {"role": "assistant", "content": "a longer answer"}]]
     audio = [[torch.randn(3, 32)], [torch.randn(5, 32)]]
-    train = L.build_batch(model, tok, msgs, audio, training=True)
+    train = llm.build_batch(model, tok, msgs, audio, training=True)
     assert (train.input_ids == AUDIO).sum(1).tolist() == [3, 5]
     assert train.attention_mask[:, 0].all()  # right padding for training
-    assert (train.labels[train.attention_mask == 0] == L.IGNORE_INDEX).all()
+    assert (train.labels[train.attention_mask == 0] == llm.IGNORE_INDEX).all()
     assert torch.equal(train.inputs_embeds[0][train.input_ids[0] == AUDIO], audio[0][0])
-    infer = L.build_batch(model, tok, [m[:1] for m in msgs], audio, training=False)
+    infer = llm.build_batch(model, tok, [m[:1] for m in msgs], audio, training=False)
     assert infer.attention_mask[:, -1].all() and infer.labels is None  # left padding for generation
-    assert (infer.input_ids[:, -3:] == torch.tensor(tok.encode(L.ASSISTANT_HEADER))).all()
-    cut = L.build_batch(model, tok, msgs, audio, training=True, max_length=20)
+    assert (infer.input_ids[:, -3:] == torch.tensor(tok.encode(llm.ASSISTANT_HEADER))).all()
+    cut = llm.build_batch(model, tok, msgs, audio, training=True, max_length=20)
     assert cut.input_ids.shape[1] == 20
     with pytest.raises(ValueError, match="positions in the prompt but"):  # a cut through the audio is an error
-        L.build_batch(model, tok, msgs, [[torch.randn(30, 32)], [torch.randn(5, 32)]], training=True, max_length=20)
+        llm.build_batch(model, tok, msgs, [[torch.randn(30, 32)], [torch.randn(5, 32)]], training=True, max_length=20)
 
 
 def test_load_llm_frozen_eval_sdpa(tiny_llm):
@@ -139,25 +140,25 @@ def test_load_llm_frozen_eval_sdpa(tiny_llm):
 
 def test_add_audio_token_resizes_only_when_needed(tmp_path, tiny_llm):
     model, tok = tiny_llm
-    assert L.add_audio_token(tok, model) == AUDIO and model.get_input_embeddings().num_embeddings == 608
-    small, tok2 = L.load_llm(make_tiny_llm_dir(tmp_path, vocab=600), dtype=torch.float32)
+    assert llm.add_audio_token(tok, model) == AUDIO and model.get_input_embeddings().num_embeddings == 608
+    small, tok2 = llm.load_llm(make_tiny_llm_dir(tmp_path, vocab=600), dtype=torch.float32)
     with pytest.warns(UserWarning, match="resizing"):
-        assert L.add_audio_token(tok2, small) == AUDIO
+        assert llm.add_audio_token(tok2, small) == AUDIO
     assert small.get_input_embeddings().num_embeddings == 601
     assert not any(p.requires_grad for p in small.parameters())
 
 
 def test_generation_is_greedy_unless_temperature(tiny_llm):
     model, tok = tiny_llm
-    kw = L.generation_kwargs(model, tok, max_new_tokens=5)
+    kw = llm.generation_kwargs(model, tok, llm.GenerationOptions(max_new_tokens=5))
     assert kw["do_sample"] is False and kw["repetition_penalty"] == 1.0 and IM_END in kw["eos_token_id"]
-    kw = L.generation_kwargs(model, tok, temperature=0.7, top_p=0.9)
+    kw = llm.generation_kwargs(model, tok, llm.GenerationOptions(temperature=0.7, top_p=0.9))
     assert kw["do_sample"] is True and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["top_k"] == 0
 
 
 def test_token_losses_match_cross_entropy():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
-    nll, mask = L.token_losses(logits, labels)
+    nll, mask = llm.token_losses(logits, labels)
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     assert torch.allclose(nll.sum() / mask.sum(), ref) and mask.sum() == 4

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-import llm as L
+import llm
 from conftest import FIXTURES
 from model import AZeroS
 from tiny import cached_tiny_release, write_wav
@@ -45,9 +45,9 @@ def prompt(model):
 
 def greedy(model, segments, n_rows, return_logits=False):
     """Greedy ids (and step logits) from already projected audio, 16 new tokens like the fixture."""
-    batch = L.build_batch(model.llm, model.tokenizer, [prompt(model)] * n_rows, segments, training=False)
-    out = L.generate_ids(model.llm, model.tokenizer, batch, max_new_tokens=16, return_dict_in_generate=True,
-                         output_logits=True)
+    batch = llm.build_batch(model.llm, model.tokenizer, [prompt(model)] * n_rows, segments, training=False)
+    options = llm.GenerationOptions(16, extra=dict(return_dict_in_generate=True, output_logits=True))
+    out = llm.generate_ids(model.llm, model.tokenizer, batch, options)
     return batch, out.sequences, torch.stack(out.logits, 1)
 
 
@@ -107,10 +107,10 @@ def test_parity_batched_generate_from_official_encoder_outputs(official):
 def test_parity_end_to_end_from_wav(official):
     wave = data.load_audio(WAV)
     msgs = [prompt(official)]
-    texts = official.generate([wave], msgs, max_new_tokens=16)
+    texts = official.generate([wave], msgs, llm.GenerationOptions(16))
     assert texts == META["runs"]["a_generate"]["decoded_text_official_return"]
     # batched with the 0.8 s clip: row 0 as alone, row 1 = the official ids of that clip (alone and batched)
-    texts = official.generate([wave, wave[:12800]], msgs * 2, max_new_tokens=16)
+    texts = official.generate([wave, wave[:12800]], msgs * 2, llm.GenerationOptions(16))
     assert texts == META["runs"]["c_batched_generate"]["decoded_text_official_return"]
 
 
@@ -227,9 +227,9 @@ def test_audio_token_counts_for_both_encoders(tiny):
     segments = model.audio_segments(feats, lens)
     assert [[s.shape[0] for s in row] for row in segments] == [[n, n] for n in expected]
     msgs = [[model.user_message("hi"), {"role": "assistant", "content": "ok"}]] * 2
-    batch = L.build_batch(model.llm, model.tokenizer, msgs, segments, training=True)
+    batch = llm.build_batch(model.llm, model.tokenizer, msgs, segments, training=True)
     assert (batch.input_ids == model.audio_token_id).sum(1).tolist() == [2 * n for n in expected]
-    bad = [[{"role": "user", "content": L.AUDIO_TOKEN}, {"role": "assistant", "content": "ok"}]] * 2
+    bad = [[{"role": "user", "content": llm.AUDIO_TOKEN}, {"role": "assistant", "content": "ok"}]] * 2
     with pytest.raises(ValueError, match=r"row 0: the prompt has 1 <\|AUDIO\|> placeholder\(s\) but .* 2 segment"):
         model(bad, feats, lens)
 
@@ -239,14 +239,14 @@ def test_stages_train_one_projector(tiny):
     feats, lens = model.features([torch.randn(12000) * 0.1])
     try:
         model.set_stage(1)
-        assert model.audio_placeholder == L.AUDIO_TOKEN  # stage 1: semantic branch alone
+        assert model.audio_placeholder == llm.AUDIO_TOKEN  # stage 1: semantic branch alone
         assert model.trainable_parameters() == list(model.speech_encoder_projector.parameters())
         model.train()
         assert model.speech_encoder_projector.training and not model.llm.training
         assert not model.speech_encoder.training and not model.paraling_encoder.training
         record = data.Record(id="u", audio="x.wav", duration=0.75, text="t", response="An answer", truncated=True)
         msgs = [model.training_messages(record)]
-        assert msgs[0][0] == {"role": "user", "content": L.AUDIO_TOKEN} and msgs[0][1]["truncated"]
+        assert msgs[0][0] == {"role": "user", "content": llm.AUDIO_TOKEN} and msgs[0][1]["truncated"]
         model(msgs, feats, lens)["loss"].backward()
         assert model.speech_encoder_projector.linear1.weight.grad is not None
         assert model.paraling_encoder_projector.linear1.weight.grad is None
@@ -270,23 +270,23 @@ def test_batched_generation_equals_single(tiny, tmp_path):
     _, model = tiny
     waves = [data.load_audio(write_wav(tmp_path / f"{i}.wav", s, seed=i)) for i, s in enumerate((1.7, 0.6, 1.1))]
     msgs = [prompt(model)] * 3
-    batched = model.generate(waves, msgs, max_new_tokens=12)
-    single = [model.generate([w], msgs[:1], max_new_tokens=12)[0] for w in waves]
+    batched = model.generate(waves, msgs, llm.GenerationOptions(12))
+    single = [model.generate([w], msgs[:1], llm.GenerationOptions(12))[0] for w in waves]
     assert batched == single and len(set(batched)) == 3
 
 
 def test_text_only_generation(tiny):
     _, model = tiny
-    text = model.generate(None, [[{"role": "user", "content": "hello"}]], max_new_tokens=5)
+    text = model.generate(None, [[{"role": "user", "content": "hello"}]], llm.GenerationOptions(5))
     assert isinstance(text[0], str)
 
 
 def test_stage1_release_without_paraling_encoder():
     model = AZeroS.from_pretrained(cached_tiny_release(paraling=False))
     assert model.paraling_encoder is None and model.config["paraling_encoder_config"] is None
-    assert model.audio_placeholder == L.AUDIO_TOKEN
+    assert model.audio_placeholder == llm.AUDIO_TOKEN
     feats, lens = model.features([torch.randn(8000) * 0.1])
     assert [len(row) for row in model.audio_segments(feats, lens)] == [1]
-    assert isinstance(model.generate((feats, lens), [prompt(model)], max_new_tokens=3)[0], str)
+    assert isinstance(model.generate((feats, lens), [prompt(model)], llm.GenerationOptions(3))[0], str)
     with pytest.raises(ValueError, match="stage 2"):
         model.set_stage(2)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import llm
 import train
 import whisper_encoder as W
 from model import AZeroS
@@ -210,8 +211,8 @@ def test_model_with_whisper_encoder_saves_and_reloads(folders, tmp_path):
     a, b = model(msgs, *model.features([wave])), again(msgs, *again.features([wave]))
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["logits"], b["logits"])
     ask = [[model.user_message("Describe.")]]
-    assert model.generate([wave], ask, max_new_tokens=8) == again.generate([wave], ask,
-                                                                           max_new_tokens=8)
+    options = llm.GenerationOptions(8)
+    assert model.generate([wave], ask, options) == again.generate([wave], ask, options)
 
 
 def test_whisper_beside_a_zipformer_reads_two_front_ends(folders):
@@ -230,8 +231,8 @@ def test_whisper_beside_a_zipformer_reads_two_front_ends(folders):
     segments = model.audio_segments(feats, lens)
     assert [[s.shape[0] for s in row] for row in segments] == [[9, 18], [5, 11]]  # (para, semantic)
     ask = [model.user_message("Who?")]
-    both = model.generate(waves, [ask] * 2, max_new_tokens=4)
-    assert both == [model.generate([w], [ask], max_new_tokens=4)[0] for w in waves]
+    both = model.generate(waves, [ask] * 2, llm.GenerationOptions(4))
+    assert both == [model.generate([w], [ask], llm.GenerationOptions(4))[0] for w in waves]
 
 
 def test_train_with_whisper_encoder_then_stage2_with_zipformer(folders, tmp_path):
@@ -264,4 +265,4 @@ def test_train_with_whisper_encoder_then_stage2_with_zipformer(folders, tmp_path
     config = json.loads((tmp_path / "s2" / "config.json").read_text())
     assert config["paraling_encoder_config"]["model_type"] == "zipformer"
     both = AZeroS.from_pretrained(tmp_path / "s2")
-    assert both.generate([speech_like(1.0)], [[both.user_message("Who?")]], max_new_tokens=4)
+    assert both.generate([speech_like(1.0)], [[both.user_message("Who?")]], llm.GenerationOptions(4))
