@@ -1,5 +1,6 @@
 """Readers for the benchmark data as users download it (AZeroS paper, Sec. 5.2): VoiceBench parquet
-files and AIR-Bench's meta JSON + audio folders, turned into evaluate.Item rows for the answer loop.
+files and AIR-Bench's meta JSON + audio folders, turned into eval_support.Item rows for the answer
+loop.
 
 VoiceBench (HF dataset hlt-lab/voicebench), one folder per config:
     DATA/<config>/<split>-00000-of-00001.parquet   audio = {bytes, path}, the encoded file
@@ -24,7 +25,7 @@ import torch
 
 import data
 from bench_scoring import AIR_DIRS, CHAT_SPEECH_TASKS, VOICEBENCH
-from evaluate import Item
+from eval_support import Item
 
 # columns each VoiceBench config must have besides `audio` (what its scorer or judge reads)
 VB_FIELDS = {

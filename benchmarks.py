@@ -10,7 +10,7 @@ AIR-Bench with a model folder, score them with the official rules, and print the
 Answering is greedy through model.py with each benchmark's own prompt: VoiceBench gets the audio
 alone (the question is spoken), AIR Foundation the official instruction + question + lettered
 options + AZeroS's "only output the option" line, AIR Chat the audio + question. Answers are
-appended per batch to RUN/<benchmark>/answers.jsonl (evaluate.run_items): a killed run resumes
+appended per batch to RUN/<benchmark>/answers.jsonl (eval_support.run_items): a killed run resumes
 without answering anything twice.
 
 `score` runs the offline scorers, asks an OpenAI-compatible judge (a vLLM server, say) for the
@@ -37,7 +37,8 @@ from pathlib import Path
 import bench_data as BD
 import bench_scoring as S
 import data
-import evaluate as ev
+import eval_support as es
+import files
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the paper does not say; the official VoiceBench wrappers allow 2048
 OFFICIAL_JUDGES = {"voicebench": "gpt-4o-mini", "air_chat": "gpt-4-0125-preview"}
@@ -108,7 +109,7 @@ def check_run_file(folder: Path, settings: dict) -> None:
 def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> dict:
     """Counts for the record: items in the files, answered, skipped (answered + skipped = items
     unless --limit cut the run short). `missing`: id -> why, for items the model never saw."""
-    done = ev.load_done(folder / "answers.jsonl", settings["model"])
+    done = es.load_done(folder / "answers.jsonl", settings["model"])
     answered = sum(1 for row in done.values() if row.get("response") is not None)
     skipped = dict(missing)
     skipped.update(
@@ -127,8 +128,8 @@ def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> d
 
 
 def make_answerer(model, bench: BD.Benchmark, max_new_tokens: int):
-    """answer(chunk, system) for evaluate.run_items: greedy answers; an unreadable clip becomes a
-    row with response None and the reason, so it is counted once and never retried."""
+    """answer(chunk, system) for eval_support.run_items: greedy answers; an unreadable clip
+    becomes a row with response None and the reason, so it is counted once and never retried."""
     from llm import GenerationOptions
 
     options = GenerationOptions(max_new_tokens=max_new_tokens)
@@ -177,7 +178,7 @@ def answer_benchmark(model, name: str, benches: dict, opts: RunOptions, prompt_e
             f"{name} {label}: {len(items)} items ({len(bench.skipped)} skipped: audio missing)",
             file=sys.stderr,
         )
-        ev.run_items(
+        es.run_items(
             items,
             folder / "answers.jsonl",
             settings["model"],
@@ -323,12 +324,7 @@ def run_judge(jobs: list[dict], path: Path, opts: JudgeOptions) -> tuple[dict, i
     are appended as answers arrive, so a killed run loses at most the jobs in flight. -> (key ->
     row, number of jobs that still failed after the retries: they are retried by the next run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if path.exists():
-        raw = path.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # half a line from a kill
-            path.write_bytes(raw[: raw.rfind(b"\n") + 1])
-        done = {row["key"]: row for _, row in ev.read_jsonl(path)}
+    done = {row["key"]: row for _, row in files.read_jsonl(path, repair=True)}
     todo = [j for j in jobs if j["key"] not in done]
     errors = 0
     with ThreadPoolExecutor(max_workers=opts.workers) as pool:
@@ -347,7 +343,7 @@ def run_judge(jobs: list[dict], path: Path, opts: JudgeOptions) -> tuple[dict, i
                 "params": job["params"],
                 "outputs": outputs,
             }
-            ev.append_rows(path, [row])
+            files.append_jsonl(path, [row])
             done[job["key"]] = row
     return done, errors
 
@@ -358,7 +354,7 @@ def run_judge(jobs: list[dict], path: Path, opts: JudgeOptions) -> tuple[dict, i
 
 def answered_rows(folder: Path) -> list[dict]:
     run = json.loads((folder / "run.json").read_text())
-    done = ev.load_done(folder / "answers.jsonl", run["model"])
+    done = es.load_done(folder / "answers.jsonl", run["model"])
     return [row for row in done.values() if row.get("response") is not None]
 
 
@@ -580,7 +576,7 @@ def score_run(
     if missing:
         dev.append(f"missing columns: {', '.join(missing)}")
     summary.update({"settings": settings, "seed": seed, "deviations": dev})
-    summary = ev._no_nan(summary)
+    summary = es.no_nan(summary)
     data.write_atomic(
         out / "summary.json", [json.dumps(summary, indent=1, ensure_ascii=False) + "\n"]
     )
@@ -656,7 +652,7 @@ def parse_args(argv=None):
             q.add_argument(
                 "--no-extra-prompt",
                 action="store_true",
-                help=f"leave out AZeroS's line {ev.OPTION_PROMPT!r}",
+                help=f"leave out AZeroS's line {es.OPTION_PROMPT!r}",
             )
     q = sub.add_parser("score")
     q.add_argument("--out", required=True, help="the run folder")
@@ -717,7 +713,7 @@ def main(argv=None) -> None:
             benches = voicebench_sets(args.data, [s for s in args.subsets.split(",") if s])
             name, extra = "voicebench", None
         elif args.command == "airbench-foundation":
-            extra = None if args.no_extra_prompt else ev.OPTION_PROMPT
+            extra = None if args.no_extra_prompt else es.OPTION_PROMPT
             benches, name = (
                 {"foundation": BD.read_air_foundation(args.data, extra=extra)},
                 "air_foundation",

@@ -341,12 +341,13 @@ def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> di
     """"Repeat what was said." answered by each system, scored against the transcript and against
     the oracle text's own answer (word recall)."""
     import evaluate as ev
+    import files
 
     result = {"open": ev.evaluate(model, "open", repeat, folder,
                                   max_new_tokens=size["eval_tokens"], **kw)}
-    answers = {s: {r["id"]: r["response"] for _, r in ev.read_jsonl(folder / f"open_{s}.jsonl")}
+    answers = {s: {r["id"]: r["response"] for _, r in files.read_jsonl(folder / f"open_{s}.jsonl")}
                for s in ev.SYSTEMS}
-    refs = {r["id"]: r["reference"] for _, r in ev.read_jsonl(repeat)}
+    refs = {r["id"]: r["reference"] for _, r in files.read_jsonl(repeat)}
     oracle = answers["oracle"]
     result["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
                                     for s in ev.SYSTEMS}
@@ -362,6 +363,7 @@ def gender_signal(model, targets: Path, batch: int = 8) -> dict:
     other one (male <-> female). The projector only learns what lowers this loss: if flipping the gender
     does not raise it, the targets carry no gender information, and no SIFT budget can teach the audio to
     answer gender questions better than chance."""
+    import eval_support
     import evaluate as ev
     from data import read_manifest
 
@@ -370,7 +372,7 @@ def gender_signal(model, targets: Path, batch: int = 8) -> dict:
     result = {"n": len(records)}
     for name in ("true", "flipped"):
         scores = []
-        for chunk in ev.batches(records, batch):
+        for chunk in eval_support.batches(records, batch):
             messages = []
             for r in chunk:
                 msgs = ev.oracle_training_messages(r)

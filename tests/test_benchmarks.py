@@ -17,7 +17,8 @@ import bench_data as BD
 import bench_rules as R
 import bench_scoring as S
 import benchmarks as B
-import evaluate as ev
+import eval_support as es
+import files
 from tiny import cached_tiny_release, write_wav
 
 # --------------------------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def make_air(root):
 
 def test_read_air(tmp_path):
     root = make_air(tmp_path / "air")
-    paper = BD.read_air_foundation(root, extra=ev.OPTION_PROMPT)
+    paper = BD.read_air_foundation(root, extra=es.OPTION_PROMPT)
     assert (
         paper.total == 3
         and [it.id for it in paper.items] == ["0", "2"]
@@ -578,13 +579,13 @@ def test_answer_resume_after_kill(tiny_model, tmp_path):
     finally:
         B.make_answerer = real
     path = tmp_path / "run" / "voicebench" / "answers.jsonl"
-    first = [row["id"] for _, row in ev.read_jsonl(path)]
+    first = [row["id"] for _, row in files.read_jsonl(path)]
     assert len(first) == 3  # mmsu/law's two batches (2 + 1 items) were written before the kill
     info = B.answer_benchmark(tiny_model, "voicebench", benches, opts)
-    ids = [row["id"] for _, row in ev.read_jsonl(path)]
+    ids = [row["id"] for _, row in files.read_jsonl(path)]
     assert len(ids) == len(set(ids)) == 9 and ids[:3] == first  # nothing twice, nothing lost
     assert info["answered"] + info["skipped"] == info["items"] == 9
-    rows = [row for _, row in ev.read_jsonl(path)]
+    rows = [row for _, row in files.read_jsonl(path)]
     assert all(
         r["max_new_tokens"] == 4 and r["question"] == "" and isinstance(r["response"], str)
         for r in rows
@@ -597,7 +598,7 @@ def test_answer_resume_after_kill(tiny_model, tmp_path):
 
 def test_answer_air_counts_skips(tiny_model, tmp_path):
     root = make_air(tmp_path / "air")
-    bench = BD.read_air_foundation(root, extra=ev.OPTION_PROMPT)
+    bench = BD.read_air_foundation(root, extra=es.OPTION_PROMPT)
     write_wav(tmp_path / "air" / "Foundation" / GENDER_CV / "clip0.wav", 0.3)  # still readable
     (tmp_path / "air" / "Foundation" / S.AIR_COLUMNS["Age"][0] / "clip2.wav").write_bytes(
         b"RIFF junk"
@@ -606,7 +607,7 @@ def test_answer_air_counts_skips(tiny_model, tmp_path):
         str(cached_tiny_release()), tmp_path / "run", batch_size=4, max_new_tokens=3
     )
     info = B.answer_benchmark(
-        tiny_model, "air_foundation", {"foundation": bench}, opts, ev.OPTION_PROMPT
+        tiny_model, "air_foundation", {"foundation": bench}, opts, es.OPTION_PROMPT
     )
     assert (info["items"], info["answered"], info["skipped"]) == (
         3,
@@ -634,7 +635,7 @@ def test_cli_answers_and_scores_air_foundation(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("air_foundation: 2 answered, 1 skipped of 3 items -> ")
-    rows = [row for _, row in ev.read_jsonl(run / "air_foundation" / "answers.jsonl")]
+    rows = [row for _, row in files.read_jsonl(run / "air_foundation" / "answers.jsonl")]
     assert sorted(r["id"] for r in rows) == ["0", "2"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks.py"), "score", "--out", str(run)],
@@ -850,7 +851,7 @@ def test_score_with_local_judge(tmp_path, judge_url):
     assert (
         "voicebench: greedy, max_new_tokens 64 (not reported by the paper)" in summary["deviations"]
     )
-    raw = [row for _, row in ev.read_jsonl(run / "judge" / "voicebench.jsonl")]
+    raw = [row for _, row in files.read_jsonl(run / "judge" / "voicebench.jsonl")]
     assert sorted(r["outputs"][0] for r in raw) == sorted(["5", "[[3]]", "Score: 4", "Yes", "No."])
     # resumable: a second scoring asks the judge nothing new and gives the same numbers
     n = len(FakeJudge.requests)
@@ -909,7 +910,7 @@ def test_judge_failures_are_retried_by_the_next_run(tmp_path, judge_url):
         f.write('{"key": "half a line')  # a kill in the middle of a write
     done, errors = B.run_judge(jobs, path, judge)
     assert (sorted(done), errors) == (["a", "c", "flaky"], 0)
-    rows = [row for _, row in ev.read_jsonl(path)]
+    rows = [row for _, row in files.read_jsonl(path)]
     assert sorted(r["key"] for r in rows) == [
         "a",
         "c",

@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
+import data
+import eval_support as es
 import evaluate as ev
-import llm as L
+import generate_targets
+import llm
 from conftest import ROOT
 from generate_targets import build_prompt
 
@@ -53,7 +56,7 @@ OPTION_TABLE = [
 
 
 def test_parse_option_table():
-    got = [(a, ev.parse_option(a, c)) for a, c, _ in OPTION_TABLE]
+    got = [(a, es.parse_option(a, c)) for a, c, _ in OPTION_TABLE]
     assert got == [(a, want) for a, _, want in OPTION_TABLE]
     assert len(OPTION_TABLE) >= 20
 
@@ -76,27 +79,27 @@ LABEL_TABLE = [
 
 
 def test_match_label_table():
-    assert [ev.match_label(a, v) for a, v, _ in LABEL_TABLE] == [want for _, _, want in LABEL_TABLE]
+    assert [es.match_label(a, v) for a, v, _ in LABEL_TABLE] == [want for _, _, want in LABEL_TABLE]
 
 
 def _rec(rid, **kw):
-    return ev.data.Record(id=rid, audio="/nonexistent.wav", duration=1.0, **kw)
+    return data.Record(id=rid, audio="/nonexistent.wav", duration=1.0, **kw)
 
 
 def test_no_value_spellings_are_no_label_but_the_targets_keep_the_official_rule():
     """Scoring skips every official "unknown" spelling and a few more; target generation drops only the
     official ones (its <meta> must match the official targets), so "none" still reaches <meta>."""
-    for value in sorted(ev.generate_targets.UNKNOWN_VALUES | {"n/a", "None", " ? "}):
-        assert ev.record_label(_rec("x", meta={"gender": value}), "gender") is None, value
-    assert ev.record_label(_rec("x", meta={"gender": " Female "}), "gender") == "female"
-    assert ev.generate_targets.format_meta({"gender": "none", "emotion": "unk"}) == "gender: none"
+    for value in sorted(generate_targets.UNKNOWN_VALUES | {"n/a", "None", " ? "}):
+        assert es.record_label(_rec("x", meta={"gender": value}), "gender") is None, value
+    assert es.record_label(_rec("x", meta={"gender": " Female "}), "gender") == "female"
+    assert generate_targets.format_meta({"gender": "none", "emotion": "unk"}) == "gender: none"
 
 
 def test_label_items_vocabulary_and_normalisation():
     recs = [_rec("a", language="en-US", meta={"gender": "Male", "age": "34", "emotion": "happy"}),
             _rec("b", language="zh", meta={"gender": "female", "age": "unknown", "emotion": "sad"}),
             _rec("c", language="en", meta={"gender": "na"})]
-    items = {it.id: it for it in ev.label_items(recs)}
+    items = {it.id: it for it in es.label_items(recs)}
     assert sorted(items) == ["a/age", "a/emotion", "a/gender", "a/language", "b/emotion", "b/gender", "b/language",
                              "c/language"]
     assert items["a/age"].fields["label"] == "young adult" and items["a/language"].fields["label"] == "en"
@@ -138,7 +141,7 @@ def test_label_exact_accuracy(tmp_path, monkeypatch):
         answers[(f"{uid}/emotion", "audio")] = e
     for uid in ["u0", "u1", "u2", "u3"]:
         answers[(f"{uid}/language", "audio")] = "English"
-    items = ev.label_items(ev.data.read_manifest(manifest))
+    items = es.label_items(data.read_manifest(manifest))
     for it in items:  # oracle: always right; silent: always "male", "neutral", "Chinese"
         answers[(it.id, "oracle")] = it.fields["label"]
         answers[(it.id, "silent")] = {"gender": "male", "emotion": "neutral", "language": "Chinese"}[
@@ -168,9 +171,9 @@ def test_mcq_accuracy_per_task_and_resume(tmp_path, monkeypatch):
          "choice_c": "angry", "choice_d": "neutral", "answer_gt": "angry", "task_name": "emotion"},
     ]
     manifest = _write_jsonl(tmp_path / "mcq.jsonl", rows)
-    items = ev.read_mcq(manifest)
+    items = es.read_mcq(manifest)
     assert [it.fields["answer"] for it in items] == ["A", "B", "C"]
-    assert items[2].id == "3" and items[2].question.endswith(ev.OPTION_PROMPT)
+    assert items[2].id == "3" and items[2].question.endswith(es.OPTION_PROMPT)
     assert "\nC. angry\n" in items[2].question
     answers = {("q1", "audio"): "A", ("q2", "audio"): "Probably A or B", ("3", "audio"): "The answer is (C).",
                ("q1", "oracle"): "B", ("q1", "silent"): "A", ("q2", "silent"): "A", ("3", "silent"): "D"}
@@ -221,7 +224,7 @@ def _target_manifest(root, modes):
     durations = [1.3, 2.1, 1.7]
     rows = []
     for i, mode in enumerate(modes):
-        rec = ev.data.Record(id=f"r{i}", audio=str(root / f"clip{i % 3}.wav"), duration=durations[i % 3],
+        rec = data.Record(id=f"r{i}", audio=str(root / f"clip{i % 3}.wav"), duration=durations[i % 3],
                              text=texts[i % 3], language="en", meta=metas[i % 3])
         prompt = build_prompt(rec, mode)
         rows.append({**rec.to_json(), "mode": mode, "system": prompt.system, "instruction": prompt.instruction,
@@ -235,15 +238,15 @@ def _target_manifest(root, modes):
 def test_align_oracle_embeddings_give_ratio_one(tiny, tmp_path, stage, modes):
     model, _, root = tiny
     manifest = _target_manifest(root, modes)
-    records = ev.data.read_manifest(manifest)
+    records = data.read_manifest(manifest)
     model.set_stage(stage)  # stage 1: semantic branch only, the prompt is a single <|AUDIO|>
     try:
         # precondition: with the oracle pieces spliced in, the audio prompt's LLM input equals the text
         # prompt's (the tokenizer splits the text where the audio prompt has <|AUDIO|>)
         for r, segs in zip(records, ev.oracle_segments(model, records)):
-            spliced = L.build_batch(model.llm, model.tokenizer, [model.training_messages(r)], [segs],
+            spliced = llm.build_batch(model.llm, model.tokenizer, [model.training_messages(r)], [segs],
                                              training=True)
-            text = L.build_batch(model.llm, model.tokenizer, [ev.oracle_training_messages(r)],
+            text = llm.build_batch(model.llm, model.tokenizer, [ev.oracle_training_messages(r)],
                                           training=True)
             assert torch.equal(spliced.inputs_embeds, text.inputs_embeds) and torch.equal(spliced.labels, text.labels)
         res = ev.evaluate(model, "align", manifest, tmp_path, batch_size=2, segments_fn=ev.oracle_segments)
@@ -261,8 +264,8 @@ def test_align_scores_ssp_rows_on_the_sp_turns(tiny, tmp_path):
     turn (official trainer), so align scores it on exactly the turns of a sift_sp row: audio, oracle
     and silent numbers are equal for the same rows labelled either way."""
     model, _, root = tiny
-    ssp = ev.data.read_manifest(_target_manifest(root, ["sift_ssp", "sift_ssp"]))
-    sp = ev.data.read_manifest(_target_manifest(root, ["sift_sp", "sift_sp"]))
+    ssp = data.read_manifest(_target_manifest(root, ["sift_ssp", "sift_ssp"]))
+    sp = data.read_manifest(_target_manifest(root, ["sift_sp", "sift_sp"]))
     assert ssp[0].system and not sp[0].system  # the manifests differ in the system message
     for a, b in zip(ssp, sp):
         assert ev.oracle_training_messages(a) == ev.oracle_training_messages(b)
@@ -281,7 +284,7 @@ def test_align_on_audio_runs_and_resumes(tiny, tmp_path, monkeypatch):
     lines = (tmp_path / "align_answers.jsonl").read_text().splitlines()
     assert len(lines) == 6  # 2 records x 3 systems
     # per-row numbers agree with model.forward's batch mean
-    records = ev.data.read_manifest(manifest)
+    records = data.read_manifest(manifest)
     waves = ev.load_waves(records, silent=False)
     with torch.no_grad():
         out = model.forward([model.training_messages(r) for r in records], *model.features(waves))
@@ -355,9 +358,9 @@ def test_read_choice_errors(tmp_path):
     for row, msg in cases:
         path = _write_jsonl(tmp_path / "c.jsonl", [{**good, "id": "ok", "answer": "A woman."}, row])
         with pytest.raises(ValueError) as e:
-            ev.read_choice(path)
+            es.read_choice(path)
         assert str(e.value).startswith(f"{path}:2: ") and msg in str(e.value), str(e.value)
-    items = ev.read_choice(_write_jsonl(tmp_path / "ok.jsonl", [{**good, "answer": "A woman."}]))
+    items = es.read_choice(_write_jsonl(tmp_path / "ok.jsonl", [{**good, "answer": "A woman."}]))
     assert items[0].fields == {"task": "all", "choices": ["A man.", "A woman."], "answer": 1}
 
 
@@ -374,7 +377,7 @@ def test_choice_nll_equals_single_forward_and_resumes(tiny, tmp_path, monkeypatc
     stored = {(r["id"], r["system"]): r["nll"] for r in map(json.loads, (tmp_path / "out" / "choice_answers.jsonl")
                                                             .read_text().splitlines())}
     assert len(stored) == 9
-    items = ev.read_choice(manifest)
+    items = es.read_choice(manifest)
     with torch.no_grad():
         for it in items:
             for system in ev.SYSTEMS:
@@ -401,7 +404,7 @@ def test_rows_without_task_are_counted_once():
                                          (250, None), ("Senior", "senior")])
 def test_age_label_follows_the_training_metadata(value, label):
     """Scoring labels ages as target generation does (gt.normalize_meta), a zero age included."""
-    assert ev.age_label(value) == label
-    record = ev.data.Record(id="a", audio="/a.wav", duration=1.0, meta={"age": value})
+    assert es.age_label(value) == label
+    record = data.Record(id="a", audio="/a.wav", duration=1.0, meta={"age": value})
     meta = f"age: {label}" if label else ""
     assert f"<meta>{meta}</meta>" in build_prompt(record, "sift_sp").input_text
