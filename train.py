@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -251,16 +251,16 @@ TRAINED = {1: ["speech_encoder_projector"], 2: ["paraling_encoder_projector"],
 
 
 def build_model(args, device):
-    """Stage 1: LLM + semantic encoder, fresh projector. Stage 2: the stage-1 model plus the paralinguistic
-    encoder and a fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage).
-    Stage both: LLM + the encoders given, every projector fresh."""
+    """Stage 1 and "both": AZeroS.from_components (LLM + the encoders given, fresh projectors).
+    Stage 2: AZeroS.from_stage1, the stage-1 model folder plus the paralinguistic encoder and a
+    fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage)."""
     from model import AZeroS  # imported here so `python train.py --help` is instant
 
-    # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16 anyway).
-    # The projectors stay fp32: they are the master weights Adam updates.
+    # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16
+    # anyway). The projectors stay fp32: they are the master weights Adam updates.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for flag, path in (("--speech-encoder", args.speech_encoder), ("--paraling-encoder", args.paraling_encoder),
-                       ("--init", args.init)):
+    for flag, path in (("--speech-encoder", args.speech_encoder),
+                       ("--paraling-encoder", args.paraling_encoder), ("--init", args.init)):
         if path and not Path(path).is_dir():
             raise TrainError(f"{flag} {path}: no such folder")
         if path and flag != "--init":
@@ -276,42 +276,19 @@ def build_model(args, device):
             raise TrainError("stage 2 needs --init (the stage-1 model folder) and --paraling-encoder")
         init = Path(args.init)
         if not (init / "model.safetensors").exists():
-            raise TrainError(f"--init {init}: no model.safetensors; expected a stage-1 model folder (release layout)")
+            raise TrainError(f"--init {init}: no model.safetensors; expected a stage-1 model folder "
+                             "(release layout)")
         if args.speech_encoder:
-            raise TrainError("stage 2 takes the semantic encoder from --init: its projector was trained on it")
-        if args.llm:
-            # An explicit LLM (e.g. the same one from another path): it must fit the stage-1 projector.
-            model = AZeroS.from_components(args.llm, str(init / "speech_encoder"), args.paraling_encoder,
-                                           gguf_file=args.gguf_file, device=device, dtype=dtype)
-            load_stage1_projector(model, init)
-        else:
-            model = AZeroS.from_pretrained(init, device=device, dtype=dtype).attach_paraling_encoder(
-                args.paraling_encoder)
+            raise TrainError("stage 2 takes the semantic encoder from --init: its projector was "
+                             "trained on it")
+        try:  # an explicit --llm (e.g. the same one from another path) must fit the projector
+            model = AZeroS.from_stage1(init, args.paraling_encoder, llm_path=args.llm,
+                                       gguf_file=args.gguf_file, device=device, dtype=dtype)
+        except checks.CheckError as e:  # a stage-1 projector that does not fit --llm
+            raise TrainError(str(e)) from None
     model.set_stage(args.stage)
     check_frozen(model, args.stage)
     return model
-
-
-def load_stage1_projector(model, init: Path):
-    """Copy the stage-1 semantic projector into the stage-2 model, with a clear message when the widths
-    cannot match (the usual cause: a different --llm than the one stage 1 was trained with)."""
-    state = load_file(str(init / "model.safetensors"))
-    prefix = "speech_encoder_projector."
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    proj = model.speech_encoder_projector
-    if not state:
-        raise TrainError(f"--init {init}: model.safetensors holds no speech_encoder_projector.* weights")
-    llm_width = proj.linear2.out_features
-    init_width = state["linear2.weight"].shape[0]
-    if init_width != llm_width:
-        raise TrainError(f"the stage-1 projector in {init} maps to width {init_width}, but the LLM has hidden size "
-                         f"{llm_width}: stage 2 must use the LLM stage 1 was trained with (leave out --llm to use "
-                         f"{init / 'llm'})")
-    enc_in = state["linear1.weight"].shape[1]
-    if enc_in != proj.linear1.in_features:
-        raise TrainError(f"the stage-1 projector in {init} takes {enc_in} inputs (encoder dim x k), but the speech "
-                         f"encoder gives {proj.linear1.in_features}: use the speech encoder of stage 1")
-    proj.load_state_dict(state)
 
 
 def trainable_names(model, stage: int | str) -> list[str]:

@@ -139,7 +139,7 @@ def matmul_error_bound(projector, x: torch.Tensor) -> torch.Tensor:
     of u (a factor 2 of margin) the bound on the output is (K1 + K2 + 2) * eps * (|W2| (|W1| |x| + |b1|) + |b2|)."""
     eps = torch.finfo(torch.float32).eps
     l1, l2 = projector.linear1, projector.linear2
-    k = x.shape[0] // projector.k * projector.k
+    k = x.shape[0] // projector.ds_rate * projector.ds_rate
     stacked = x[:k].reshape(-1, l1.in_features).double().abs()
     h = stacked @ l1.weight.double().abs().T + l1.bias.double().abs()
     y = h @ l2.weight.double().abs().T + l2.bias.double().abs()

@@ -6,14 +6,14 @@ from projector import Projector
 
 def test_parameter_count_matches_paper_config():
     # d=768 (Zipformer), k=4, D=3584 (Qwen2.5-7B): 768*4*3584 + 3584 + 3584*3584 + 3584
-    p = Projector(768, 3584, k=4)
+    p = Projector(768, 3584, ds_rate=4)
     assert sum(t.numel() for t in p.parameters()) == 23_862_272
     assert [n for n, _ in p.named_parameters()] == [
         "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
 
 
 def test_output_lengths_drop_incomplete_groups():
-    p = Projector(6, 10, k=4)
+    p = Projector(6, 10, ds_rate=4)
     x = torch.randn(3, 19, 6)  # 19 frames: 3 trailing frames cannot form a group
     out, lens = p(x, torch.tensor([19, 8, 3]))
     assert out.shape == (3, 4, 10)
@@ -23,7 +23,7 @@ def test_output_lengths_drop_incomplete_groups():
 def test_stacking_order_is_time_major():
     # With identity-like weights the first output vector must be frames 0..3 concatenated in order.
     d, k = 3, 4
-    p = Projector(d, d * k, k=k)
+    p = Projector(d, d * k, ds_rate=k)
     with torch.no_grad():
         p.linear1.weight.copy_(torch.eye(d * k))
         p.linear1.bias.zero_()
@@ -49,5 +49,5 @@ def test_loads_official_projector_weights():
     for name, enc in [("speech_encoder", "speech_encoder_config"), ("paraling_encoder", "paraling_encoder_config")]:
         sub = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"{name}_projector.")}
         d = max(cfg[enc]["encoder_dim"])
-        p = Projector(d, llm_dim, k=cfg[f"{name}_projector_ds_rate"])
+        p = Projector(d, llm_dim, ds_rate=cfg[f"{name}_projector_ds_rate"])
         p.load_state_dict(sub, strict=True)

@@ -350,7 +350,7 @@ def test_write_atomic_follows_umask(tmp_path, umask):
 
 
 def test_mistyped_local_model_path(tmp_path, monkeypatch):
-    from model import resolve_model_dir
+    from model_support import resolve_model_dir
 
     (tmp_path / "exp").mkdir()
     monkeypatch.chdir(tmp_path)

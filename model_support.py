@@ -1,0 +1,169 @@
+"""Support code for model.py and zipformer.py: model folders on disk (not the method).
+
+model.py builds the model; what it needs from the file system lives here, off its reading path:
+  1. where a folder comes from: a local path, or a hub id downloaded once;
+  2. which weight file a folder holds (the official loader's order), read as safetensors or as a
+     .pt with weights_only=True (never unpickle arbitrary objects);
+  3. checks that name the missing or mismatched piece (a file, a key, a width) in one line;
+  4. the root config.json of the release layout, and the frozen parts written once or linked.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import checks
+from whisper_encoder import WhisperSpeechEncoder
+
+WEIGHT_FILES = ("pretrained.safetensors", "model.safetensors", "pretrained.pt", "model.pt")
+FROZEN = ("llm", "speech_encoder", "paraling_encoder")  # sub-folders, never trained
+
+# --------------------------------------------------------------------------------------------------
+# 1-2. Finding and reading
+
+
+def resolve_model_dir(path_or_hub_id) -> Path:
+    """A local folder as is; anything else is treated as a hub id and downloaded (cached) once."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if path.exists() or checks.looks_local(str(path_or_hub_id)):  # a mistyped path is no hub id
+        raise FileNotFoundError(f"model folder {path_or_hub_id}: no such folder")
+    from huggingface_hub import snapshot_download
+    logging.info("downloading %s from the Hugging Face hub", path_or_hub_id)
+    try:
+        return Path(snapshot_download(str(path_or_hub_id)))
+    except Exception as e:  # offline, unknown repo, no access: one clear line for the CLI
+        raise FileNotFoundError(f"model folder not found and hub download of {path_or_hub_id} "
+                                f"failed: {type(e).__name__}") from e
+
+
+def find_weights(folder) -> Path:
+    """The weight file of a model or encoder folder, in the official loader's order."""
+    for name in WEIGHT_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise FileNotFoundError(f"model folder incomplete: none of {list(WEIGHT_FILES)} in {folder}")
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors, or a .pt loaded with weights_only=True; a training checkpoint's
+    {"state_dict": ...} or {"model": ...} wrapper is taken off."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Checks
+
+
+def require(path: Path) -> Path:
+    """Fail early, naming the missing piece of a model folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"model folder incomplete: {path} is missing")
+    return path
+
+
+def check_model_folder(root: Path, config: dict) -> None:
+    """Every part of a release folder is there and reads, before anything slow is loaded."""
+    require(root / "speech_encoder"), require(root / "llm")
+    if config.get("paraling_encoder_config") is not None:
+        require(root / "paraling_encoder")
+    checks.model_files(root)  # a corrupt weight or config file is named, no library traceback
+    find_weights(root)
+    require(root / "tokenizer_config.json")
+
+
+def read_model_folder(path_or_hub_id) -> tuple[Path, dict, dict]:
+    """A release folder, checked part by part before anything slow is loaded -> (root, config,
+    root weights)."""
+    root = resolve_model_dir(path_or_hub_id)
+    config = checks.json_file(require(root / "config.json"))
+    check_model_folder(root, config)
+    return root, config, load_state_dict(find_weights(root))
+
+
+def projector_weights(state: dict, own: dict) -> dict:
+    """The projector entries of root weights, checked against the model's own state dict. Keys of
+    the frozen parts are ignored (the sub-folders hold those); a missing, unknown or mis-shaped key
+    is an error that names it."""
+    frozen = tuple(f"{m}." for m in FROZEN)
+    own = {k: v for k, v in own.items() if not k.startswith(frozen)}
+    state = {k: v for k, v in state.items() if not k.startswith(frozen)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+           if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"root weights do not match the model: missing {missing}, unexpected "
+                         f"{unexpected}, shape mismatch {bad}")
+    return state
+
+
+def stage1_projector(init: Path, projector) -> dict:
+    """The trained speech projector of a stage-1 folder, for `projector` of a stage-2 model built on
+    another copy of the LLM; a width that cannot match is named with its usual cause."""
+    state = load_file(str(init / "model.safetensors"))
+    prefix = "speech_encoder_projector."
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not state:
+        raise checks.CheckError(f"--init {init}: model.safetensors holds no "
+                                "speech_encoder_projector.* weights")
+    llm_width, init_width = projector.linear2.out_features, state["linear2.weight"].shape[0]
+    if init_width != llm_width:
+        raise checks.CheckError(
+            f"the stage-1 projector in {init} maps to width {init_width}, but the LLM has hidden "
+            f"size {llm_width}: stage 2 must use the LLM stage 1 was trained with (leave out --llm "
+            f"to use {init / 'llm'})")
+    enc_in = state["linear1.weight"].shape[1]
+    if enc_in != projector.linear1.in_features:
+        raise checks.CheckError(
+            f"the stage-1 projector in {init} takes {enc_in} inputs (encoder dim x ds_rate), but "
+            f"the speech encoder gives {projector.linear1.in_features}: use the speech encoder of "
+            "stage 1")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Writing the release layout
+
+
+def encoder_config(encoder) -> dict | None:
+    """An encoder's entry in the root config.json (None when the model has no such encoder). Its
+    model_type says which encoder it is: "zipformer", or transformers' "whisper" (the whole
+    WhisperConfig, as the official code stores it)."""
+    if encoder is None:
+        return None
+    if isinstance(encoder, WhisperSpeechEncoder):
+        return encoder.config.to_dict()
+    return {"model_type": "zipformer", **encoder.config.to_dict()}
+
+
+def release_config(model) -> dict:
+    """The root config.json of the release layout, for a model built from components."""
+    para = model.paraling_encoder_projector
+    return {
+        "model_type": "azeros", "use_flash_attn": False, "exclude_from_checkpoint": list(FROZEN),
+        "speech_encoder_projector_ds_rate": model.speech_encoder_projector.ds_rate,
+        "paraling_encoder_projector_ds_rate": para.ds_rate if para is not None else 4,
+        "speech_encoder_config": encoder_config(model.speech_encoder),
+        "paraling_encoder_config": encoder_config(model.paraling_encoder),
+        "llm_config": model.llm.config.to_dict(),
+    }
+
+
+def save_frozen_part(module, target: Path, source: str | None, link: bool) -> None:
+    """Write a frozen part, or (`link`) symlink the local folder it was loaded from."""
+    if link and source and os.path.isdir(source):
+        # a relative link keeps working when the whole experiment folder is moved or copied
+        rel = os.path.relpath(os.path.abspath(source), target.parent.resolve())
+        target.symlink_to(rel, target_is_directory=True)
+    else:
+        module.save_pretrained(str(target))
