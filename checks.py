@@ -133,6 +133,8 @@ def audio_length(path, seconds: float, limit: float | None, where: str = "") -> 
 
 def audio_file(path, limit: float | None) -> None:
     """infer.py: the file exists, its header reads, its length is within the limits."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio file not found: {path}")
     audio_length(path, audio_seconds(path), limit)
 
 

@@ -1,14 +1,14 @@
-"""Talk to an AZeroS model from the command line (AZeroS paper, Sec. 4.1: the model at inference time).
+"""Talk to an AZeroS model from the command line (AZeroS paper, Sec. 4.1: the model in use).
 
-    python infer.py audio.wav "Describe the audio."                   # streams the answer
-    python infer.py a.wav b.wav "What is the speaker's emotion?"       # one batched call, one line per file
-    python infer.py "What is the capital of France?"                   # no audio: the frozen LLM answers as text
-    python infer.py audio.wav "..." --model path/to/model_dir          # default: the AudenAI/azeros hub release
+    python infer.py audio.wav "Describe the audio."                # streams the answer
+    python infer.py a.wav b.wav "What is the speaker's emotion?"    # one batch, a line per file
+    python infer.py "What is the capital of France?"                # no audio: the LLM answers
+    python infer.py audio.wav "..." --model path/to/model_dir       # default: AudenAI/azeros
 
-Decoding is greedy unless --temperature is given (then top-p sampling). The prompt goes after the audio
-placeholder(s) in the user turn, exactly as the official code builds it; --system adds a system message
-(otherwise the tokenizer's chat template decides, e.g. Qwen2.5 adds its default one).
-Errors (missing file, unreadable audio, incomplete model folder) print one line and exit with status 1.
+Data flow: file -> 16 kHz wave -> AZeroS.generate (front end, frozen encoders, projectors, splice
+into "{audio placeholder} {prompt}", frozen LLM) -> text. Greedy unless --temperature is given (then
+top-p sampling); --system adds a system message (else the tokenizer's chat template decides).
+Support (not the method): checks.py checks files and options first; a bad input is one line.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Ask an AZeroS speech LLM about audio files.")
     p.add_argument("inputs", nargs="+", metavar="AUDIO... PROMPT",
-                   help="zero or more audio files followed by the prompt (the prompt may be omitted after audio)")
-    p.add_argument("--model", default="AudenAI/azeros", help="model folder or hub id (default: %(default)s)")
-    p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="answer length limit (official: 200)")
-    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+                   help="zero or more audio files, then the prompt (may be left out after audio)")
+    p.add_argument("--model", default="AudenAI/azeros", help="model folder or hub id (%(default)s)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="answer length (official: 200)")
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="LLM dtype; auto = the checkpoint's on GPU, float32 on CPU")
     p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
@@ -44,33 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
-    """All positionals but the last are audio; the last is the prompt, unless it looks like an audio
-    file (an audio extension, no spaces): then it is audio, and a mistyped path is an error, not a
-    question."""
+    """All positionals but the last are audio; the last is the prompt, unless it looks like an
+    audio file (an audio extension, no spaces): then it is audio, and a mistyped path is an error,
+    not a question."""
     last = inputs[-1]
     looks_like_path = os.path.exists(last) or not any(c.isspace() for c in last)
     if last.lower().endswith(AUDIO_EXTENSIONS) and looks_like_path:
         return inputs, ""
     return inputs[:-1], last
-
-
-def quiet_libraries() -> None:
-    """Keep stdout for the answer: no progress bars or informational warnings from transformers."""
-    import transformers
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-
-
-def check_files(paths: list[str], args) -> None:
-    """Fail on a missing file, bad audio or bad options before the slow imports and the model."""
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"audio file not found: {path}")
-        checks.audio_file(path, args.max_audio_seconds)
-    checks.positive(args, "max_new_tokens")
-    checks.sampling(args)
-    checks.device(args.device)
 
 
 def run(args) -> int:
@@ -102,18 +83,30 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_files(args.audio, args)
+        # fail on a missing file, bad audio or bad options before the slow imports and the model
+        for path in args.audio:
+            checks.audio_file(path, args.max_audio_seconds)
+        checks.positive(args, "max_new_tokens")
+        checks.sampling(args)
+        checks.device(args.device)
         quiet_libraries()
         return run(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # the expected failures (files, audio, model folder) become one line, no traceback
-        if not isinstance(e, (FileNotFoundError, ValueError, OSError, RuntimeError)) and \
-                type(e).__name__ != "AudioError":
+    except Exception as e:  # expected failures (files, audio, model folder): one line, no traceback
+        expected = (FileNotFoundError, ValueError, OSError, RuntimeError)
+        if not isinstance(e, expected) and type(e).__name__ != "AudioError":
             raise  # anything else is a bug: keep the traceback
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {checks.first_line(e)}", file=sys.stderr)
         return 1
+
+
+def quiet_libraries() -> None:
+    """Keep stdout for the answer: no progress bars or informational warnings from transformers."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
 
 
 if __name__ == "__main__":

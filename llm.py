@@ -1,86 +1,65 @@
-"""The frozen LLM and the prompt around the audio (AZeroS paper, Sec. 4.1 model and Sec. 3.4 SIFT).
+"""The frozen LLM and the prompt around the audio (AZeroS paper, Sec. 4.1 model, Sec. 3.4 SIFT).
 
 AZeroS never trains the LLM. Everything it needs from the language model is here:
 
 1. load a causal LM + tokenizer (local folder, hub id or GGUF file) and freeze it;
 2. add one special token, `<|AUDIO|>`, that marks where audio goes in a prompt;
-3. render chat messages to text: a fixed ChatML template for training (no default system message, so
-   the target the frozen LLM produced for the *text* prompt is learned under the same conditions, Sec. 3.4)
-   and the tokenizer's own template for inference (for Qwen2.5 that injects its default system message);
+3. render chat messages to text: a fixed ChatML template for training (no default system
+   message, so the target the frozen LLM produced for the *text* prompt is learned under the same
+   conditions, Sec. 3.4) and the tokenizer's own template for inference (for Qwen2.5 that injects
+   its default system message);
 4. expand each `<|AUDIO|>` to as many copies as the projector emitted frames, embed the ids and
-   overwrite those rows with the audio features ("splice");
-5. build labels that supervise only the assistant's answer;
+   overwrite those rows with the audio features ("splice"): ids (B, L) -> embeddings (B, L, D);
+5. build labels (B, L) that supervise only the assistant's answer;
 6. generate from embeddings (left padding for batches, greedy by default, optional streaming).
 
 A batch row is a list of messages `{"role": ..., "content": ...}`; an assistant message may carry
-`"truncated": True` when its text hit the generation limit during target generation, so its closing
-`<|im_end|>\n` is not supervised (the LLM never actually said "I am done").
+`"truncated": True` when its text hit the generation limit during target generation, so its
+closing `<|im_end|>\\n` is not supervised (the LLM never actually said "I am done").
+
+Support (not the method): model_support.py holds the loading details (GGUF, attention fallback).
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
-from transformers.utils import logging as hf_logging
+
+import model_support
 
 AUDIO_TOKEN = "<|AUDIO|>"
 IGNORE_INDEX = -100  # what torch's cross_entropy skips
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 TURN_START = "<|im_start|>"
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_llm(name_or_path: str, gguf_file: str | None = None, dtype=None, device=None,
-             attn_implementation: str | None = None, tokenizer_path: str | None = None):
+def load_llm(name_or_path, gguf_file: str | None = None, dtype=None, device=None,
+             attn_implementation: str | None = None, tokenizer_path=None):
     """Load a frozen causal LM and its tokenizer -> (model, tokenizer).
 
-    `name_or_path` is a local folder, a hub id, or a path to a `.gguf` file (then the folder is its parent
-    and `gguf_file` its name). `dtype=None` keeps the checkpoint's dtype ("auto"). Attention is SDPA unless
-    `attn_implementation` says otherwise; "flash_attention_2" silently needs the flash_attn package, so we
-    fall back to SDPA (with a warning) when it is missing instead of failing at the first forward.
-    `tokenizer_path` reads the tokenizer from elsewhere (a release keeps it at its root, not in llm/).
-    """
-    path = str(name_or_path)
-    if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
-        path, gguf_file = os.path.split(os.path.abspath(path))
-    attn = attn_implementation or "sdpa"
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        warnings.warn("flash_attention_2 requested but flash_attn is not installed; using sdpa", stacklevel=2)
-        attn = "sdpa"
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    with quiet_transformers():  # a release root's config.json says "azeros", which transformers warns about
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path)) if tokenizer_path \
-            else AutoTokenizer.from_pretrained(path, **extra)
+    `name_or_path` is a local folder, a hub id, or a `.gguf` file. `dtype=None` keeps the
+    checkpoint's dtype ("auto"). Attention is SDPA unless `attn_implementation` says otherwise.
+    `tokenizer_path` reads the tokenizer from elsewhere (a release keeps it at its root, not in
+    llm/)."""
+    path, gguf = model_support.gguf_source(name_or_path, gguf_file)
+    extra = {"gguf_file": gguf} if gguf else {}
+    attn = model_support.attention(attn_implementation)
+    with model_support.quiet_transformers():  # a release's root config.json says "azeros"
+        tokenizer = (AutoTokenizer.from_pretrained(str(tokenizer_path)) if tokenizer_path
+                     else AutoTokenizer.from_pretrained(path, **extra))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
                                                  attn_implementation=attn, **extra)
-    if gguf_file:
-        # transformers de-quantizes GGUF weights into plain tensors but keeps a quantizer marker that makes
-        # save_pretrained refuse; drop it so a model trained on a GGUF LLM can be exported like any other.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    if gguf:
+        model_support.forget_gguf_quantizer(model)
     if device is not None:
         model.to(device)
-    freeze(model)
-    return model, tokenizer
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
+    return freeze(model), tokenizer
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -93,46 +72,39 @@ def freeze(module: nn.Module) -> nn.Module:
 def add_audio_token(tokenizer, model=None) -> int:
     """Make `<|AUDIO|>` a special token and return its id.
 
-    Qwen2.5 pads its embedding matrix to a multiple of 128 rows, so a new id fits without touching the
-    model (the row is never read: those positions are overwritten by audio features). Only when the id
-    falls outside the matrix do we resize, and we say so, because a resized model no longer matches the
-    checkpoint on disk.
-    """
+    Qwen2.5 pads its embedding matrix to a multiple of 128 rows, so a new id fits without touching
+    the model (the row is never read: those positions are overwritten by audio features). Only when
+    the id falls outside the matrix do we resize, and we say so, because a resized model no longer
+    matches the checkpoint on disk."""
     if AUDIO_TOKEN not in tokenizer.get_vocab():
-        # add_tokens(special=True) appends without replacing the tokenizer's other extra special tokens
+        # add_tokens(special=True) appends without replacing the other extra special tokens
         tokenizer.add_tokens([AUDIO_TOKEN], special_tokens=True)
     audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     if model is not None:
         rows = model.get_input_embeddings().num_embeddings
         if audio_id >= rows:
-            warnings.warn(f"{AUDIO_TOKEN} id {audio_id} is outside the LLM's {rows} embedding rows: "
-                          f"resizing the embeddings to {len(tokenizer)}", stacklevel=2)
+            warnings.warn(f"{AUDIO_TOKEN} id {audio_id} is outside the LLM's {rows} embedding "
+                          f"rows: resizing the embeddings to {len(tokenizer)}", stacklevel=2)
             model.resize_token_embeddings(len(tokenizer))
             freeze(model)
     return audio_id
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Prompt text
-
-
-def with_system(messages: list[dict], system: str | None) -> list[dict]:
-    """Prepend a system message unless there is none to add or the conversation already has one."""
-    if system is None or (messages and messages[0]["role"] == "system"):
-        return list(messages)
-    return [{"role": "system", "content": system}, *messages]
+# --------------------------------------------------------------------------------------------------
+# Prompt text and labels
 
 
 def chat_text(tokenizer, messages: list[dict], *, training: bool, system: str | None = None) -> str:
-    """Render messages to the prompt string.
+    """Render messages to the prompt string; `system` is prepended unless there already is one.
 
-    training=True: the fixed ChatML template of the official code, with no default system message:
+    training=True: the fixed ChatML template of the official code, no default system message:
         <|im_start|>{role}\\n{content}<|im_end|>\\n ...
-    A truncated assistant message loses its `<|im_end|>\\n` and ends the text (later turns are dropped,
-    as the official `<|truncated|>` marker does).
-    training=False: the tokenizer's own chat template plus the generation prompt `<|im_start|>assistant\\n`.
-    """
-    messages = with_system(messages, system)
+    A truncated assistant message loses its `<|im_end|>\\n` and ends the text (later turns are
+    dropped, as the official `<|truncated|>` marker does).
+    training=False: the tokenizer's own chat template plus the generation prompt
+    `<|im_start|>assistant\\n`."""
+    if system is not None and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
     if not training:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = ""
@@ -144,46 +116,36 @@ def chat_text(tokenizer, messages: list[dict], *, training: bool, system: str | 
     return text
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Token ids: audio expansion and labels
-
-
 def expand_audio_tokens(ids: list[int], audio_id: int, lengths: list[int]) -> list[int]:
-    """Replace the i-th `<|AUDIO|>` id by lengths[i] copies of it (one per projected audio frame).
+    """Replace the i-th `<|AUDIO|>` id by lengths[i] copies of it (one per projected frame).
 
-    Expanding ids rather than text is equivalent (special tokens are split off before BPE, so the text
-    around them tokenizes the same) and cheaper.
-    """
+    Expanding ids rather than text is equivalent (special tokens are split off before BPE, so the
+    text around them tokenizes the same) and cheaper."""
     n_placeholders = sum(1 for i in ids if i == audio_id)
     if n_placeholders != len(lengths):
-        raise ValueError(f"the prompt has {n_placeholders} {AUDIO_TOKEN} placeholder(s) but the audio gives "
-                         f"{len(lengths)} segment(s)")
+        raise ValueError(f"the prompt has {n_placeholders} {AUDIO_TOKEN} placeholder(s) but the "
+                         f"audio gives {len(lengths)} segment(s)")
     out, segment = [], iter(lengths)
     for i in ids:
         out.extend([i] * next(segment) if i == audio_id else [i])
     return out
 
 
-def find_subsequence(ids: list[int], pattern: list[int]) -> list[int]:
-    """Start indices of every occurrence of `pattern` in `ids`."""
-    n = len(pattern)
-    return [s for s in range(len(ids) - n + 1) if ids[s:s + n] == pattern]
-
-
 def make_labels(ids: list[int], tokenizer) -> list[int]:
     """Labels for one training row: supervise only what the assistant says.
 
-    Each assistant turn starts right after the token sequence of `<|im_start|>assistant\\n` (found as a
-    *sequence*, so any ChatML tokenizer works, whether "assistant" is one token or several) and runs to
-    the next `<|im_start|>` or the end of the row: its text, `<|im_end|>` and the newline after it, which
-    teaches the model to stop. A truncated turn has no `<|im_end|>` in the text, so none is supervised.
-    Everything else (system, user turns with the audio, headers) is IGNORE_INDEX. For the single-turn
-    data of AZeroS this equals the official rule (which keys on the single `assistant` token id).
-    """
+    Each assistant turn starts right after the token sequence of `<|im_start|>assistant\\n` (found
+    as a *sequence*, so any ChatML tokenizer works, whether "assistant" is one token or several)
+    and runs to the next `<|im_start|>` or the end of the row: its text, `<|im_end|>` and the
+    newline after it, which teaches the model to stop. A truncated turn has no `<|im_end|>` in the
+    text, so none is supervised. Everything else (system, user turns with the audio, headers) is
+    IGNORE_INDEX. For AZeroS's single-turn data this equals the official rule (which keys on the
+    single `assistant` token id)."""
     header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
     turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
     labels = [IGNORE_INDEX] * len(ids)
-    for s in find_subsequence(ids, header):
+    starts = [s for s in range(len(ids) - len(header) + 1) if ids[s:s + len(header)] == header]
+    for s in starts:
         t = s + len(header)
         while t < len(ids) and ids[t] != turn_start:
             labels[t] = ids[t]
@@ -191,7 +153,7 @@ def make_labels(ids: list[int], tokenizer) -> list[int]:
     return labels
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Batching and splicing
 
 
@@ -205,7 +167,8 @@ class Batch:
 
 
 def pad_rows(rows: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists to one length. Generation needs left padding so every row's next token is at the end."""
+    """Pad id lists to one length -> (ids, mask). Generation needs left padding, so every row's
+    next token is at the end."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -216,26 +179,26 @@ def pad_rows(rows: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def splice_audio(embeds: torch.Tensor, input_ids: torch.Tensor, audio_id: int, frames: torch.Tensor) -> torch.Tensor:
+def splice_audio(embeds: torch.Tensor, input_ids: torch.Tensor, audio_id: int,
+                 frames: torch.Tensor) -> torch.Tensor:
     """Overwrite the embeddings at `<|AUDIO|>` positions with audio frames, in reading order.
 
-    frames: (N, D), the frames of every segment of every row concatenated in prompt order. masked_scatter
-    fills masked positions row-major, i.e. exactly that order, and is differentiable w.r.t. `frames`.
-    """
+    frames: (N, D), every segment of every row concatenated in prompt order. masked_scatter fills
+    masked positions row-major, i.e. exactly that order, and is differentiable w.r.t. `frames`."""
     mask = input_ids == audio_id
     n_tokens, n_frames = int(mask.sum()), frames.shape[0]
     if n_tokens != n_frames:
-        raise ValueError(f"{n_tokens} {AUDIO_TOKEN} positions in the prompt but {n_frames} audio frames")
+        raise ValueError(f"{n_tokens} {AUDIO_TOKEN} positions in the prompt but {n_frames} audio "
+                         "frames")
     return embeds.masked_scatter(mask.unsqueeze(-1), frames.to(embeds.dtype))
 
 
-def build_batch(llm, tokenizer, messages: list[list[dict]], audio: list[list[torch.Tensor]] | None = None, *,
-                training: bool, system: str | None = None, max_length: int | None = None) -> Batch:
+def build_batch(llm, tokenizer, messages: list[list[dict]], audio=None, *, training: bool,
+                system: str | None = None, max_length: int | None = None) -> Batch:
     """Messages (+ audio segments per row, in placeholder order) -> padded LLM inputs.
 
-    audio[b] is a list of (n_i, D) tensors, one per `<|AUDIO|>` in row b's messages; None (or an empty
-    list) means a text-only prompt. Training pads on the right, inference on the left.
-    """
+    audio[b] is a list of (n_i, D) tensors, one per `<|AUDIO|>` in row b's messages; None (or an
+    empty list) means a text-only prompt. Training pads on the right, inference on the left."""
     audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     audio = audio if audio is not None else [[] for _ in messages]
     rows, label_rows = [], []
@@ -247,26 +210,26 @@ def build_batch(llm, tokenizer, messages: list[list[dict]], audio: list[list[tor
         except ValueError as e:
             raise ValueError(f"row {b}: {e}") from None
         if max_length is not None:
-            ids = ids[:max_length]  # cuts the end of the response; cutting into the audio is caught below
+            ids = ids[:max_length]  # cuts the response's end; a cut into the audio is caught below
         rows.append(ids)
         if training:
             label_rows.append(make_labels(ids, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = pad_rows(rows, pad_id, "right" if training else "left")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = pad_rows(rows, pad, "right" if training else "left")
     embed = llm.get_input_embeddings()
-    input_ids, attention_mask = input_ids.to(embed.weight.device), attention_mask.to(embed.weight.device)
+    device = embed.weight.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     embeds = embed(input_ids)
     segments = [s for row in audio for s in row]
     if segments:
-        embeds = splice_audio(embeds, input_ids, audio_id, torch.cat(segments).to(embeds.device))
+        embeds = splice_audio(embeds, input_ids, audio_id, torch.cat(segments).to(device))
     labels = None
     if training:
-        labels, _ = pad_rows(label_rows, IGNORE_INDEX, "right")
-        labels = labels.to(input_ids.device)
+        labels = pad_rows(label_rows, IGNORE_INDEX, "right")[0].to(device)
     return Batch(input_ids, embeds, attention_mask, labels)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loss and generation
 
 
@@ -274,11 +237,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     """Per-token negative log-likelihood of the next token -> (nll (B, L-1), mask (B, L-1)).
 
     Logits at t predict the token at t+1. The sums per row are the utterance log-likelihoods that
-    evaluation needs; the mean over all masked tokens is the training loss (as in HF causal LMs).
-    """
+    evaluation needs; the mean over all masked tokens is the training loss (as in HF causal LMs)."""
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0),
+                                      reduction="none")
     return nll * mask, mask
 
 
@@ -296,8 +259,8 @@ def generation_kwargs(llm, tokenizer, options: GenerationOptions) -> dict:
     """Arguments for `llm.generate` from `options`.
 
     Released chat LLMs ship a generation_config with sampling on and a repetition penalty (Qwen2.5:
-    temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05). Transformers fills every argument
-    we leave unset from it, so we set them all explicitly: the official evaluation decodes greedily.
+    temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05). Transformers fills every
+    argument we leave unset from it, so we set them all: the official evaluation decodes greedily.
     """
     eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     cfg_eos = llm.generation_config.eos_token_id
@@ -327,11 +290,12 @@ def generate_ids(llm, tokenizer, batch: Batch, options: GenerationOptions) -> to
         if batch.inputs_embeds.shape[0] != 1:
             raise ValueError("streaming needs a batch of one")
         kw["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    return llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kw)
+    return llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                        **kw)
 
 
 def generate(llm, tokenizer, batch: Batch, options: GenerationOptions) -> list[str]:
-    """generate_ids, decoded. skip_special_tokens drops <|im_end|> and the padding after it, as the
-    official batch_decode does."""
+    """generate_ids, decoded. skip_special_tokens drops <|im_end|> and the padding after it, as
+    the official batch_decode does."""
     ids = generate_ids(llm, tokenizer, batch, options)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -1,16 +1,20 @@
-"""Support code for model.py and zipformer.py: model folders on disk (not the method).
+"""Support code for model.py, llm.py and zipformer.py: models on disk (not the method).
 
 model.py builds the model; what it needs from the file system lives here, off its reading path:
   1. where a folder comes from: a local path, or a hub id downloaded once;
   2. which weight file a folder holds (the official loader's order), read as safetensors or as a
      .pt with weights_only=True (never unpickle arbitrary objects);
   3. checks that name the missing or mismatched piece (a file, a key, a width) in one line;
-  4. the root config.json of the release layout, and the frozen parts written once or linked.
+  4. the root config.json of the release layout, and the frozen parts written once or linked;
+  5. loading details of the LLM: GGUF files, the attention fallback, quiet transformers logs.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -167,3 +171,49 @@ def save_frozen_part(module, target: Path, source: str | None, link: bool) -> No
         target.symlink_to(rel, target_is_directory=True)
     else:
         module.save_pretrained(str(target))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Loading the LLM
+
+
+def gguf_source(name_or_path, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None): a path to a `.gguf` file is split into its
+    folder and name, which is how transformers reads GGUF."""
+    path = str(name_or_path)
+    if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
+        path, gguf_file = os.path.split(os.path.abspath(path))
+    return path, gguf_file
+
+
+def attention(name: str | None) -> str:
+    """SDPA unless asked otherwise. "flash_attention_2" needs the flash_attn package, and without
+    it transformers fails at the first forward: fall back to SDPA with a warning instead."""
+    attn = name or "sdpa"
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        warnings.warn("flash_attention_2 requested but flash_attn is not installed; using sdpa",
+                      stacklevel=3)
+        attn = "sdpa"
+    return attn
+
+
+def forget_gguf_quantizer(model) -> None:
+    """transformers de-quantizes GGUF weights into plain tensors but keeps a quantizer marker that
+    makes save_pretrained refuse; drop it, so a model trained on a GGUF LLM exports as any other."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers logs errors only inside the block (e.g. while reading a release's tokenizer,
+    whose root config.json says "azeros", a model type it warns about)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
