@@ -6,7 +6,7 @@ What lives here is needed to run the evaluation but says nothing about AZeroS it
   2. label vocabularies and questions for the `label` task;
   3. task-file readers (mcq, open, choice rows -> `Item`s), errors naming file and line;
   4. resumable answer files: one JSON line per (id, system), appended per batch through files.py;
-  5. result tables (Markdown and JSON) and the judge file of the `open` task.
+  5. per-group rows, result tables (Markdown and JSON), the judge file of the `open` task.
 """
 from __future__ import annotations
 
@@ -426,6 +426,17 @@ def run_items(items: list[Item], path: Path, model_name: str, systems, batch_siz
 
 # --------------------------------------------------------------------------------------------------
 # 5. Tables and output files
+
+
+def grouped(rows: list[dict], group_key: str) -> list[tuple[str, list[dict]]]:
+    """(group, rows) pairs: one per value of row[group_key] in name order, then "all" with every
+    row. Rows whose group is "all" (no task field) are counted once."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups["all"].append(r)
+        if r[group_key] != "all":
+            groups[r[group_key]].append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0]))
 
 
 def _fmt(x, digits=2) -> str:

@@ -1,43 +1,37 @@
 """Evaluation (AZeroS paper, Sec. 5): how text-like the audio looks to the frozen LLM, and zero-shot
 answers (Sec. 5.2 benchmarks, Sec. 5.5 text-only upper bound; the objective is Sec. 3.4, Eq. 2-3).
 
-AZeroS trains only the projectors, with one objective (SIFT): the projected audio h(x) should be
-indistinguishable, to the frozen LLM, from the oracle text embeddings of the same utterance (its
-transcript, plus `<meta>` attributes in stage 2), measured as the cross-entropy of the target y that
-the LLM itself generated from that text with no instruction. So evaluation asks two questions.
+AZeroS trains only the projectors, with one objective (SIFT): to the frozen LLM, the projected audio
+h(x) should be as good as the oracle text of the same utterance (its transcript, plus `<meta>`
+attributes in stage 2), measured as the cross-entropy of the target y that the LLM itself generated
+from that text. So evaluation asks two questions.
 
-1. `align` -- the training objective itself, on held-out utterances. For every record with a
-   self-generated target: the mean per-token cross-entropy of that target
-       given the audio            (the speech LLM, the prompt it was trained with),
-       given the oracle text      (the LLM's own input, from which the target was generated),
-   and their ratio. 1.0 means the audio is, to the LLM, as good as reading the text (feeding the
-   oracle text embeddings in place of the audio gives exactly 1: `oracle_segments`, used by the
-   tests). Reported per target-generation mode (sift_s, sift_sp, sit_sp, ...).
-2. zero-shot tasks, never seen in training (VoiceBench, AIR-Bench Foundation and Chat, the text
-   instruction after the audio):
+1. `align` -- the training objective itself, on held-out utterances: the mean per-token CE of each
+   self-generated target given the audio (the prompt the model was trained with) and given the
+   oracle text (the LLM's own input), and their ratio, per target-generation mode. 1.0 means the
+   audio is, to the LLM, as good as reading the text (`oracle_segments`, the text's own embeddings
+   in place of the audio, gives exactly 1: the tests' self-check).
+2. zero-shot tasks, never seen in training (Sec. 5.2; the text instruction follows the audio):
    - `mcq`    AIR-Bench Foundation multiple choice with the paper's fixed option prompt
-              (eval_support.OPTION_PROMPT), so the LLM answers with a letter; accuracy per
-              task field, unparseable answers counted;
+              (eval_support.OPTION_PROMPT); accuracy per task field, unparseable answers counted;
    - `open`   open questions (VoiceBench, AIR-Bench Chat): answers written to JSONL for an external
               judge (the paper used GPT-4o; no judge is called here);
    - `label`  attribute questions built from manifest metadata (gender, age, emotion, language),
               scored by matching the answer to the label vocabulary;
-   - `choice` questions with candidate answers, scored by likelihood instead of generation: the
-              candidate the LLM finds most probable is its answer (small LMs often ramble or always
-              name the same option). Two-choice tasks also get the AUC of the log-odds: does the
-              answer lean with the audio at all, whatever the LLM's prior for one option.
+   - `choice` candidate answers scored by likelihood instead of generation (small LMs often ramble
+              or always name the same option); two-choice tasks also get the AUC of the log-odds:
+              does the answer lean with the audio at all, whatever the LLM's prior for one option.
 
 Every task runs three "systems" on the same questions:
     audio   the speech LLM on the real audio;
     oracle  the frozen LLM reading the oracle text (transcript + metadata, exactly what SIFT
             imitates): the cascade upper bound the projectors can at best reach;
-    silent  the speech LLM on silence of the same length: the floor (what the LLM guesses from the
+    silent  the speech LLM on silence of the same length: the floor (the LLM's guess from the
             question alone, or the prior of the target).
 
     python evaluate.py --model DIR --manifest held_out.jsonl --task align|mcq|open|label|choice
-
-Outputs in --out: `{task}_answers.jsonl` (one line per question and system, appended after every
-batch, so an interrupted run resumes where it stopped), `{task}_results.json`, `{task}_results.md`.
+writes to --out `{task}_answers.jsonl` (one line per question and system, appended per batch, so an
+interrupted run resumes where it stopped), `{task}_results.json` and `{task}_results.md`.
 
 Support (not the method): eval_support.py parses answers, reads task files, keeps the answer files.
 """
@@ -269,17 +263,6 @@ def score_open_row(fields: dict, response: str) -> dict:
     return {}  # judged outside (the paper: GPT-4o)
 
 
-def grouped(rows: list[dict], group_key: str) -> list[tuple[str, list[dict]]]:
-    """(group, rows) pairs: one per value of row[group_key] in name order, then "all" with every
-    row. Rows whose group is "all" (no task field) are counted once."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups["all"].append(r)
-        if r[group_key] != "all":
-            groups[r[group_key]].append(r)
-    return sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0]))
-
-
 def accuracy_table(rows: list[dict], group_key: str) -> dict:
     """Accuracy (%) per group and overall, with the count of answers the parser could not map
     (`unparsed`, counted wrong: a zero-shot model that does not answer did not get it right)."""
@@ -288,7 +271,7 @@ def accuracy_table(rows: list[dict], group_key: str) -> dict:
         return {"n": n, "correct": correct,
                 "accuracy": 100.0 * correct / n if n else float("nan"),
                 "unparsed": sum(r["pred"] is None for r in rs)}
-    return {g: acc(rs) for g, rs in grouped(rows, group_key)}
+    return {g: acc(rs) for g, rs in es.grouped(rows, group_key)}
 
 
 def rescore(items: list[Item], done: dict, systems, score_row) -> dict[str, list[dict]]:
@@ -320,7 +303,7 @@ def summarize_choice(rows: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for system, rs in rows.items():
         out[system] = {}
-        for g, grs in grouped(rs, "task"):
+        for g, grs in es.grouped(rs, "task"):
             picks = [pick(r) for r in grs]
             right = sum(p == r["answer"] for p, r in zip(picks, grs))
             entry = {"n": len(grs), "accuracy": 100.0 * right / len(grs)}

@@ -1,5 +1,7 @@
-"""evaluate.py: answer parsing, label matching, exact scores on constructed answers, the alignment
-self-check (oracle text embeddings in place of audio -> ratio 1), resuming, and the CLI on a tiny release."""
+"""evaluate.py and eval_support.py: answer parsing, label matching, exact scores on constructed
+answers, the alignment self-check (oracle text embeddings in place of audio -> ratio 1), resuming,
+and the CLI on a tiny release."""
+
 import json
 import math
 import subprocess
@@ -37,7 +39,11 @@ OPTION_TABLE = [
     ("答案是B", EMOTIONS, "B"),
     ("选C", EMOTIONS, "C"),
     ("The answer is C because it is not A", EMOTIONS, "C"),
-    ("A male voice.", ["female", "male", "child", "senior"], "B"),  # the article "A", then choice text
+    (
+        "A male voice.",
+        ["female", "male", "child", "senior"],
+        "B",
+    ),  # the article "A", then choice text
     ("A male voice.", CHOICES, "A"),  # "A" followed by the text of choice A
     ("The speaker sounds happy.", EMOTIONS, "A"),
     ("I think it is a happy voice", EMOTIONS, "A"),  # lower-case "a" is an article
@@ -87,8 +93,8 @@ def _rec(rid, **kw):
 
 
 def test_no_value_spellings_are_no_label_but_the_targets_keep_the_official_rule():
-    """Scoring skips every official "unknown" spelling and a few more; target generation drops only the
-    official ones (its <meta> must match the official targets), so "none" still reaches <meta>."""
+    """Scoring skips every official "unknown" spelling and a few more; target generation drops only
+    the official ones (its <meta> must match the official targets), "none" still reaches <meta>."""
     for value in sorted(generate_targets.UNKNOWN_VALUES | {"n/a", "None", " ? "}):
         assert es.record_label(_rec("x", meta={"gender": value}), "gender") is None, value
     assert es.record_label(_rec("x", meta={"gender": " Female "}), "gender") == "female"
@@ -96,29 +102,43 @@ def test_no_value_spellings_are_no_label_but_the_targets_keep_the_official_rule(
 
 
 def test_label_items_vocabulary_and_normalisation():
-    recs = [_rec("a", language="en-US", meta={"gender": "Male", "age": "34", "emotion": "happy"}),
-            _rec("b", language="zh", meta={"gender": "female", "age": "unknown", "emotion": "sad"}),
-            _rec("c", language="en", meta={"gender": "na"})]
+    recs = [
+        _rec("a", language="en-US", meta={"gender": "Male", "age": "34", "emotion": "happy"}),
+        _rec("b", language="zh", meta={"gender": "female", "age": "unknown", "emotion": "sad"}),
+        _rec("c", language="en", meta={"gender": "na"}),
+    ]
     items = {it.id: it for it in es.label_items(recs)}
-    assert sorted(items) == ["a/age", "a/emotion", "a/gender", "a/language", "b/emotion", "b/gender", "b/language",
-                             "c/language"]
-    assert items["a/age"].fields["label"] == "young adult" and items["a/language"].fields["label"] == "en"
+    assert sorted(items) == [
+        "a/age",
+        "a/emotion",
+        "a/gender",
+        "a/language",
+        "b/emotion",
+        "b/gender",
+        "b/language",
+        "c/language",
+    ]
+    assert (
+        items["a/age"].fields["label"] == "young adult"
+        and items["a/language"].fields["label"] == "en"
+    )
     assert items["a/emotion"].fields["vocab"] == ["happy", "sad"]
     assert items["a/language"].question.endswith("Answer with one of: English, Chinese.")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Exact scores on constructed answers (the model's answer function is replaced; scoring, files and tables
-# are the real ones)
+# -------------------------------------------------------------------------------------------------
+# Exact scores on constructed answers (the model's answer function is replaced; scoring, files and
+# tables are the real ones)
 
 
 def _fake_answers(monkeypatch, answers: dict):
-    """answer_batch returns answers[(item id, system)]; records every call so tests can count them."""
+    """answer_batch returns answers[(item id, system)]; records every call so tests can count."""
     calls = []
 
     def fake(model, items, system, max_new_tokens):
         calls.append((system, [it.id for it in items]))
         return [answers[(it.id, system)] for it in items]
+
     monkeypatch.setattr(ev, "answer_batch", fake)
     return calls
 
@@ -129,9 +149,19 @@ def _write_jsonl(path, rows):
 
 
 def test_label_exact_accuracy(tmp_path, monkeypatch):
-    rows = [{"id": f"u{i}", "audio": "x.wav", "duration": 1.0, "text": "hello there", "language": "en",
-             "meta": {"gender": g, "emotion": e}} for i, (g, e) in
-            enumerate([("male", "happy"), ("female", "sad"), ("female", "happy"), ("male", "neutral")])]
+    rows = [
+        {
+            "id": f"u{i}",
+            "audio": "x.wav",
+            "duration": 1.0,
+            "text": "hello there",
+            "language": "en",
+            "meta": {"gender": g, "emotion": e},
+        }
+        for i, (g, e) in enumerate(
+            [("male", "happy"), ("female", "sad"), ("female", "happy"), ("male", "neutral")]
+        )
+    ]
     manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
     answers = {}
     # audio: gender 3/4 right (one wrong), emotion 2/4 right (one wrong, one unparseable)
@@ -144,8 +174,11 @@ def test_label_exact_accuracy(tmp_path, monkeypatch):
     items = es.label_items(data.read_manifest(manifest))
     for it in items:  # oracle: always right; silent: always "male", "neutral", "Chinese"
         answers[(it.id, "oracle")] = it.fields["label"]
-        answers[(it.id, "silent")] = {"gender": "male", "emotion": "neutral", "language": "Chinese"}[
-            it.fields["attribute"]]
+        answers[(it.id, "silent")] = {
+            "gender": "male",
+            "emotion": "neutral",
+            "language": "Chinese",
+        }[it.fields["attribute"]]
     _fake_answers(monkeypatch, answers)
     res = ev.evaluate(None, "label", manifest, tmp_path / "out", batch_size=3)
     audio, oracle, silent = (res["systems"][s] for s in ("audio", "oracle", "silent"))
@@ -158,25 +191,59 @@ def test_label_exact_accuracy(tmp_path, monkeypatch):
     assert silent["language"]["accuracy"] == 0.0
     md = (tmp_path / "out" / "label_results.md").read_text()
     assert "| gender | 4 | 75.0 (0) | 100.0 (0) | 50.0 (0) |" in md
-    assert json.loads((tmp_path / "out" / "label_results.json").read_text())["systems"]["audio"]["all"]["correct"] == 9
+    assert (
+        json.loads((tmp_path / "out" / "label_results.json").read_text())["systems"]["audio"][
+            "all"
+        ]["correct"]
+        == 9
+    )
 
 
 def test_mcq_accuracy_per_task_and_resume(tmp_path, monkeypatch):
     rows = [
-        {"id": "q1", "audio": "a.wav", "question": "Gender?", "choices": ["male", "female"], "answer": "A",
-         "task": "gender", "text": "hi"},
-        {"id": "q2", "audio": "a.wav", "question": "Gender?", "choices": ["male", "female"], "answer": "female",
-         "task": "gender"},
-        {"uniq_id": 3, "audio": "a.wav", "question": "Emotion?", "choice_a": "sad", "choice_b": "happy",
-         "choice_c": "angry", "choice_d": "neutral", "answer_gt": "angry", "task_name": "emotion"},
+        {
+            "id": "q1",
+            "audio": "a.wav",
+            "question": "Gender?",
+            "choices": ["male", "female"],
+            "answer": "A",
+            "task": "gender",
+            "text": "hi",
+        },
+        {
+            "id": "q2",
+            "audio": "a.wav",
+            "question": "Gender?",
+            "choices": ["male", "female"],
+            "answer": "female",
+            "task": "gender",
+        },
+        {
+            "uniq_id": 3,
+            "audio": "a.wav",
+            "question": "Emotion?",
+            "choice_a": "sad",
+            "choice_b": "happy",
+            "choice_c": "angry",
+            "choice_d": "neutral",
+            "answer_gt": "angry",
+            "task_name": "emotion",
+        },
     ]
     manifest = _write_jsonl(tmp_path / "mcq.jsonl", rows)
     items = es.read_mcq(manifest)
     assert [it.fields["answer"] for it in items] == ["A", "B", "C"]
     assert items[2].id == "3" and items[2].question.endswith(es.OPTION_PROMPT)
     assert "\nC. angry\n" in items[2].question
-    answers = {("q1", "audio"): "A", ("q2", "audio"): "Probably A or B", ("3", "audio"): "The answer is (C).",
-               ("q1", "oracle"): "B", ("q1", "silent"): "A", ("q2", "silent"): "A", ("3", "silent"): "D"}
+    answers = {
+        ("q1", "audio"): "A",
+        ("q2", "audio"): "Probably A or B",
+        ("3", "audio"): "The answer is (C).",
+        ("q1", "oracle"): "B",
+        ("q1", "silent"): "A",
+        ("q2", "silent"): "A",
+        ("3", "silent"): "D",
+    }
     calls = _fake_answers(monkeypatch, answers)
     res = ev.evaluate(None, "mcq", manifest, tmp_path / "out", batch_size=2)
     audio = res["systems"]["audio"]
@@ -200,7 +267,7 @@ def test_mcq_accuracy_per_task_and_resume(tmp_path, monkeypatch):
         ev.evaluate(None, "mcq", manifest, tmp_path / "out", model_name="other")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # With a tiny model
 
 
@@ -220,36 +287,63 @@ def tiny(tmp_path_factory):
 def _target_manifest(root, modes):
     """A held-out manifest as generate_targets.py writes it (input_text from its build_prompt)."""
     texts = ["hello world, how are you", "we shall stop in a minute", "good morning to you"]
-    metas = [{"gender": "male", "emotion": "happy"}, {"gender": "female", "age": "senior"}, {"emotion": "sad"}]
+    metas = [
+        {"gender": "male", "emotion": "happy"},
+        {"gender": "female", "age": "senior"},
+        {"emotion": "sad"},
+    ]
     durations = [1.3, 2.1, 1.7]
     rows = []
     for i, mode in enumerate(modes):
-        rec = data.Record(id=f"r{i}", audio=str(root / f"clip{i % 3}.wav"), duration=durations[i % 3],
-                             text=texts[i % 3], language="en", meta=metas[i % 3])
+        rec = data.Record(
+            id=f"r{i}",
+            audio=str(root / f"clip{i % 3}.wav"),
+            duration=durations[i % 3],
+            text=texts[i % 3],
+            language="en",
+            meta=metas[i % 3],
+        )
         prompt = build_prompt(rec, mode)
-        rows.append({**rec.to_json(), "mode": mode, "system": prompt.system, "instruction": prompt.instruction,
-                     "input_text": prompt.input_text, "response": f"i hear {texts[i % 3]}.", "truncated": i == 1,
-                     "model": "tiny"})
+        rows.append(
+            {
+                **rec.to_json(),
+                "mode": mode,
+                "system": prompt.system,
+                "instruction": prompt.instruction,
+                "input_text": prompt.input_text,
+                "response": f"i hear {texts[i % 3]}.",
+                "truncated": i == 1,
+                "model": "tiny",
+            }
+        )
     return _write_jsonl(root / f"targets_{'_'.join(modes)}.jsonl", rows)
 
 
-@pytest.mark.parametrize("stage,modes", [(None, ["sift_sp", "sit_sp", "sift_ssp", "sift_sp"]),
-                                         (1, ["sift_s", "sit_s", "sift_s"])])
+@pytest.mark.parametrize(
+    "stage,modes",
+    [(None, ["sift_sp", "sit_sp", "sift_ssp", "sift_sp"]), (1, ["sift_s", "sit_s", "sift_s"])],
+)
 def test_align_oracle_embeddings_give_ratio_one(tiny, tmp_path, stage, modes):
     model, _, root = tiny
     manifest = _target_manifest(root, modes)
     records = data.read_manifest(manifest)
-    model.set_stage(stage)  # stage 1: semantic branch only, the prompt is a single <|AUDIO|>
+    model.set_stage(stage)  # stage 1: speech branch only, the prompt is a single <|AUDIO|>
     try:
-        # precondition: with the oracle pieces spliced in, the audio prompt's LLM input equals the text
-        # prompt's (the tokenizer splits the text where the audio prompt has <|AUDIO|>)
+        # precondition: with the oracle pieces spliced in, the audio prompt's LLM input equals the
+        # text prompt's (the tokenizer splits the text where the audio prompt has <|AUDIO|>)
         for r, segs in zip(records, ev.oracle_segments(model, records)):
-            spliced = llm.build_batch(model.llm, model.tokenizer, [model.training_messages(r)], [segs],
-                                             training=True)
-            text = llm.build_batch(model.llm, model.tokenizer, [ev.oracle_training_messages(r)],
-                                          training=True)
-            assert torch.equal(spliced.inputs_embeds, text.inputs_embeds) and torch.equal(spliced.labels, text.labels)
-        res = ev.evaluate(model, "align", manifest, tmp_path, batch_size=2, segments_fn=ev.oracle_segments)
+            spliced = llm.build_batch(
+                model.llm, model.tokenizer, [model.training_messages(r)], [segs], training=True
+            )
+            text = llm.build_batch(
+                model.llm, model.tokenizer, [ev.oracle_training_messages(r)], training=True
+            )
+            assert torch.equal(spliced.inputs_embeds, text.inputs_embeds) and torch.equal(
+                spliced.labels, text.labels
+            )
+        res = ev.evaluate(
+            model, "align", manifest, tmp_path, batch_size=2, segments_fn=ev.oracle_segments
+        )
     finally:
         model.set_stage(None)
     for mode, e in res["modes"].items():
@@ -270,8 +364,10 @@ def test_align_scores_ssp_rows_on_the_sp_turns(tiny, tmp_path):
     for a, b in zip(ssp, sp):
         assert ev.oracle_training_messages(a) == ev.oracle_training_messages(b)
         assert model.training_messages(a) == model.training_messages(b)
-    res = [ev.evaluate(model, "align", m, tmp_path / m.stem, batch_size=2)["modes"]["all"]["ce"]
-           for m in (root / "targets_sift_ssp_sift_ssp.jsonl", root / "targets_sift_sp_sift_sp.jsonl")]
+    res = [
+        ev.evaluate(model, "align", m, tmp_path / m.stem, batch_size=2)["modes"]["all"]["ce"]
+        for m in (root / "targets_sift_ssp_sift_ssp.jsonl", root / "targets_sift_sp_sift_sp.jsonl")
+    ]
     assert res[0] == res[1]
 
 
@@ -291,32 +387,73 @@ def test_align_on_audio_runs_and_resumes(tiny, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in lines if json.loads(x)["system"] == "audio"]
     total = sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)
     assert total == pytest.approx(float(out["loss"]), rel=1e-5)
-    monkeypatch.setattr(ev, "target_nll", lambda *a, **k: pytest.fail("resumed run recomputed a row"))
+    monkeypatch.setattr(
+        ev, "target_nll", lambda *a, **k: pytest.fail("resumed run recomputed a row")
+    )
     assert ev.evaluate(model, "align", manifest, tmp_path, batch_size=2)["modes"] == res["modes"]
 
 
 def test_open_answers_for_judge(tiny, tmp_path):
     model, _, root = tiny
-    rows = [{"id": "o1", "audio": str(root / "clip0.wav"), "question": "What did you hear?", "reference": "hello",
-             "text": "hello world"},
-            {"id": "o2", "audio": str(root / "clip1.wav")}]
+    rows = [
+        {
+            "id": "o1",
+            "audio": str(root / "clip0.wav"),
+            "question": "What did you hear?",
+            "reference": "hello",
+            "text": "hello world",
+        },
+        {"id": "o2", "audio": str(root / "clip1.wav")},
+    ]
     manifest = _write_jsonl(tmp_path / "open.jsonl", rows)
     res = ev.evaluate(model, "open", manifest, tmp_path / "out", batch_size=2, max_new_tokens=4)
     assert {s: e["n"] for s, e in res["systems"].items()} == {"audio": 2, "oracle": 1, "silent": 2}
-    judged = [json.loads(x) for x in (tmp_path / "out" / "open_audio.jsonl").read_text().splitlines()]
+    judged = [
+        json.loads(x) for x in (tmp_path / "out" / "open_audio.jsonl").read_text().splitlines()
+    ]
     assert [r["id"] for r in judged] == ["o1", "o2"] and judged[0]["reference"] == "hello"
-    assert judged[0]["prompt"] == "What did you hear?" and all(isinstance(r["response"], str) for r in judged)
+    assert judged[0]["prompt"] == "What did you hear?" and all(
+        isinstance(r["response"], str) for r in judged
+    )
 
 
 def test_cli_label_on_tiny_release(tiny, tmp_path):
     _, release, root = tiny
-    rows = [{"id": f"c{i}", "audio": str(root / f"clip{i}.wav"), "duration": d, "text": "good morning",
-             "language": "en", "meta": {"gender": g}} for i, (d, g) in enumerate([(1.3, "male"), (2.1, "female")])]
+    rows = [
+        {
+            "id": f"c{i}",
+            "audio": str(root / f"clip{i}.wav"),
+            "duration": d,
+            "text": "good morning",
+            "language": "en",
+            "meta": {"gender": g},
+        }
+        for i, (d, g) in enumerate([(1.3, "male"), (2.1, "female")])
+    ]
     manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(release), "--manifest",
-                           str(manifest), "--task", "label", "--out", str(out), "--batch-size", "2",
-                           "--max-new-tokens", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "--model",
+            str(release),
+            "--manifest",
+            str(manifest),
+            "--task",
+            "label",
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "label_results.json").read_text())
     assert set(res["systems"]) == {"audio", "oracle", "silent"}
@@ -330,20 +467,39 @@ def test_cli_label_on_tiny_release(tiny, tmp_path):
 
 
 def test_choice_summary_exact():
-    """Hand-made NLLs: 4 items, the right answer alternates. Audio picks choice 1 for all (accuracy = share
-    of answer 1 = 50%) but its log-odds still rank the two classes perfectly (AUC 100); silent is constant
-    (AUC 50); agreement with the oracle's picks is counted per item."""
+    """Hand-made NLLs: 4 items, the right answer alternates. Audio picks choice 1 for all (accuracy
+    = share of answer 1 = 50%) but its log-odds still rank the two classes perfectly (AUC 100);
+    silent is constant (AUC 50); agreement with the oracle's picks is counted per item."""
     answers = [1, 0, 1, 0]
+
     def rows(nlls):
-        return [{"id": f"q{i}", "task": "gender", "answer": a, "nll": n} for i, (a, n) in enumerate(zip(answers, nlls))]
-    summary = ev.summarize_choice({
-        "oracle": rows([[2.0, 1.0], [1.0, 2.0], [2.0, 1.0], [2.0, 1.5]]),   # picks 1, 0, 1, 1
-        "audio": rows([[3.0, 1.0], [2.0, 1.5], [3.0, 1.0], [2.5, 2.0]]),    # log-odds 2, .5, 2, .5; picks 1,1,1,1
-        "silent": rows([[2.0, 1.0]] * 4),                                    # log-odds 1 everywhere
-    })
+        return [
+            {"id": f"q{i}", "task": "gender", "answer": a, "nll": n}
+            for i, (a, n) in enumerate(zip(answers, nlls))
+        ]
+
+    summary = ev.summarize_choice(
+        {
+            "oracle": rows([[2.0, 1.0], [1.0, 2.0], [2.0, 1.0], [2.0, 1.5]]),  # picks 1, 0, 1, 1
+            "audio": rows(
+                [[3.0, 1.0], [2.0, 1.5], [3.0, 1.0], [2.5, 2.0]]
+            ),  # log-odds 2, .5, 2, .5; picks 1,1,1,1
+            "silent": rows([[2.0, 1.0]] * 4),  # log-odds 1 everywhere
+        }
+    )
     assert summary["oracle"]["gender"] == {"n": 4, "accuracy": 75.0, "auc": 100.0}
-    assert summary["audio"]["all"] == {"n": 4, "accuracy": 50.0, "auc": 100.0, "agrees_with_oracle": 75.0}
-    assert summary["silent"]["gender"] == {"n": 4, "accuracy": 50.0, "auc": 50.0, "agrees_with_oracle": 75.0}
+    assert summary["audio"]["all"] == {
+        "n": 4,
+        "accuracy": 50.0,
+        "auc": 100.0,
+        "agrees_with_oracle": 75.0,
+    }
+    assert summary["silent"]["gender"] == {
+        "n": 4,
+        "accuracy": 50.0,
+        "auc": 50.0,
+        "agrees_with_oracle": 75.0,
+    }
     assert ev.auc([0.3, 0.1, 0.2], [True, False, False]) == 1.0
     assert ev.auc([0.1, 0.3, 0.2], [True, False, True]) == 0.0
     assert ev.auc([0.2, 0.2, 0.1], [True, False, False]) == 0.75  # a tie counts half
@@ -351,10 +507,20 @@ def test_choice_summary_exact():
 
 
 def test_read_choice_errors(tmp_path):
-    good = {"id": "a", "audio": "a.wav", "question": "Man or woman?", "choices": ["A man.", "A woman."]}
-    cases = [({**good, "answer": 2}, "answer index 2 is out of range for 2 choices"),
-             ({**good, "answer": "A child."}, "answer 'A child.' is neither an index nor one of the choices"),
-             ({**good, "choices": ["A man."], "answer": 0}, "choices (a list of 2 or more answers)")]
+    good = {
+        "id": "a",
+        "audio": "a.wav",
+        "question": "Man or woman?",
+        "choices": ["A man.", "A woman."],
+    }
+    cases = [
+        ({**good, "answer": 2}, "answer index 2 is out of range for 2 choices"),
+        (
+            {**good, "answer": "A child."},
+            "answer 'A child.' is neither an index nor one of the choices",
+        ),
+        ({**good, "choices": ["A man."], "answer": 0}, "choices (a list of 2 or more answers)"),
+    ]
     for row, msg in cases:
         path = _write_jsonl(tmp_path / "c.jsonl", [{**good, "id": "ok", "answer": "A woman."}, row])
         with pytest.raises(ValueError) as e:
@@ -365,17 +531,34 @@ def test_read_choice_errors(tmp_path):
 
 
 def test_choice_nll_equals_single_forward_and_resumes(tiny, tmp_path, monkeypatch):
-    """Each stored NLL equals model.forward on that one (clip, question, candidate) conversation alone: the
-    batching of candidates and the reuse of one encoder pass per clip change nothing."""
+    """Each stored NLL equals model.forward on that one (clip, question, candidate) conversation
+    alone: the batching of candidates and the reuse of one encoder pass per clip change nothing."""
     model, _, root = tiny
-    q, choices = "Is the speaker a man or a woman?", ["The speaker is a man.", "The speaker is a woman."]
-    rows = [{"id": f"c{i}", "audio": str(root / f"clip{i}.wav"), "duration": d, "text": "good morning",
-             "meta": {"gender": g}, "question": q, "choices": choices, "answer": int(g == "female")}
-            for i, (d, g) in enumerate([(1.3, "male"), (2.1, "female"), (1.7, "female")])]
+    q, choices = (
+        "Is the speaker a man or a woman?",
+        ["The speaker is a man.", "The speaker is a woman."],
+    )
+    rows = [
+        {
+            "id": f"c{i}",
+            "audio": str(root / f"clip{i}.wav"),
+            "duration": d,
+            "text": "good morning",
+            "meta": {"gender": g},
+            "question": q,
+            "choices": choices,
+            "answer": int(g == "female"),
+        }
+        for i, (d, g) in enumerate([(1.3, "male"), (2.1, "female"), (1.7, "female")])
+    ]
     manifest = _write_jsonl(tmp_path / "choice.jsonl", rows)
     res = ev.evaluate(model, "choice", manifest, tmp_path / "out", batch_size=2)
-    stored = {(r["id"], r["system"]): r["nll"] for r in map(json.loads, (tmp_path / "out" / "choice_answers.jsonl")
-                                                            .read_text().splitlines())}
+    stored = {
+        (r["id"], r["system"]): r["nll"]
+        for r in map(
+            json.loads, (tmp_path / "out" / "choice_answers.jsonl").read_text().splitlines()
+        )
+    }
     assert len(stored) == 9
     items = es.read_choice(manifest)
     with torch.no_grad():
@@ -388,20 +571,41 @@ def test_choice_nll_equals_single_forward_and_resumes(tiny, tmp_path, monkeypatc
                     else:
                         wave = ev.load_waves([it.record], silent=system == "silent")
                         out = model.forward(msgs, *model.features(wave))
-                    assert stored[it.id, system][k] == pytest.approx(float(out["row_nll"][0]), rel=1e-5)
+                    assert stored[it.id, system][k] == pytest.approx(
+                        float(out["row_nll"][0]), rel=1e-5
+                    )
     assert res["systems"]["audio"]["all"]["n"] == 3 and "auc" in res["systems"]["silent"]["all"]
     assert "| all | audio | 3 |" in (tmp_path / "out" / "choice_results.md").read_text()
-    monkeypatch.setattr(ev, "choice_nll", lambda *a, **k: pytest.fail("resumed run recomputed a row"))
-    assert ev.evaluate(model, "choice", manifest, tmp_path / "out", batch_size=2)["systems"] == res["systems"]
+    monkeypatch.setattr(
+        ev, "choice_nll", lambda *a, **k: pytest.fail("resumed run recomputed a row")
+    )
+    assert (
+        ev.evaluate(model, "choice", manifest, tmp_path / "out", batch_size=2)["systems"]
+        == res["systems"]
+    )
 
 
 def test_rows_without_task_are_counted_once():
-    rows = [{"task": "all", "correct": True, "pred": "A"}, {"task": "all", "correct": False, "pred": None}]
-    assert ev.accuracy_table(rows, "task") == {"all": {"n": 2, "correct": 1, "accuracy": 50.0, "unparsed": 1}}
+    rows = [
+        {"task": "all", "correct": True, "pred": "A"},
+        {"task": "all", "correct": False, "pred": None},
+    ]
+    assert ev.accuracy_table(rows, "task") == {
+        "all": {"n": 2, "correct": 1, "accuracy": 50.0, "unparsed": 1}
+    }
 
 
-@pytest.mark.parametrize("value,label", [(0, None), ("0", "young adult"), (25, "young adult"), ("-5", "young adult"),
-                                         (250, None), ("Senior", "senior")])
+@pytest.mark.parametrize(
+    "value,label",
+    [
+        (0, None),
+        ("0", "young adult"),
+        (25, "young adult"),
+        ("-5", "young adult"),
+        (250, None),
+        ("Senior", "senior"),
+    ],
+)
 def test_age_label_follows_the_training_metadata(value, label):
     """Scoring labels ages as target generation does (gt.normalize_meta), a zero age included."""
     assert es.age_label(value) == label
