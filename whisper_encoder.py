@@ -23,6 +23,8 @@ encoder has no mask, so there a short clip's frames change with the padding of i
 
 The projector stacks 4 Whisper frames as for the Zipformer (official configs/train.yaml ds_rate 4,
 which scripts/train_whisper.sh keeps): 50 Hz / 4 = 12.5 LLM positions per second of speech.
+
+Support (not the method): check_front_end and read_encoder_weights, at the end of this file.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 AZeroS never trains its audio encoders (paper, model description): speech goes through a frozen
 Zipformer2 (the released TTA encoder `AudenAI/auden-encoder-tta-m10` for content, Auden-Voice for
-paralinguistics), and only the small projectors after it learn. This file is that encoder, written to
-be read top to bottom:
+paralinguistics), and only the small projectors after it learn. This file is that encoder, written
+to be read top to bottom:
 
     fbank (B, T, 80) at 100 Hz
       -> Conv2dSubsampling           conv stack + ConvNeXt         (B, (T-7)//2, 192)  ~50 Hz
@@ -11,24 +11,25 @@ be read top to bottom:
            stack i: [downsample by 1,2,4,8,4,2] -> N x Zipformer2EncoderLayer -> upsample -> bypass
       -> full-dim output + SimpleDownsample(2)                     (B, (T1+1)//2, 768)  25 Hz
 
-Parameter and buffer names follow the official implementation (AudenAI/Auden, itself from k2/icefall)
-exactly, so the released checkpoints load with `load_state_dict(strict=True)` and `save_pretrained`
-writes files the official `ZipformerEncoderModel.from_pretrained` reads.
+Parameter and buffer names follow the official implementation (AudenAI/Auden, itself from
+k2/icefall) exactly, so the released checkpoints load with `load_state_dict(strict=True)` and
+`save_pretrained` writes files the official `ZipformerEncoderModel.from_pretrained` reads.
 
 What is deliberately *not* here: the training-only machinery of the original (Balancer, Whiten,
 ScheduledFloat schedules, layer/feature dropout, skip rates, ScaledAdam, custom low-memory autograd
-functions for SwooshL/R and activation-derivative compression, streaming/causal chunking). In eval mode
-all of it is the identity, so an encoder that is only ever run frozen loses nothing by leaving it out.
-The forward pass is plain PyTorch and stays differentiable with ordinary autograd.
+functions for SwooshL/R and activation-derivative compression, streaming/causal chunking). In eval
+mode all of it is the identity, so an encoder that is only ever run frozen loses nothing by leaving
+it out. The forward pass is plain PyTorch and stays differentiable with ordinary autograd.
 
 Batch invariance (a deliberate difference from the official code). In the official batched run a
-short utterance's output depends on how much padding its batch has: the ConvNeXt in the front end reads
-up to 3 padded frames past each utterance's end, and `SimpleDownsample` completes an odd-length group
-by repeating the last frame *of the padded tensor* (a padding frame). Measured on the official code
-(tests/fixtures/zipformer_small/meta.json) this changes a short utterance's output by up to 2.4. Here
-every place where padding could leak is masked per sequence, so each row of a batched run equals the
-output that utterance gets when run alone, i.e. the official *single-utterance* output. For the longest
-utterance of a batch (no padding) official batched, official single and ours all agree.
+short utterance's output depends on how much padding its batch has: the ConvNeXt in the front end
+reads up to 3 padded frames past each utterance's end, and `SimpleDownsample` completes an
+odd-length group by repeating the last frame *of the padded tensor* (a padding frame). Here every
+place where padding could leak is masked per sequence, so each row of a batched run equals the
+output that utterance gets when run alone, i.e. the official *single-utterance* output. For the
+longest utterance of a batch (no padding) official batched, official single and ours all agree.
+
+Support (not the method): model_support.py finds and reads the weight files.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_support import find_weights, load_state_dict
+
 MIN_INPUT_FRAMES = 9  # the conv front end needs (T - 7) // 2 >= 1 embedded frames
 
 
 def output_lengths(x_lens: Tensor) -> Tensor:
-    """Number of 25 Hz encoder frames for `x_lens` 100 Hz fbank frames (same rounding as the official code)."""
+    """Number of 25 Hz encoder frames for `x_lens` 100 Hz fbank frames (official rounding)."""
     embed_lens = (x_lens - 7) // 2  # Conv2dSubsampling: no time padding, one stride-2 conv
     return (embed_lens + 1) // 2  # output SimpleDownsample(2) rounds up
 
@@ -62,11 +65,12 @@ def make_pad_mask(lens: Tensor, max_len: int) -> Tensor:
 
 @dataclass
 class ZipformerConfig:
-    """The official encoder config.json (AudenAI/Auden `ZipformerConfig`); defaults are the official ones.
+    """The official encoder config.json (AudenAI/Auden `ZipformerConfig`) and its defaults.
 
-    Per-stack lists have one entry per stack; `query_head_dim`, `value_head_dim` and `pos_head_dim` may
-    hold a single value that applies to every stack. `dropout`, `warmup_batches`, `chunk_size` and
-    `left_context_frames` only matter for training / streaming and are kept so that the file round-trips.
+    Per-stack lists have one entry per stack; `query_head_dim`, `value_head_dim` and `pos_head_dim`
+    may hold a single value that applies to every stack. `dropout`, `warmup_batches`, `chunk_size`
+    and `left_context_frames` only matter for training / streaming and are kept so that the file
+    round-trips.
     """
 
     feature_dim: int = 80
@@ -91,7 +95,7 @@ class ZipformerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ZipformerConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})  # extra keys (model_type, ...) ignored
+        return cls(**{k: v for k, v in d.items() if k in names})  # ignores model_type etc.
 
     @classmethod
     def from_json(cls, path: str | Path) -> ZipformerConfig:
@@ -99,7 +103,7 @@ class ZipformerConfig:
 
     @classmethod
     def tta_m10(cls) -> ZipformerConfig:
-        """The released TTA encoder (AudenAI/auden-encoder-tta-m10): ~152.7M parameters, 768-d output."""
+        """The released TTA encoder (AudenAI/auden-encoder-tta-m10): ~152.7M parameters, 768-d."""
         return cls(
             num_encoder_layers=[2, 2, 4, 5, 4, 2],
             encoder_dim=[192, 256, 512, 768, 512, 256],
@@ -114,7 +118,7 @@ class ZipformerConfig:
         return len(self.downsampling_factor)
 
     def per_stack(self, name: str) -> list[int]:
-        """Value of a per-stack field for every stack (a single value is broadcast, as in the official code)."""
+        """A per-stack field for every stack (a single value is broadcast, as officially)."""
         v = getattr(self, name)
         v = [v] if isinstance(v, int) else list(v)
         if len(v) == 1:
@@ -129,7 +133,7 @@ class ZipformerConfig:
 
 
 def swoosh_l(x: Tensor) -> Tensor:
-    """SwooshL(x) = log(1 + e^(x-4)) - 0.08 x - 0.035 (Zipformer paper, eq. 6): used in feed-forward modules."""
+    """SwooshL(x) = log(1 + e^(x-4)) - 0.08 x - 0.035 (Zipformer paper, eq. 6): feed-forwards."""
     return F.softplus(x - 4.0) - 0.08 * x - 0.035
 
 
@@ -139,7 +143,7 @@ def swoosh_r(x: Tensor) -> Tensor:
 
 
 class SwooshLinear(nn.Linear):
-    """Activation followed by a linear layer (the official `ActivationDropoutAndLinear` without dropout).
+    """Activation, then a linear layer (the official `ActivationDropoutAndLinear`, no dropout).
 
     Subclassing nn.Linear keeps the parameter names `weight` / `bias` of the original.
     """
@@ -153,10 +157,10 @@ class SwooshLinear(nn.Linear):
 
 
 class BiasNorm(nn.Module):
-    """LayerNorm replacement: x * exp(log_scale) / rms(x - bias) over channels; (..., C) -> (..., C).
+    """LayerNorm replacement: x * exp(log_scale) / rms(x - bias) over channels, (..., C) shaped.
 
-    Unlike LayerNorm the output is not centred: the learned `bias` only enters the scale, so one channel
-    holding a large constant cannot defeat the normalisation.
+    Unlike LayerNorm the output is not centred: the learned `bias` only enters the scale, so one
+    channel holding a large constant cannot defeat the normalisation.
     """
 
     def __init__(self, num_channels: int):
@@ -165,12 +169,12 @@ class BiasNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        scales = torch.mean((x - self.bias) ** 2, dim=-1, keepdim=True) ** -0.5 * self.log_scale.exp()
-        return x * scales
+        inv_rms = torch.mean((x - self.bias) ** 2, dim=-1, keepdim=True) ** -0.5
+        return x * (inv_rms * self.log_scale.exp())
 
 
 class BypassModule(nn.Module):
-    """Learned per-channel interpolation between a module's input and output: x + (y - x) * bypass_scale."""
+    """Learned per-channel mix of a module's input x and output y: x + (y - x) * bypass_scale."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -185,12 +189,13 @@ class BypassModule(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    """ConvNeXt block on the front end's (B, 128, T, 19) feature map: 7x7 depthwise conv, two 1x1 convs, residual."""
+    """ConvNeXt block on the front end's (B, 128, T, 19) map: 7x7 depthwise, two 1x1, residual."""
 
     def __init__(self, channels: int, hidden_ratio: int = 3, kernel_size: int = 7):
         super().__init__()
         pad = (kernel_size - 1) // 2
-        self.depthwise_conv = nn.Conv2d(channels, channels, kernel_size, padding=pad, groups=channels)
+        self.depthwise_conv = nn.Conv2d(channels, channels, kernel_size, padding=pad,
+                                        groups=channels)
         self.pointwise_conv1 = nn.Conv2d(channels, channels * hidden_ratio, 1)
         self.pointwise_conv2 = nn.Conv2d(channels * hidden_ratio, channels, 1)
 
@@ -202,13 +207,15 @@ class ConvNeXt(nn.Module):
 class Conv2dSubsampling(nn.Module):
     """Front end: (B, T, 80) fbank -> (B, (T-7)//2, encoder_dim[0]) at ~50 Hz.
 
-    Three 3x3 convs (time unpadded, one stride-2 in time, two stride-2 in frequency: 80 -> 39 -> 19 bins),
-    a ConvNeXt block, then a linear map of the flattened (channels x 19 bins) to the model width and a
-    BiasNorm. `conv` is an nn.Sequential whose Identity slots stand where the original has training-only
-    modules (ScaleGrad, Balancer) and activations, so the conv indices 0/4/7 of the checkpoint line up.
+    Three 3x3 convs (time unpadded, one stride-2 in time, two stride-2 in frequency: 80 -> 39 -> 19
+    bins), a ConvNeXt block, then a linear map of the flattened (channels x 19 bins) to the model
+    width and a BiasNorm. `conv` is an nn.Sequential whose Identity slots stand where the original
+    has training-only modules (ScaleGrad, Balancer) and activations, so the conv indices 0/4/7 of
+    the checkpoint line up.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, ch1: int = 8, ch2: int = 32, ch3: int = 128):
+    def __init__(self, in_channels: int, out_channels: int, ch1: int = 8, ch2: int = 32,
+                 ch3: int = 128):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(1, ch1, 3, padding=(0, 1)),  # 0   (time, freq) padding: none in time
@@ -230,10 +237,11 @@ class Conv2dSubsampling(nn.Module):
         for i in (0, 4, 7):
             x = swoosh_r(self.conv[i](x))
         lens = (x_lens - 7) // 2
-        # The three convs have no time padding, so embedded frame t reads fbank frames 2t..2t+6 only: every
-        # valid frame comes from the utterance itself. The ConvNeXt however pads time by 3 on each side, and
-        # in a batch the "padding" it reads past an utterance's end is the conv output of padding frames.
-        # Zeroing those frames makes the batch see exactly the zero padding a lone utterance sees.
+        # The three convs have no time padding, so embedded frame t reads fbank frames 2t..2t+6
+        # only: every valid frame comes from the utterance itself. The ConvNeXt however pads time by
+        # 3 on each side, and in a batch the "padding" it reads past an utterance's end is the conv
+        # output of padding frames. Zeroing those frames makes the batch see exactly the zero
+        # padding a lone utterance sees.
         x = x.masked_fill(make_pad_mask(lens, x.shape[2])[:, None, :, None], 0.0)
         x = self.convnext(x)
         b, c, t, f = x.shape
@@ -248,9 +256,9 @@ class Conv2dSubsampling(nn.Module):
 class CompactRelPositionalEncoding(nn.Module):
     """Embeddings of relative offsets -(T-1)..(T-1): (2T-1, pos_dim). No parameters.
 
-    Offsets are squashed (log beyond ~sqrt(pos_dim), then atan onto (-pi/2, pi/2)) before a Fourier basis,
-    so nearby offsets are told apart while 1000 vs 1001 barely differ. The last channel is a constant 1 so
-    that the projection can learn a bias.
+    Offsets are squashed (log beyond ~sqrt(pos_dim), then atan onto (-pi/2, pi/2)) before a Fourier
+    basis, so nearby offsets are told apart while 1000 vs 1001 barely differ. The last channel is a
+    constant 1 so that the projection can learn a bias.
     """
 
     def __init__(self, pos_dim: int):
@@ -273,14 +281,16 @@ class CompactRelPositionalEncoding(nn.Module):
 class RelPositionMultiheadAttentionWeights(nn.Module):
     """Attention weights with relative positions: (B, T, C) -> (H, B, T, T), rows sum to 1.
 
-    score[i, j] = q_i . k_j + p_i . P(j - i), where P is a learned projection of the compact positional
-    encoding. No 1/sqrt(d) factor: the official model folds it into `in_proj`. Padding keys are masked,
-    which is what keeps attention from mixing padding into valid frames.
+    score[i, j] = q_i . k_j + p_i . P(j - i), where P is a learned projection of the compact
+    positional encoding. No 1/sqrt(d) factor: the official model folds it into `in_proj`. Padding
+    keys are masked, which is what keeps attention from mixing padding into valid frames.
     """
 
-    def __init__(self, embed_dim: int, pos_dim: int, num_heads: int, query_head_dim: int, pos_head_dim: int):
+    def __init__(self, embed_dim: int, pos_dim: int, num_heads: int, query_head_dim: int,
+                 pos_head_dim: int):
         super().__init__()
-        self.num_heads, self.query_head_dim, self.pos_head_dim = num_heads, query_head_dim, pos_head_dim
+        self.num_heads, self.query_head_dim = num_heads, query_head_dim
+        self.pos_head_dim = pos_head_dim
         self.in_proj = nn.Linear(embed_dim, (2 * query_head_dim + pos_head_dim) * num_heads)
         self.linear_pos = nn.Linear(pos_dim, num_heads * pos_head_dim, bias=False)
 
@@ -293,19 +303,21 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         p = p.reshape(b, t, h, dp).permute(2, 0, 1, 3)  # (H, B, T, dp)
         scores = q @ k  # (H, B, T, T)
 
-        pos = self.linear_pos(pos_emb).reshape(2 * t - 1, h, dp).permute(1, 2, 0).unsqueeze(1)  # (H, 1, dp, 2T-1)
+        pos = self.linear_pos(pos_emb).reshape(2 * t - 1, h, dp)
+        pos = pos.permute(1, 2, 0).unsqueeze(1)  # (H, 1, dp, 2T-1)
         pos_scores = (p @ pos).contiguous()  # (H, B, T, 2T-1): column n is offset n - (T-1)
-        # "Relative shift": we need out[i, j] = pos_scores[i, (T-1) + j - i]. A strided view does it for free:
-        # stepping one row moves one row forward and one column back in memory.
+        # "Relative shift": we need out[i, j] = pos_scores[i, (T-1) + j - i]. A strided view does it
+        # for free: stepping one row moves one row forward and one column back in memory.
         s0, s1, s2, s3 = pos_scores.stride()
-        pos_scores = pos_scores.as_strided((h, b, t, t), (s0, s1, s2 - s3, s3), storage_offset=s3 * (t - 1))
+        pos_scores = pos_scores.as_strided((h, b, t, t), (s0, s1, s2 - s3, s3),
+                                           storage_offset=s3 * (t - 1))
 
         scores = (scores + pos_scores).masked_fill(pad_mask[None, :, None, :], -1000.0)
         return scores.softmax(dim=-1)
 
 
 class SelfAttention(nn.Module):
-    """Plain attention given precomputed weights: values in_proj (B, T, H*dv), weighted sum, out_proj -> (B, T, C)."""
+    """Attention with given weights: values in_proj (B, T, H*dv), weighted sum, out_proj."""
 
     def __init__(self, embed_dim: int, num_heads: int, value_head_dim: int):
         super().__init__()
@@ -315,7 +327,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, attn_weights: Tensor) -> Tensor:
         h, b, t, _ = attn_weights.shape
         v = self.in_proj(x).reshape(b, t, h, -1).permute(2, 0, 1, 3)  # (H, B, T, dv)
-        out = (attn_weights @ v).permute(1, 2, 0, 3).reshape(b, t, -1)  # heads concatenated per frame
+        out = (attn_weights @ v).permute(1, 2, 0, 3).reshape(b, t, -1)  # heads side by side
         return self.out_proj(out)
 
 
@@ -351,19 +363,21 @@ class FeedforwardModule(nn.Module):
 
 
 class ConvolutionModule(nn.Module):
-    """(B, T, C) -> gated linear unit -> depthwise conv over time -> SwooshR -> Linear -> (B, T, C)."""
+    """(B, T, C) -> GLU -> depthwise conv over time -> SwooshR -> Linear -> (B, T, C)."""
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
         self.in_proj = nn.Linear(channels, 2 * channels)
-        self.depthwise_conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.depthwise_conv = nn.Conv1d(channels, channels, kernel_size,
+                                        padding=kernel_size // 2, groups=channels)
         self.out_proj = SwooshLinear(channels, channels, "SwooshR")
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         x, s = self.in_proj(x).chunk(2, dim=-1)
         x = x * s.sigmoid()
-        # The conv reaches kernel_size // 2 frames past an utterance's end. Alone it sees zero padding there,
-        # so in a batch the padding frames must be zero too, not whatever the layer computed for them.
+        # The conv reaches kernel_size // 2 frames past an utterance's end. Alone it sees zero
+        # padding there, so in a batch the padding frames must be zero too, not whatever the layer
+        # computed for them.
         x = x.masked_fill(pad_mask[:, :, None], 0.0)
         x = self.depthwise_conv(x.transpose(1, 2)).transpose(1, 2)
         return self.out_proj(x)
@@ -374,11 +388,11 @@ class ConvolutionModule(nn.Module):
 
 
 class Zipformer2EncoderLayer(nn.Module):
-    """One Zipformer block, (B, T, C) -> (B, T, C): a doubled Conformer sharing one set of attention weights.
+    """One Zipformer block, (B, T, C) -> (B, T, C): a doubled Conformer sharing attention weights.
 
     ff1, nonlin-attention, self-attention 1, conv 1, ff2, mid bypass, self-attention 2, conv 2, ff3,
-    BiasNorm, bypass. The attention weights are computed once and reused by the non-linear attention and
-    both self-attention modules (the Zipformer paper's main efficiency trick).
+    BiasNorm, bypass. The attention weights are computed once and reused by the non-linear attention
+    and both self-attention modules (the Zipformer paper's main efficiency trick).
     """
 
     def __init__(self, cfg: ZipformerConfig, i: int):
@@ -388,8 +402,8 @@ class Zipformer2EncoderLayer(nn.Module):
         self.bypass = BypassModule(dim)
         self.bypass_mid = BypassModule(dim)
         self.self_attn_weights = RelPositionMultiheadAttentionWeights(
-            dim, cfg.pos_dim, heads, cfg.per_stack("query_head_dim")[i], cfg.per_stack("pos_head_dim")[i]
-        )
+            dim, cfg.pos_dim, heads, cfg.per_stack("query_head_dim")[i],
+            cfg.per_stack("pos_head_dim")[i])
         self.self_attn1 = SelfAttention(dim, heads, cfg.per_stack("value_head_dim")[i])
         self.self_attn2 = SelfAttention(dim, heads, cfg.per_stack("value_head_dim")[i])
         self.feed_forward1 = FeedforwardModule(dim, ff * 3 // 4)
@@ -398,7 +412,8 @@ class Zipformer2EncoderLayer(nn.Module):
         self.nonlin_attention = NonlinAttention(dim, 3 * dim // 4)
         self.conv_module1 = ConvolutionModule(dim, kernel)
         self.conv_module2 = ConvolutionModule(dim, kernel)
-        self.bypass_scale = nn.Parameter(torch.full((dim,), 0.5))  # unused by the official forward; kept for loading
+        # unused by the official forward, but in the checkpoint
+        self.bypass_scale = nn.Parameter(torch.full((dim,), 0.5))
         self.norm = BiasNorm(dim)
 
     def forward(self, src: Tensor, pos_emb: Tensor, pad_mask: Tensor) -> Tensor:
@@ -417,12 +432,13 @@ class Zipformer2EncoderLayer(nn.Module):
 
 
 class Zipformer2Encoder(nn.Module):
-    """A stack of layers at one frame rate: (B, T, C) -> (B, T, C), sharing one positional encoding."""
+    """Layers at one frame rate: (B, T, C) -> (B, T, C), sharing one positional encoding."""
 
     def __init__(self, cfg: ZipformerConfig, i: int):
         super().__init__()
         self.encoder_pos = CompactRelPositionalEncoding(cfg.pos_dim)
-        self.layers = nn.ModuleList(Zipformer2EncoderLayer(cfg, i) for _ in range(cfg.num_encoder_layers[i]))
+        self.layers = nn.ModuleList(Zipformer2EncoderLayer(cfg, i)
+                                    for _ in range(cfg.num_encoder_layers[i]))
 
     def forward(self, x: Tensor, lens: Tensor) -> Tensor:
         pos_emb = self.encoder_pos(x.shape[1], x.device)
@@ -447,11 +463,13 @@ class SimpleDownsample(nn.Module):
         b, t, c = x.shape
         ds = self.downsample
         t_out = (t + ds - 1) // ds
-        # A lone utterance whose length is not a multiple of ds completes its last group by repeating its last
-        # frame. The official code repeats the last frame of the padded *batch* tensor, so in a batch a short
-        # utterance averages padding into its last frame. Index each sequence's own frames instead, clamping
-        # to its own last valid frame: identical to the single-utterance computation.
-        idx = torch.minimum(torch.arange(t_out * ds, device=x.device)[None, :], (lens - 1).clamp(min=0)[:, None])
+        # A lone utterance whose length is not a multiple of ds completes its last group by
+        # repeating its last frame. The official code repeats the last frame of the padded *batch*
+        # tensor, so in a batch a short utterance averages padding into its last frame. Index each
+        # sequence's own frames instead, clamping to its own last valid frame: identical to the
+        # single-utterance computation.
+        last = (lens - 1).clamp(min=0)[:, None]
+        idx = torch.minimum(torch.arange(t_out * ds, device=x.device)[None, :], last)
         x = x.gather(1, idx[:, :, None].expand(b, t_out * ds, c))
         weights = self.bias.softmax(dim=0)[:, None]  # (ds, 1)
         x = (x.reshape(b, t_out, ds, c) * weights).sum(dim=2)
@@ -472,7 +490,7 @@ class SimpleUpsample(nn.Module):
 class DownsampledZipformer2Encoder(nn.Module):
     """A stack run at a lower frame rate: downsample, layers, upsample, then bypass with the input.
 
-    (B, T, C) -> (B, ceil(T/ds), C) -> layers -> (B, T, C); `out_combiner` mixes input and stack output.
+    (B, T, C) -> (B, ceil(T/ds), C) -> layers -> (B, T, C); `out_combiner` mixes input and output.
     """
 
     def __init__(self, cfg: ZipformerConfig, i: int):
@@ -491,10 +509,10 @@ class DownsampledZipformer2Encoder(nn.Module):
 
 
 class Zipformer2(nn.Module):
-    """The multi-rate stacks (U-Net-like rates 1,2,4,8,4,2 relative to ~50 Hz) plus the 2x output downsampling.
+    """The multi-rate stacks (U-Net-like rates 1,2,4,8,4,2 relative to ~50 Hz), 2x downsampled.
 
-    (B, T, encoder_dim[0]) -> each stack in turn, channels cut or zero-padded to the stack's width ->
-    full-width output (each channel taken from the latest stack that has it) -> (B, ceil(T/2), max(dim)).
+    (B, T, encoder_dim[0]) -> each stack in turn, channels cut or zero-padded to the stack's width
+    -> full-width output (each channel from the latest stack with it) -> (B, ceil(T/2), max(dim)).
     """
 
     def __init__(self, cfg: ZipformerConfig):
@@ -512,8 +530,9 @@ class Zipformer2(nn.Module):
             x = x[..., :dim] if dim <= x.shape[-1] else F.pad(x, (0, dim - x.shape[-1]))
             x = module(x, lens)
             outputs.append(x)
-        # Full-width output: start from the last stack, append the missing upper channels from the most recent
-        # earlier stack that is wide enough (for TTA: 256 from stack 5, 256..512 from stack 4, 512..768 from 3).
+        # Full-width output: start from the last stack, append the missing upper channels from the
+        # most recent earlier stack that is wide enough (for TTA: 256 from stack 5, 256..512 from
+        # stack 4, 512..768 from 3).
         pieces, cur = [outputs[-1]], self.encoder_dim[-1]
         for dim, out in zip(reversed(self.encoder_dim[:-1]), reversed(outputs[:-1])):
             if dim > cur:
@@ -527,46 +546,48 @@ class Zipformer2(nn.Module):
 
 
 class ZipformerEncoder(nn.Module):
-    """Frozen Zipformer2 speech encoder: (B, T, 80) fbank at 100 Hz -> (B, T', max(encoder_dim)) at 25 Hz.
+    """Frozen Zipformer2 encoder: (B, T, 80) fbank, 100 Hz -> (B, T', max(encoder_dim)), 25 Hz.
 
-    State-dict compatible with the official `ZipformerEncoderModel` (keys `encoder_embed.*`, `encoder.*`,
-    `model_batch_count`). Batch-invariant: row i of a batched call equals the output of utterance i run
-    alone, which is the official *single-utterance* output (the official batched output differs for
-    utterances shorter than the batch; see the module docstring). Frames past `encoder_out_lens` are zero.
+    State-dict compatible with the official `ZipformerEncoderModel` (keys `encoder_embed.*`,
+    `encoder.*`, `model_batch_count`). Batch-invariant: row i of a batched call equals the output of
+    utterance i run alone, which is the official *single-utterance* output (the official batched
+    output differs for utterances shorter than the batch; see the module docstring). Frames past
+    `encoder_out_lens` are zero.
     """
 
     def __init__(self, config: ZipformerConfig):
         super().__init__()
         if config.causal:
-            raise NotImplementedError("causal (streaming) Zipformer2 is not implemented; released encoders are not")
+            raise NotImplementedError("causal (streaming) Zipformer2 is not implemented; released "
+                                      "encoders are not")
         if config.output_downsampling_factor != 2:
             raise ValueError("output_downsampling_factor must be 2, as in the official code")
         self.config = config
         self.output_dim = max(config.encoder_dim)
         self.encoder_embed = Conv2dSubsampling(config.feature_dim, config.encoder_dim[0])
         self.encoder = Zipformer2(config)
-        # Training-progress counter of the official model; unused at inference but part of the checkpoint.
+        # the official model's training-progress counter: unused here, but in the checkpoint
         self.register_buffer("model_batch_count", torch.tensor(100000.0))
 
     def forward(self, x: Tensor, x_lens: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, T, feature_dim) fbank (padding frames may hold anything), x_lens: (B,) valid frames.
+        """x: (B, T, feature_dim) fbank (padding may hold anything), x_lens: (B,) valid frames.
 
         Returns encoder_out (B, T', D) and encoder_out_lens (B,) = output_lengths(x_lens).
         """
         if x.dim() != 3 or x.shape[-1] != self.config.feature_dim:
-            raise ValueError(f"expected fbank of shape (B, T, {self.config.feature_dim}), got {tuple(x.shape)}")
+            raise ValueError(f"expected fbank of shape (B, T, {self.config.feature_dim}), got "
+                             f"{tuple(x.shape)}")
         x_lens = x_lens.to(device=x.device, dtype=torch.long)
         if x_lens.shape != (x.shape[0],):
             raise ValueError(f"x_lens must have shape ({x.shape[0]},), got {tuple(x_lens.shape)}")
         if int(x_lens.min()) < MIN_INPUT_FRAMES:
-            raise ValueError(
-                f"input too short: the Zipformer front end needs at least {MIN_INPUT_FRAMES} fbank frames "
-                f"(90 ms at 100 Hz), got lengths {x_lens.tolist()}"
-            )
+            raise ValueError(f"input too short: the Zipformer front end needs at least "
+                             f"{MIN_INPUT_FRAMES} fbank frames (90 ms at 100 Hz), got lengths "
+                             f"{x_lens.tolist()}")
         max_len = int(x_lens.max())
         if max_len > x.shape[1]:
             raise ValueError(f"x_lens.max() = {max_len} exceeds the {x.shape[1]} frames of x")
-        x = x[:, :max_len]  # extra padding would only change the padded tensor's size, never the result
+        x = x[:, :max_len]  # extra padding would change the tensor's size, never the result
 
         x, lens = self.encoder_embed(x, x_lens)
         x, lens = self.encoder(x, lens)
@@ -577,39 +598,28 @@ class ZipformerEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> ZipformerEncoder:
-        """Load an encoder folder (config.json + pretrained|model .safetensors|.pt) or a weight file.
+        """Load an encoder folder (config.json + pretrained|model .safetensors|.pt) or weight file.
 
-        Composite checkpoints are accepted: a config holding `speech_encoder_config` / `audio_encoder_config`
-        / `encoder_config` and weights under a `module.` and/or `speech_encoder.` / `audio_encoder.` /
-        `encoder.` prefix. `.pt` files load with weights_only=True. Returned in eval mode.
+        Composite checkpoints are accepted: a config holding `speech_encoder_config` /
+        `audio_encoder_config` / `encoder_config` and weights under a `module.` and/or
+        `speech_encoder.` / `audio_encoder.` / `encoder.` prefix. `.pt` files load with
+        weights_only=True. Returned in eval mode.
         """
         path = Path(path)
-        if path.is_dir():
-            candidates = [path / f"{n}{e}" for e in (".safetensors", ".pt") for n in ("pretrained", "model")]
-            weight_path = next((p for p in candidates if p.exists()), None)
-            if weight_path is None:
-                raise FileNotFoundError(f"no pretrained/model .safetensors/.pt under {path}")
-        else:
-            weight_path, path = path, path.parent
+        weight_path, path = (find_weights(path), path) if path.is_dir() else (path, path.parent)
         cfg_dict = json.loads((path / "config.json").read_text())
-        sub = next((k for k in ("speech_encoder", "audio_encoder", "encoder") if f"{k}_config" in cfg_dict), None)
+        sub = next((k for k in ("speech_encoder", "audio_encoder", "encoder")
+                    if f"{k}_config" in cfg_dict), None)
         config = ZipformerConfig.from_dict(cfg_dict[f"{sub}_config"] if sub else cfg_dict)
-
-        if weight_path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(weight_path))
-        else:
-            state = torch.load(weight_path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state))
-        state = _extract_encoder_state(state, ([f"{sub}."] if sub else []) + ["speech_encoder.", "audio_encoder."])
+        prefixes = ([f"{sub}."] if sub else []) + ["speech_encoder.", "audio_encoder."]
+        state = _extract_encoder_state(load_state_dict(weight_path), prefixes)
 
         model = cls(config)
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, save_dir: str | Path) -> None:
-        """Write config.json + model.safetensors with the official names (readable by the official loader)."""
+        """Write config.json + model.safetensors with the official names (the official loader's)."""
         from safetensors.torch import save_file
 
         save_dir = Path(save_dir)
@@ -620,7 +630,8 @@ class ZipformerEncoder(nn.Module):
 
 
 def _extract_encoder_state(state: dict, prefixes: list[str]) -> dict:
-    """Strip DDP's `module.` and a composite model's encoder prefix; add `model_batch_count` if absent."""
+    """Strip DDP's `module.` and a composite model's encoder prefix; add `model_batch_count` if
+    absent."""
     probe = "encoder_embed.conv.0.weight"
     if probe not in state and any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
@@ -631,7 +642,9 @@ def _extract_encoder_state(state: dict, prefixes: list[str]) -> dict:
                 state = {k[len(pfx) :]: v for k, v in state.items() if k.startswith(pfx)}
                 break
         else:
-            raise KeyError(f"no Zipformer encoder weights found (looked for '{probe}' under {prefixes + ['encoder.']})")
+            raise KeyError(f"no Zipformer encoder weights found (looked for '{probe}' under "
+                           f"{prefixes + ['encoder.']})")
     state = dict(state)
-    state.setdefault("model_batch_count", torch.tensor(100000.0))  # old checkpoints lack it (as official)
+    # old checkpoints lack it (the official loader adds it too)
+    state.setdefault("model_batch_count", torch.tensor(100000.0))
     return state
