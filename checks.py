@@ -20,6 +20,8 @@ import os
 import socket
 from pathlib import Path
 
+import files
+
 # The official data module drops cuts longer than 50 s. The encoders attend over the whole
 # utterance, so their memory grows with the square of its length (BENCHMARKS.md, "Audio length
 # and memory"): longer audio is refused, never cut silently.
@@ -41,13 +43,14 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Arguments
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def positive(args, *names: str) -> None:
-    """Refuse zero or negative budgets (--max-steps 0 trained nothing and still exported a model)."""
+    """Refuse zero or negative budgets (--max-steps 0 trained nothing and still exported a
+    model)."""
     for name in names:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -101,9 +104,9 @@ def readable(path):
         raise CheckError(f"{path}: unreadable ({first_line(e)})") from None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Audio
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def audio_seconds(path) -> float:
@@ -177,9 +180,9 @@ def manifest_audio(records, path, limit: float | None) -> None:
                          f"{path}` lists them)")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Training
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def training_rows(records, path, what: str, limit: float | None) -> None:
@@ -200,11 +203,11 @@ def supervised_rows(records, path) -> None:
 def batch_tokens(num_tokens: float, records, max_length: int | None) -> None:
     """Zero supervised tokens in a training batch: name its rows and the cause, do not train."""
     if num_tokens == 0:
-        files = ", ".join(sorted({r.source.rpartition(":")[0] for r in records}))
-        empty = all(not r.response and r.truncated for r in records)  # nothing to supervise in any row
+        sources = ", ".join(sorted({r.source.rpartition(":")[0] for r in records}))
+        empty = all(not r.response and r.truncated for r in records)  # no row has anything
         cause = ("every response is empty and truncated" if empty or not max_length
                  else f"--max-length {max_length} cuts off every response")
-        raise CheckError(f"a training batch of {len(records)} rows from {files} (first: "
+        raise CheckError(f"a training batch of {len(records)} rows from {sources} (first: "
                          f"{records[0].source}) has no supervised token: {cause}")
 
 
@@ -234,8 +237,9 @@ def encoder_folder(path, flag: str) -> None:
 
 
 def truncate_metrics(path, step: int) -> None:
-    """metrics.jsonl keeps only what was logged up to the checkpoint a run starts from (step N; 0 for
-    a fresh run): the steps after it run again and would otherwise appear twice."""
+    """metrics.jsonl keeps only what was logged up to the checkpoint a run starts from (step N; 0
+    for a fresh run): the steps after it run again and would otherwise appear twice. Rewritten
+    atomically (files.write_atomic), so a kill here cannot lose the log."""
     path = Path(path)
     if not path.exists():
         return
@@ -248,14 +252,12 @@ def truncate_metrics(path, step: int) -> None:
         # step N's records were logged before its checkpoint; a finished run's end event after it
         if rec and (rec.get("step", 0) < step or (rec.get("step") == step and "event" not in rec)):
             keep.append(line)
-    from data import write_atomic
-
-    write_atomic(path, keep)
+    files.write_atomic(path, keep)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Model folders
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def json_file(path) -> dict:
@@ -302,9 +304,9 @@ def looks_local(name: str) -> bool:
             or (len(parts) > 1 and Path(parts[0]).is_dir()))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Outputs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def finished_model(exp, overwrite: bool, resume) -> None:
@@ -312,20 +314,19 @@ def finished_model(exp, overwrite: bool, resume) -> None:
     continuing (--resume)."""
     path = Path(exp) / "model.safetensors"
     if path.exists() and not overwrite and not resume:
-        raise CheckError(f"--exp {exp} already holds a finished model ({path}); pass --overwrite to "
-                         "replace it, --resume to continue its run, or choose another --exp")
+        raise CheckError(f"--exp {exp} already holds a finished model ({path}); pass --overwrite "
+                         "to replace it, --resume to continue its run, or choose another --exp")
 
 
 @contextlib.contextmanager
-def cleaned_up(tmp, what: str):
-    """Around writing `tmp` (renamed into place afterwards): on failure, e.g. a full disk, remove it
-    and fail with one line instead of a traceback that leaves the temporary file behind."""
+def written(path, what: str):
+    """files.atomic_path for a tutorial script: yields a temporary path that becomes `path` when the
+    block ends; on failure, e.g. a full disk, it is removed and the run fails with one line."""
     try:
-        yield
-    except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise CheckError(f"{what}: {e}") from None
+        with files.atomic_path(path, what) as tmp:
+            yield tmp
+    except files.WriteError as e:
+        raise CheckError(str(e)) from None
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import evaluate
 import generate_targets as gt
 import infer
 import train
+import train_support
 from checks import CheckError
 from conftest import ROOT
 from tiny import cached_tiny_release, write_wav
@@ -241,7 +242,7 @@ def test_failed_checkpoint_write_cleans_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(CheckError) as e:
-        train.save_checkpoint(tmp_path, {"step": 5}, keep_last=2, rank=0)
+        train_support.save_checkpoint(tmp_path, {"step": 5}, keep_last=2, rank=0)
     assert str(e.value) == (f"could not write the checkpoint {tmp_path / 'checkpoints' / 'step-00000005.pt'}: "
                             "[Errno 28] No space left on device")
     assert list((tmp_path / "checkpoints").iterdir()) == []

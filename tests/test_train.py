@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import spec_augment
 import train
+import train_support
 from conftest import ROOT
 from tiny import copy_tokenizer, make_tiny_encoder_dir, tiny_qwen2, write_wav
 
@@ -130,7 +132,7 @@ def masked(x: torch.Tensor, fill) -> tuple[torch.Tensor, torch.Tensor]:
 def test_spec_augment_lhotse_bounds_over_many_draws():
     """Time masks: at most 15% of an utterance's frames, on 2-10 s clips; frequency masks: at most
     2 x 27 bins; both drawn with probability 0.9 (one SpecAugment per utterance, padding untouched)."""
-    aug = dataclasses.replace(train.SPEC_AUGMENT, time_warp=0)  # warping moves values: masks measured alone
+    aug = dataclasses.replace(spec_augment.SPEC_AUGMENT, time_warp=0)  # warping moves values: masks measured alone
     gen = torch.Generator().manual_seed(0)
     fractions, bins, untouched = [], [], 0
     for i in range(300):
@@ -152,7 +154,7 @@ def test_spec_augment_lhotse_bounds_over_many_draws():
 def test_spec_augment_time_warp():
     """Warping (probability 0.9) changes a 5 s ramp but keeps its ends and its length; clips of at most
     2 x 80 + 1 frames are never warped (Lhotse's rule)."""
-    aug = dataclasses.replace(train.SPEC_AUGMENT, freq_masks=0, time_masks=0, p=1.0)
+    aug = dataclasses.replace(spec_augment.SPEC_AUGMENT, freq_masks=0, time_masks=0, p=1.0)
     gen = torch.Generator().manual_seed(0)
     ramp = torch.arange(500, dtype=torch.float32)[None, :, None].expand(1, 500, 80).contiguous()
     changed = 0
@@ -173,10 +175,10 @@ def test_spec_augment_refuses_the_encoder_cache(setup, tmp_path):
 
 def test_checkpoints_atomic_and_rotated(tmp_path):
     for step in range(1, 6):
-        train.save_checkpoint(tmp_path, {"step": step}, keep_last=2, rank=0)
+        train_support.save_checkpoint(tmp_path, {"step": step}, keep_last=2, rank=0)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000004.pt", "step-00000005.pt"]  # no temp files left, last 2 kept
-    assert train.find_checkpoint(tmp_path, "latest").name == "step-00000005.pt"
+    assert train_support.find_checkpoint(tmp_path, "latest").name == "step-00000005.pt"
 
 
 # -------------------------------------------------------------------------------------------------

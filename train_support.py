@@ -1,0 +1,544 @@
+"""Support for train.py (not the method): what makes a long run safe to stop, resume and repeat.
+
+train.py keeps the method (which parameters train, the SIFT loss, the schedules, the loop); this
+file keeps the machinery beside it, so the loop can be read top to bottom:
+
+  1. Errors: TrainError, the manifest checks before training, the out-of-memory message.
+  2. Distributed helpers: torchrun set-up, barriers, sums and objects gathered over ranks, the
+     module DDP wraps (only the trained projectors), the autocast precision.
+  3. Exact resume: every random stream, atomic rotating checkpoints, the checkpoint to resume from.
+  4. The running weight average that the exported model holds (official use_averaged_model).
+  5. Encoder cache: frozen encoder outputs on disk, so later epochs skip the encoders.
+  6. Metrics: metrics.jsonl, throughput over the log window, the progress bar, --log-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import checks
+import files
+from data import SAMPLE_RATE, padding_efficiency, read_manifest
+
+# --------------------------------------------------------------------------------------------------
+# 1. Errors
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (bad manifest, wrong model combination, out of memory). The
+    command line prints its message without a traceback."""
+
+
+def check_args(args) -> None:
+    """Flags that contradict each other, refused before anything is loaded."""
+    if args.spec_augment and args.cache_encoders:
+        # Cached outputs are those of unaugmented features; SpecAugment draws new masks at every
+        # step, so a cache would either be wrong or never hit. Refused, not silently bypassed.
+        raise TrainError("--cache-encoders stores encoder outputs of unaugmented fbank, but "
+                         "SpecAugment (on by default) changes the fbank at every step: add "
+                         "--no-spec-augment to use the cache")
+
+
+def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None = None) -> list:
+    """Read manifests and refuse the mistakes that would otherwise surface as a crash deep inside a
+    step (or, worse, as silent training on nothing): an empty manifest, rows without a target, and
+    audio that is missing, shorter than its row says, or too long (from the file headers)."""
+    manifests = []
+    for path in paths:
+        records = read_manifest(path)
+        if not records:
+            raise TrainError(f"{what} manifest {path} is empty: nothing to train on")
+        missing = [r for r in records if r.response is None]
+        if missing:
+            raise TrainError(
+                f"{what} manifest {path}: {len(missing)} of {len(records)} rows have no "
+                f"'response' (first: id {missing[0].id!r} at {missing[0].source}). SIFT trains on "
+                f"targets the frozen LLM generated itself; make them first, e.g.\n"
+                f"  python generate_targets.py --mode sift_s --model <LLM> --in {path} "
+                f"--out targets.jsonl\n"
+                f"(stage 2: --mode sift_sp) and train on the output.")
+        checks.training_rows(records, path, what, max_audio_seconds)
+        manifests.append(records)
+    return manifests
+
+
+@contextlib.contextmanager
+def named_errors(batch, args):
+    """Around one micro-batch: running out of memory, or --max-length cutting into the audio, ends
+    in one line that names the batch or the flag."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise TrainError(oom_message(batch, args)) from e
+    except ValueError as e:
+        checks.max_length_cut(e, args.max_length)
+        raise
+
+
+def oom_message(batch, args) -> str:
+    lens = batch["wave_lens"].float() / SAMPLE_RATE
+    return (f"out of memory on a batch of {len(lens)} utterances, {lens.sum():.1f} s of audio "
+            f"(longest {lens.max():.1f} s, padded {lens.max() * len(lens):.1f} s). Lower "
+            f"--max-duration (now {args.max_duration:g}) or --max-batch (now {args.max_batch}); "
+            "--grad-accum keeps the effective batch size.")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Distributed helpers and the device
+# --------------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is rank 0 of 1.
+    NCCL is the backend for GPUs, gloo for CPUs (the test suite runs 2 CPU ranks with gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    kind = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local_rank}") if kind == "cuda" else torch.device(kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def close_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over ranks (for logging and validation: every rank sees the global
+    figure)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_weight_spread(params) -> float:
+    """Largest difference of any weight between ranks (0.0 on one process). DDP keeps ranks
+    identical by construction; checking costs one all-reduce and turns a silent divergence into an
+    error."""
+    if not is_distributed():
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
+
+
+class TrainedPart(nn.Module):
+    """What DistributedDataParallel wraps: the projector(s) being trained, and nothing else.
+
+    DDP broadcasts every registered parameter at start-up and hooks each one for the gradient
+    all-reduce. Wrapping the whole model would broadcast the frozen 7B LLM (15 GB) for nothing and
+    hook parameters that never get a gradient. So the trained projectors are registered as
+    submodules here, while the full model is stored as a plain attribute (object.__setattr__
+    bypasses nn.Module's registration): DDP sees only the projector parameters, yet `forward` runs
+    the whole model, so DDP's hooks fire when the projector gradients are ready, overlapping the
+    all-reduce with the rest of the backward pass. The projector objects are shared with the model,
+    so nothing is copied and `model.save_pretrained` is unaffected."""
+
+    def __init__(self, model, names: list[str]):
+        super().__init__()
+        self.trained = nn.ModuleDict({n: getattr(model, n) for n in names})
+        object.__setattr__(self, "model", model)
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """`auto` is bf16 on CUDA and fp32 on CPU: many CPUs have no bf16 arithmetic (it is emulated and
+    slow), and the tests want exactness. Recent server CPUs (AVX512-BF16, AMX) run bf16 2-3x faster:
+    ask for it."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Exact resume: random streams and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state(specaug_gen: torch.Generator) -> dict:
+    """Every random stream of this process. weights_only loading accepts tensors and plain Python
+    values, so numpy's state array travels as a tensor."""
+    np_state = np.random.get_state()
+    numpy = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+             *[float(x) for x in np_state[2:]]]
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(),
+             "specaug": specaug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, specaug_gen: torch.Generator):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    torch.set_rng_state(state["torch"])
+    specaug_gen.set_state(state["specaug"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(exp: Path, state: dict, keep_last: int, rank: int):
+    """Write checkpoints/step-XXXXXXXX.pt atomically (files.atomic_path: a crash mid-write leaves
+    the previous checkpoint intact and never a truncated file that --resume would pick up), then
+    delete all but the newest `keep_last`."""
+    if rank != 0:
+        return
+    folder = exp / "checkpoints"
+    path = folder / f"step-{state['step']:08d}.pt"
+    with checks.written(path, f"could not write the checkpoint {path}") as tmp:  # disk full: 1 line
+        torch.save(state, tmp)
+    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator) -> dict | None:
+    """The checkpoint --resume asks for (None: start from scratch), with this process's random
+    streams already restored from it; says on rank 0 what it did."""
+    path, ckpt = (load_checkpoint(exp, args.resume, args.stage, rank) if args.resume
+                  else (None, None))
+    if ckpt is not None:
+        if "average" not in ckpt:
+            raise TrainError(f"{path} was written by an older train.py (no weight average): "
+                             "start afresh")
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], specaug_gen)
+        elif rank == 0:
+            print(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {world}: "
+                  "random streams restart")
+        if rank == 0:
+            print(f"resumed from {path} at step {ckpt['step']}")
+    elif args.resume and rank == 0:
+        print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
+    elif rank == 0 and list((exp / "checkpoints").glob("step-*.pt")):
+        print(f"warning: {exp / 'checkpoints'} has checkpoints but --resume was not given: "
+              "starting from scratch, they will be replaced")
+    return ckpt
+
+
+def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint --resume asks for, loaded. `latest` falls back to the newest READABLE one: a
+    file damaged after it was written (a full disk, a cut copy) costs some steps, not the run."""
+    candidates = [find_checkpoint(exp, resume)] if resume != "latest" else \
+        sorted((exp / "checkpoints").glob("step-*.pt"), reverse=True)
+    for path in candidates:
+        if path is None:
+            break
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, bad pickle: torch raises several types
+            if resume != "latest":
+                raise TrainError(f"--resume {path}: unreadable checkpoint "
+                                 f"({checks.first_line(e)})") from None
+            if rank == 0:
+                print(f"note: {path} is unreadable ({checks.first_line(e)}); "
+                      "trying the checkpoint before it")
+            continue
+        checks.checkpoint_stage(ckpt, path, stage)
+        return path, ckpt
+    return None, None
+
+
+def find_checkpoint(exp: Path, resume: str) -> Path | None:
+    if resume != "latest":
+        if not Path(resume).exists():
+            raise TrainError(f"--resume {resume}: no such checkpoint")
+        return Path(resume)
+    found = sorted((exp / "checkpoints").glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The weight average (the official recipe's use_averaged_model)
+# --------------------------------------------------------------------------------------------------
+
+
+class WeightAverage:
+    """A running uniform average of the trained weights, as the official trainer keeps it
+    (use_averaged_model, average_period; icefall's update_averaged_model).
+
+    Every `period` steps, at step s: avg = avg * (1 - period/s) + weights * (period/s). After the
+    updates at steps period, 2 period, ..., k period, avg is the plain mean of those k snapshots:
+    late-training noise averages out. Kept in float64 (a mean of thousands of snapshots must not
+    lose their small differences), stored in every checkpoint and restored on resume, so a resumed
+    run averages exactly like an uninterrupted one. Only the projectors being trained are averaged:
+    everything else is frozen, and the mean of a constant is the constant."""
+
+    def __init__(self, model, names: list[str], period: int):
+        self.period, self.updates = period, 0
+        self.params = {f"{n}.{k}": p for n in names
+                       for k, p in getattr(model, n).named_parameters()}
+        self.avg = {k: p.detach().double().cpu().clone() for k, p in self.params.items()}
+
+    def update(self, step: int):
+        if self.period <= 0 or step % self.period != 0:
+            return
+        w = self.period / step
+        for k, p in self.params.items():
+            # weights * w is rounded to the parameters' float32 before the float64 sum, as the
+            # official code does
+            self.avg[k].mul_(1 - w).add_(p.detach().cpu() * w)
+        self.updates += 1
+
+    def copy_to(self, model) -> str:
+        """Load the average into the model (for export); a sentence saying which weights it
+        holds."""
+        if self.updates == 0:
+            return ("last weights: no average yet" if self.period > 0
+                    else "last weights: averaging off")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.avg[k])
+        return f"uniform average of {self.updates} snapshots, one every {self.period} steps"
+
+    def state_dict(self) -> dict:
+        return {"period": self.period, "updates": self.updates, "weights": self.avg}
+
+    def load_state_dict(self, state: dict):
+        if state["period"] != self.period:
+            raise TrainError(f"the checkpoint averaged every {state['period']} steps, this run "
+                             f"--average-period {self.period}: use the same period to resume")
+        self.updates = state["updates"]
+        self.avg = {k: v.clone() for k, v in state["weights"].items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Encoder cache (--cache-encoders)
+# --------------------------------------------------------------------------------------------------
+
+
+def unpad(out: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:
+    return [out[i, : int(n)] for i, n in enumerate(lens)]
+
+
+def pad(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-utterance (T_i, D) frames -> zero-padded (B, max T_i, D) and lengths. Both the cached and
+    the uncached path go through unpad -> pad, so the projector sees identical tensors either
+    way."""
+    lens = torch.tensor([len(f) for f in frames], dtype=torch.long, device=frames[0].device)
+    out = frames[0].new_zeros(len(frames), int(lens.max()), frames[0].shape[-1])
+    for i, f in enumerate(frames):
+        out[i, : len(f)] = f
+    return out, lens
+
+
+def encoder_fingerprint(module: nn.Module) -> str:
+    """A short hash of an encoder's weights: a cache made with other encoder weights must not be
+    reused."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def open_cache(folder, model, device, precision: str, rank: int) -> EncoderCache | None:
+    """The encoder cache of --cache-encoders (None without it), keyed by the encoders' weights, the
+    device type and the precision (bf16 frames differ from fp32 ones)."""
+    if not folder:
+        return None
+    fps = {"speech": encoder_fingerprint(model.speech_encoder)}
+    if model.use_paraling:
+        fps["paraling"] = encoder_fingerprint(model.paraling_encoder)
+    return EncoderCache(folder, {k: f"{v}-{device.type}-{precision}" for k, v in fps.items()}, rank)
+
+
+class EncoderCache:
+    """Frozen encoder outputs on disk, so later epochs skip the encoders.
+
+    Both encoders are frozen and deterministic, so an utterance's encoder output never changes:
+    computing it once per run instead of once per epoch saves the encoder forward (the larger part
+    of a step for small LLMs). Outputs are stored per utterance, unpadded, in safetensors shards
+    `<dir>/<rank>-<n>.safetensors` with keys "<branch>/<record id>/<hash of audio path and offset>"
+    (the hash keeps two manifests that reuse an id for different audio apart; the same audio listed
+    in several manifests, e.g. sift_s and sift_sp targets of one corpus, shares its entry).
+    `meta.json` holds a fingerprint of each encoder's weights; a cache made with different encoders
+    is refused.
+
+    Each rank writes its own shards (no file is shared between writers); `refresh()` at every epoch
+    end re-reads the folder so a rank also finds what other ranks encoded. Reads are lazy
+    (safe_open), so the cache may be larger than memory.
+    """
+
+    def __init__(self, folder, fingerprints: dict[str, str], rank: int, flush_every: int = 256):
+        self.folder, self.rank, self.flush_every = Path(folder), rank, flush_every
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path = self.folder / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        for branch, fp in fingerprints.items():
+            if meta.get(branch, fp) != fp:
+                raise TrainError(f"--cache-encoders {self.folder} holds {branch} outputs of "
+                                 "different encoder weights or precision; use a new folder (or "
+                                 "delete this one)")
+        barrier()  # every rank has checked the old meta before rank 0 rewrites it
+        if rank == 0:
+            files.write_atomic(meta_path, [json.dumps({**meta, **fingerprints}, indent=1)])
+        self.pending: dict[str, torch.Tensor] = {}
+        self.refresh()
+
+    @staticmethod
+    def key(branch: str, record) -> str:
+        where = hashlib.sha1(f"{record.audio}|{record.offset}".encode()).hexdigest()[:8]
+        return f"{branch}/{record.id}/{where}"
+
+    def refresh(self):
+        self.flush()
+        barrier()  # all ranks' shards of this epoch are on disk before anyone re-reads the folder
+        self.index, self.handles = {}, {}
+        for shard in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                self.index.update(dict.fromkeys(f.keys(), shard))
+
+    def get(self, records, branches: list[str], device) -> dict | None:
+        """{branch: [frames per record]} when every output is cached, else None."""
+        keys = {b: [self.key(b, r) for r in records] for b in branches}
+        if not all(k in self.index or k in self.pending for ks in keys.values() for k in ks):
+            return None
+        return {b: [self._load(k).to(device) for k in ks] for b, ks in keys.items()}
+
+    def _load(self, key: str) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending[key]
+        shard = self.index[key]
+        if shard not in self.handles:
+            self.handles[shard] = safe_open(str(shard), "pt")
+        return self.handles[shard].get_tensor(key)
+
+    def put(self, records, frames: dict[str, list[torch.Tensor]]):
+        for branch, per_utt in frames.items():
+            for r, f in zip(records, per_utt):
+                self.pending[self.key(branch, r)] = f.detach().cpu().contiguous()
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        n = len(list(self.folder.glob(f"{self.rank:03d}-*.safetensors")))
+        path = self.folder / f"{self.rank:03d}-{n:06d}.safetensors"
+        with files.atomic_path(path) as tmp:  # readers never see half a shard
+            save_file(self.pending, str(tmp))
+        self.index.update(dict.fromkeys(self.pending, path))
+        self.pending = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_metrics(out: dict, wave_lens: torch.Tensor) -> dict:
+    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted)."""
+    ntok, loss = float(out["num_tokens"]), float(out["loss"].detach())
+    seconds = (wave_lens.float() / SAMPLE_RATE).tolist()
+    return {"loss_sum": loss * ntok, "acc_sum": float(out["acc"]) * ntok, "tokens": ntok,
+            "samples": float(len(wave_lens)), "audio_s": float(wave_lens.sum()) / SAMPLE_RATE,
+            "pad_eff_sum": padding_efficiency(seconds) * len(wave_lens)}
+
+
+class LogWindow:
+    """Sums of batch_metrics since the last log line, turned into one metrics.jsonl record: loss
+    and accuracy per token, throughput per second, summed over ranks."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums = dict.fromkeys(["loss_sum", "acc_sum", "tokens", "samples", "audio_s",
+                                   "pad_eff_sum"], 0.0)
+        self.start = time.time()
+
+    def add(self, m: dict):
+        for k in self.sums:
+            self.sums[k] += m[k]
+
+    def record(self, step: int, epoch: int, lr: float, grad_norm: float) -> dict:
+        s = dict(zip(self.sums, all_reduce_sum(list(self.sums.values()), self.device)))
+        dt = max(time.time() - self.start, 1e-9)
+        tokens = max(s["tokens"], 1)
+        rec = {"step": step, "epoch": epoch, "loss": s["loss_sum"] / tokens,
+               "acc": s["acc_sum"] / tokens, "lr": lr, "grad_norm": grad_norm,
+               "samples_per_s": s["samples"] / dt, "audio_s_per_s": s["audio_s"] / dt,
+               "tokens_per_s": s["tokens"] / dt,
+               "padding_eff": s["pad_eff_sum"] / max(s["samples"], 1)}
+        if self.device.type == "cuda":
+            rec["cuda_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.reset()
+        return rec
+
+
+def show(bar, rec: dict):
+    """The latest log record on the progress bar."""
+    mem = {"mem": f"{rec['cuda_mem_gb']:.1f}G"} if "cuda_mem_gb" in rec else {}
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", lr=f"{rec['lr']:.2e}",
+                    utt_s=f"{rec['samples_per_s']:.1f}", audio_s=f"{rec['audio_s_per_s']:.0f}",
+                    tok_s=f"{rec['tokens_per_s']:.0f}", pad=f"{rec['padding_eff']:.2f}", **mem)
+
+
+class MetricsLog:
+    """<exp>/metrics.jsonl (written by rank 0) and the run's history (returned by train.main); with
+    --log-batches also the ids of every batch in <exp>/batches.rankN.jsonl.
+
+    A resumed run starts by dropping what was logged after its checkpoint: those steps run (and
+    log) again and would otherwise appear twice."""
+
+    def __init__(self, exp: Path, rank: int, step: int, log_batches: bool):
+        self.path, self.rank, self.history = exp / "metrics.jsonl", rank, []
+        if rank == 0:
+            checks.truncate_metrics(self.path, step)
+        self.batches = open(exp / f"batches.rank{rank}.jsonl", "a") if log_batches else None
+
+    def __call__(self, record: dict):
+        self.history.append(record)
+        if self.rank == 0:
+            files.append_jsonl(self.path, [record])
+
+    def batch(self, step: int, epoch: int, records):
+        if self.batches is not None:
+            ids = [r.id for r in records]
+            self.batches.write(json.dumps({"step": step, "epoch": epoch, "ids": ids}) + "\n")
+
+    def close(self):
+        if self.batches is not None:
+            self.batches.close()
+
