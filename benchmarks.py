@@ -123,7 +123,7 @@ def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> d
         "skipped": len(skipped),
         "skipped_items": skipped,
     }
-    data.write_atomic(folder / "run.json", [json.dumps(info, indent=1, ensure_ascii=False) + "\n"])
+    files.write_atomic(folder / "run.json", [json.dumps(info, indent=1, ensure_ascii=False) + "\n"])
     return info
 
 
@@ -577,10 +577,10 @@ def score_run(
         dev.append(f"missing columns: {', '.join(missing)}")
     summary.update({"settings": settings, "seed": seed, "deviations": dev})
     summary = es.no_nan(summary)
-    data.write_atomic(
+    files.write_atomic(
         out / "summary.json", [json.dumps(summary, indent=1, ensure_ascii=False) + "\n"]
     )
-    data.write_atomic(out / "summary.md", [summary_markdown({str(out): summary})])
+    files.write_atomic(out / "summary.md", [summary_markdown({str(out): summary})])
     return summary
 
 

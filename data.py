@@ -1,39 +1,38 @@
-"""The data side of AZeroS: manifests, audio, the fbank front end, batching.
+"""The data chapter: wav -> 16 kHz waveform -> 80-bin fbank -> batches (AZeroS paper, Sec. 4.1).
 
-Everything the frozen Zipformer encoders see passes through this file (the top of model.py's diagram):
+Everything the frozen encoders see passes through this file (the top of model.py's diagram):
 
-    manifest line --read_manifest--> Record --load_audio--> 16 kHz mono float waveform in [-1, 1]
-                  --fbank--> 80-bin Kaldi log-mel at 100 Hz --> zipformer.py (frozen)
+    Record --load_audio--> (N,) float32 waveform, 16 kHz mono in [-1, 1]
+           --fbank-->      (B, T, 80) Kaldi log-mel at 100 frames/s, T = round(N / 160)
+           --> zipformer.py (frozen) --> (B, ~T/4, D) at 25 Hz
 
-The encoders were trained on Kaldi filterbanks computed by kaldifeat/lhotse with particular options
-(`snip_edges=False`, `high_freq=-400`, dither 0, float input in [-1, 1]). A frozen encoder only works
-if we reproduce those features exactly, so `fbank` is a from-scratch, batched re-implementation of the
-Kaldi recipe. It matches kaldi-native-fbank to within 1e-3 (tests/test_data_fbank.py); what is left
-is float32 FFT rounding in very weak mel bins, where kaldi-native-fbank is itself ~1e-3 away from
-an exact float64 computation.
+A Record is one manifest line: where the audio is (path, offset, duration, channel), its text and
+metadata and, after generate_targets.py, the SIFT target. Training draws index batches of similar
+length from `DurationBucketSampler`; `AudioDataset` reads their audio in the DataLoader workers;
+`collate` keeps the waveforms a list, because `fbank` pads them itself, on the GPU.
 
-Sections, top to bottom:
-  1. Records and manifests: our JSONL schema and the official Lhotse cut lines -> `Record`.
-  2. Audio: `load_audio` (soundfile + resampling) and the batched Kaldi `fbank`.
-  3. Batching: `DurationBucketSampler` (duration buckets, weighted mixing, DDP, resumable),
-     `AudioDataset` and `collate`.
-  4. A command line checker: `python data.py check manifest.jsonl [...]`.
+The encoders were trained on Kaldi filterbanks from kaldifeat/lhotse (`snip_edges=False`,
+`high_freq=-400`, dither 0, float input in [-1, 1]), and a frozen encoder only works on the features
+it was trained on, so `fbank` re-implements the Kaldi recipe, batched. It matches kaldi-native-fbank
+to within 1e-3 (tests/test_data_fbank.py): float32 FFT rounding in very weak mel bins, where
+kaldi-native-fbank is itself ~1e-3 away from an exact float64 computation.
+
+Support (not the method): manifest.py reads and validates manifests (and runs `python data.py
+check m.jsonl ...`); checks.py checks audio files before long jobs.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import sys
-import tempfile
 import warnings
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
+
+# Re-exported so that `data.read_manifest` etc. keep working; the code lives in manifest.py.
+from manifest import ManifestError, Record, read_manifest, write_manifest  # noqa: F401
 
 SAMPLE_RATE = 16000
 # Padded feature frames hold log(1e-10) (about -23.03), the value the official `extract_features`
@@ -42,360 +41,26 @@ SAMPLE_RATE = 16000
 # because the official batched Zipformer lets a little padding leak into real frames.
 LOG_ZERO = math.log(1e-10)
 
-# ---------------------------------------------------------------------------------------------------
-# 1. Records and manifests
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    """One utterance: a line of our JSONL manifest (README "Data"), plus the fields that
-    generate_targets.py adds (mode ... model). `audio` is always an absolute, resolved path."""
-
-    id: str
-    audio: str
-    duration: float
-    text: str = ""
-    language: str | None = None
-    offset: float = 0.0
-    meta: dict = field(default_factory=dict)
-    mode: str | None = None
-    system: str | None = None
-    instruction: str | None = None
-    input_text: str | None = None
-    response: str | None = None
-    truncated: bool = False
-    model: str | None = None
-    channel: int | None = None  # pick one channel of a multi-channel file (None: average them)
-    extra: dict = field(default_factory=dict)  # unknown keys, kept so a read/write round trip loses nothing
-    source: str = ""  # "path/to/manifest.jsonl:LINE", for error messages
-
-    def to_json(self, relative_to: str | os.PathLike | None = None) -> dict:
-        """Back to our JSONL schema. None fields are dropped; with `relative_to` (a folder) the audio
-        path is written relative to it, the way a manifest next to its audio usually is."""
-        out = {"id": self.id, "audio": self.audio, "duration": self.duration, "text": self.text}
-        if relative_to is not None:
-            out["audio"] = os.path.relpath(self.audio, relative_to)
-        if self.language is not None:
-            out["language"] = self.language
-        if self.offset:
-            out["offset"] = self.offset
-        out["meta"] = dict(self.meta)
-        for name in ("mode", "system", "instruction", "input_text", "response"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        if self.response is not None or self.truncated:
-            out["truncated"] = self.truncated
-        if self.model is not None:
-            out["model"] = self.model
-        if self.channel is not None:
-            out["channel"] = self.channel
-        out.update(self.extra)
-        return out
-
-
-class ManifestError(ValueError):
-    """A malformed manifest line. The message always reads "<file>:<line>: field '<name>': <what>"."""
-
-    def __init__(self, file, line: int, name: str, what: str):
-        self.file, self.line, self.field, self.what = str(file), line, name, what
-        super().__init__(f"{file}:{line}: field '{name}': {what}")
-
-
-_OPTIONAL_STR_FIELDS = ("language", "mode", "system", "instruction", "input_text", "response", "model")
-_KNOWN_FIELDS = {"id", "audio", "duration", "text", "offset", "meta", "truncated", "channel", *_OPTIONAL_STR_FIELDS}
-# Lhotse marks a generation that hit max_new_tokens by appending this to the response
-# (scripts/data_generation/run_data_generation.py); we turn it into `truncated=True`.
-_LHOTSE_TRUNCATED_TAG = "<|truncated|>"
-
-
-def _is_number(x) -> bool:
-    # bool is a subclass of int in Python; `"duration": true` is a mistake, not 1 second.
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _resolve(audio: str, folder: Path) -> str:
-    """Relative audio paths are relative to the manifest's folder (not to the working directory), so a
-    dataset folder can be moved or mounted anywhere."""
-    path = Path(os.path.expanduser(audio))
-    return str(path if path.is_absolute() else (folder / path).resolve())
-
-
-class _LineChecker:
-    """Small helper that raises ManifestError for one line with the file and line number filled in."""
-
-    def __init__(self, file, line: int):
-        self.file, self.line = file, line
-
-    def fail(self, name: str, what: str):
-        raise ManifestError(self.file, self.line, name, what)
-
-    def string(self, obj: dict, name: str, required: bool = False, label: str | None = None):
-        label = label or name
-        if name not in obj or obj[name] is None:
-            if required:
-                self.fail(label, "missing")
-            return None
-        if not isinstance(obj[name], str):
-            self.fail(label, f"must be a string, got {type(obj[name]).__name__} {obj[name]!r}")
-        if required and not obj[name]:
-            self.fail(label, "must not be empty")
-        return obj[name]
-
-    def seconds(self, obj: dict, name: str, required: bool = False, positive: bool = False, label=None):
-        label = label or name
-        if name not in obj or obj[name] is None:
-            if required:
-                self.fail(label, "missing")
-            return None
-        value = obj[name]
-        if not _is_number(value):
-            self.fail(label, f"must be a number of seconds, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            self.fail(label, f"must be finite, got {value!r}")
-        if positive and value <= 0:
-            self.fail(label, f"must be positive, got {value!r}")
-        if value < 0:
-            self.fail(label, f"must not be negative, got {value!r}")
-        return float(value)
-
-
-def _record_from_ours(obj: dict, folder: Path, check: _LineChecker) -> Record:
-    """Our JSONL schema (README "Data"): id, audio, duration required; everything else optional."""
-    rec = Record(
-        id=check.string(obj, "id", required=True),
-        audio=check.string(obj, "audio", required=True),
-        duration=check.seconds(obj, "duration", required=True, positive=True),
-    )
-    rec.audio = _resolve(rec.audio, folder)
-    rec.text = check.string(obj, "text") or ""
-    rec.offset = check.seconds(obj, "offset") or 0.0
-    for name in _OPTIONAL_STR_FIELDS:
-        setattr(rec, name, check.string(obj, name))
-    meta = obj.get("meta", {})
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict):
-        check.fail("meta", f"must be an object, got {type(meta).__name__}")
-    for key, value in meta.items():
-        if value is not None and not isinstance(value, (str, int, float)):
-            check.fail(f"meta.{key}", f"must be a string or number, got {type(value).__name__}")
-    rec.meta = dict(meta)
-    truncated = obj.get("truncated", False)
-    if not isinstance(truncated, bool):
-        check.fail("truncated", f"must be true or false, got {truncated!r}")
-    rec.truncated = truncated
-    channel = obj.get("channel")
-    if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
-        check.fail("channel", f"must be a non-negative integer, got {channel!r}")
-    rec.channel = channel
-    rec.extra = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
-    return rec
-
-
-def _looks_like_lhotse(obj: dict) -> bool:
-    return "recording" in obj or "supervisions" in obj or "type" in obj
-
-
-def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
-    """An official Lhotse MonoCut line (the released AZeroS manifests) -> Record.
-
-    cut.id -> id; cut.start/duration -> offset/duration; recording.sources[0].source -> audio;
-    supervisions[0].text/language -> text/language; gender (a supervision field) and custom
-    age_group (or age)/emotion -> meta; custom response/instruction/input_text/from_model -> the
-    generate_targets fields. Only single-file MonoCuts are supported: MixedCut/PaddingCut or
-    URL/in-memory sources raise, because silently mis-reading them would train on the wrong audio.
-    """
-    kind = obj.get("type", "MonoCut")
-    if kind != "MonoCut":
-        check.fail("type", f"unsupported Lhotse cut type {kind!r} (only MonoCut)")
-    cut_id = check.string(obj, "id", required=True)
-    duration = check.seconds(obj, "duration", required=True, positive=True)
-    start = check.seconds(obj, "start") or 0.0
-
-    recording = obj.get("recording")
-    if not isinstance(recording, dict):
-        check.fail("recording", "missing or not an object (an unknown Lhotse structure?)")
-    sources = recording.get("sources")
-    if not isinstance(sources, list) or not sources or not isinstance(sources[0], dict):
-        check.fail("recording.sources", "must be a non-empty list of audio sources")
-    if sources[0].get("type", "file") != "file":
-        check.fail("recording.sources[0].type", f"only 'file' sources are supported, got {sources[0].get('type')!r}")
-    audio = check.string(sources[0], "source", required=True, label="recording.sources[0].source")
-
-    sups = obj.get("supervisions")
-    if not isinstance(sups, list) or not sups or not isinstance(sups[0], dict):
-        check.fail("supervisions", "must be a non-empty list of supervision objects")
-    sup = sups[0]  # like the official data module, only the first supervision is used
-    custom = sup.get("custom") or {}
-    if not isinstance(custom, dict):
-        check.fail("supervisions[0].custom", f"must be an object, got {type(custom).__name__}")
-
-    def sup_str(d, name, where):
-        return check.string(d, name, label=f"supervisions[0].{where}{name}")
-
-    meta = {}
-    age = custom.get("age_group", custom.get("age"))
-    if age is not None:
-        meta["age"] = age
-    gender = sup_str(sup, "gender", "") or sup_str(custom, "gender", "custom.")
-    if gender is not None:
-        meta["gender"] = gender
-    emotion = sup_str(custom, "emotion", "custom.")
-    if emotion is not None:
-        meta["emotion"] = emotion
-
-    response = sup_str(custom, "response", "custom.")
-    truncated = response is not None and response.endswith(_LHOTSE_TRUNCATED_TAG)
-    if truncated:
-        response = response[: -len(_LHOTSE_TRUNCATED_TAG)]
-    channel = obj.get("channel")
-    n_channels = len(recording.get("channel_ids") or [0])
-    return Record(
-        id=cut_id,
-        audio=_resolve(audio, folder),
-        duration=duration,
-        text=sup_str(sup, "text", "") or "",
-        language=sup_str(sup, "language", ""),
-        offset=start,
-        meta=meta,
-        instruction=sup_str(custom, "instruction", "custom."),
-        input_text=sup_str(custom, "input_text", "custom."),
-        response=response,
-        truncated=truncated,
-        model=sup_str(custom, "from_model", "custom."),
-        # a MonoCut names the channel it uses; only meaningful when the file has several
-        channel=channel if isinstance(channel, int) and n_channels > 1 else None,
-    )
-
-
-def parse_line(line: str, file, lineno: int, folder: Path | None = None) -> Record | None:
-    """One manifest line -> Record (None for a blank line). Raises ManifestError naming the field."""
-    if not line.strip():
-        return None
-    check = _LineChecker(file, lineno)
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        check.fail("<json>", f"not valid JSON ({e.msg} at column {e.colno})")
-    if not isinstance(obj, dict):
-        check.fail("<json>", f"a line must be a JSON object, got {type(obj).__name__}")
-    folder = Path(file).resolve().parent if folder is None else folder
-    parse = _record_from_lhotse if _looks_like_lhotse(obj) else _record_from_ours
-    rec = parse(obj, folder, check)
-    rec.source = f"{file}:{lineno}"
-    return rec
-
-
-def iter_manifest_lines(path):
-    """Yield (line_number, Record-or-ManifestError) for every non-blank line, without stopping at the
-    first error. `read_manifest` raises the first error; the `check` CLI collects them all."""
-    seen: dict[str, int] = {}
-    folder = Path(path).resolve().parent
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:  # bytes, so a bad UTF-8 line is reported with its line number
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    what = f"not valid UTF-8 ({e.reason} at byte {e.start})"
-                    raise ManifestError(path, lineno, "<json>", what) from e
-                rec = parse_line(line, path, lineno, folder)
-                if rec is None:
-                    continue
-                if rec.id in seen:
-                    raise ManifestError(path, lineno, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
-                seen[rec.id] = lineno
-                yield lineno, rec
-            except ManifestError as e:
-                yield lineno, e
-
-
-def read_manifest(path) -> list[Record]:
-    """Read a manifest (our JSONL or official Lhotse cuts; .jsonl or .jsonl.gz) into Records.
-
-    Nothing is skipped silently: the first malformed line raises ManifestError with file, line and
-    field. (Filtering by duration etc. is the caller's decision, made explicitly.)
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"manifest not found: {path}")
-    records = []
-    for _, item in iter_manifest_lines(path):
-        if isinstance(item, ManifestError):
-            raise item
-        records.append(item)
-    return records
-
-
-def _new_file_mode() -> int:
-    """The mode open() gives a new file: 0666 minus the umask. mkstemp makes its files 0600, which
-    would keep other users (a shared group, a web server) from reading our outputs. The umask can
-    only be read by setting it, so it is set back at once."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_atomic(path, lines) -> None:
-    """Write a whole text file or nothing: temporary file in the same folder, fsync, rename. A crash (or a
-    reader racing the writer) never sees half a file. It gets the usual permissions (umask)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _new_file_mode())
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_manifest(records, path, relative: bool = False) -> None:
-    """Write Records as our JSONL (gzip if the name ends in .gz). Atomic: we write a temporary file in
-    the same folder and rename it, so a crash never leaves a half-written manifest behind. Audio paths
-    are absolute unless `relative=True` (then relative to the new manifest's folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = path.resolve().parent if relative else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _new_file_mode())
-    os.close(fd)
-    try:
-        opener = gzip.open if path.name.endswith(".gz") else open  # .jsonl.gz like the released cuts
-        with opener(tmp, "wt", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec.to_json(relative_to=folder), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------------
-# 2. Audio: loading and the Kaldi filterbank
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 1. Audio: read a segment, make it 16 kHz mono
+# --------------------------------------------------------------------------------------------------
 
 
 class AudioError(Exception):
-    """Audio that cannot be used: missing, unreadable, empty or containing NaN/Inf. Names path + reason."""
+    """Audio that cannot be used: missing, unreadable, empty or NaN/Inf. Names path and reason."""
 
     def __init__(self, path, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
 
-def load_audio(path, offset: float = 0.0, duration: float | None = None, channel: int | None = None) -> torch.Tensor:
+def load_audio(path, offset: float = 0.0, duration: float | None = None,
+               channel: int | None = None) -> torch.Tensor:
     """Read `duration` seconds starting at `offset` seconds -> float32 (N,) mono waveform at 16 kHz.
 
-    Any format libsndfile reads (wav, flac, ogg, mp3 with libsndfile >= 1.1). Integer PCM is scaled to
-    [-1, 1] by soundfile (int16 / 32768), the same scaling the official pipeline's torchaudio.load
-    uses. Multi-channel audio is averaged to mono, unless `channel` picks one channel (the official
+    Any format libsndfile reads (wav, flac, ogg, mp3 with libsndfile >= 1.1). Integer PCM is scaled
+    to [-1, 1] by soundfile (int16 / 32768), the scaling of the official pipeline's torchaudio.load.
+    Multi-channel audio is averaged to mono, unless `channel` picks one channel (the official
     `features.py` takes channel 0 when it reads paths itself). Other sample rates are resampled with
     torchaudio's default windowed-sinc filter (`resample` below), as the official pipeline does.
     """
@@ -432,38 +97,15 @@ RESAMPLE_ZERO_CROSSINGS = 6  # the sinc is cut after 6 zero crossings on each si
 RESAMPLE_ROLLOFF = 0.99  # ... and its cut-off sits at 99% of the lower Nyquist frequency
 
 
-@lru_cache(maxsize=16)
-def resample_kernel(orig: int, new: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
-    """The (new, 1, taps) polyphase filter bank for resampling by new/orig (rates already divided by
-    their gcd), and how many input samples of padding it needs on the left.
-
-    Ideal band-limited resampling evaluates x(t) = sum_i x[i] sinc(pi (t - i)) (t in input samples)
-    at the output times t_j = j * orig / new. Output j + new sits exactly `orig` input samples after
-    output j, so it uses the same weights shifted by `orig`: `new` filters, applied with stride `orig`,
-    give every output. Each filter is a Hann-windowed sinc low-passed at RESAMPLE_ROLLOFF * min(orig,
-    new) (in units where the input rate is `orig`), so downsampling cannot alias.
-    """
-    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
-    half_width = math.ceil(RESAMPLE_ZERO_CROSSINGS * orig / cutoff)  # taps each side of the centre
-    # Time from output phase j to each input tap, in units of the input rate `orig` ...
-    taps = torch.arange(-half_width, half_width + orig, dtype=dtype) / orig
-    t = torch.arange(0, -new, -1, dtype=dtype)[:, None, None] / new + taps
-    # ... then in units of the cut-off period, where the sinc has its zeros at the integers.
-    t = (t * cutoff).clamp(-RESAMPLE_ZERO_CROSSINGS, RESAMPLE_ZERO_CROSSINGS)
-    window = torch.cos(t * math.pi / RESAMPLE_ZERO_CROSSINGS / 2) ** 2  # Hann, zero at the cut points
-    t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones((), dtype=dtype), t.sin() / t)
-    return sinc * (window * (cutoff / orig)), half_width  # cutoff/orig keeps a DC gain of one
-
-
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-    """Resample (..., N) float waveforms from `orig_freq` to `new_freq` Hz -> (..., ceil(N * new / orig)).
+    """(..., N) float waveforms at `orig_freq` Hz -> (..., ceil(N * new / orig)) at `new_freq` Hz.
 
     The same windowed-sinc filter as torchaudio.functional.resample with its defaults (within float
     rounding), written out so the project does not need torchaudio. Rates must be positive integers.
     """
     if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
-        raise ValueError(f"resample: sample rates must be positive integers, got {orig_freq} -> {new_freq}")
+        raise ValueError("resample: sample rates must be positive integers, "
+                         f"got {orig_freq} -> {new_freq}")
     if not wave.is_floating_point():
         raise TypeError(f"resample: expected a float waveform, got {wave.dtype}")
     if orig_freq == new_freq:
@@ -479,13 +121,42 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
     return y[:, : math.ceil(new * length / orig)].reshape(*shape, -1)
 
 
+@lru_cache(maxsize=16)
+def resample_kernel(orig: int, new: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
+    """The (new, 1, taps) polyphase filter bank for resampling by new/orig (rates already divided by
+    their gcd), and how many input samples of padding it needs on the left.
+
+    Ideal band-limited resampling evaluates x(t) = sum_i x[i] sinc(pi (t - i)) (t in input samples)
+    at the output times t_j = j * orig / new. Output j + new sits exactly `orig` input samples after
+    output j, so it uses the same weights shifted by `orig`: `new` filters, applied with stride
+    `orig`, give every output. Each filter is a Hann-windowed sinc low-passed at RESAMPLE_ROLLOFF *
+    min(orig, new) (in units where the input rate is `orig`), so downsampling cannot alias.
+    """
+    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
+    half_width = math.ceil(RESAMPLE_ZERO_CROSSINGS * orig / cutoff)  # taps each side of the centre
+    # Time from output phase j to each input tap, in units of the input rate `orig` ...
+    taps = torch.arange(-half_width, half_width + orig, dtype=dtype) / orig
+    t = torch.arange(0, -new, -1, dtype=dtype)[:, None, None] / new + taps
+    # ... then in units of the cut-off period, where the sinc has its zeros at the integers.
+    t = (t * cutoff).clamp(-RESAMPLE_ZERO_CROSSINGS, RESAMPLE_ZERO_CROSSINGS)
+    window = torch.cos(t * math.pi / RESAMPLE_ZERO_CROSSINGS / 2) ** 2  # Hann, zero at the cuts
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones((), dtype=dtype), t.sin() / t)
+    return sinc * (window * (cutoff / orig)), half_width  # cutoff/orig keeps a DC gain of one
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The Kaldi filterbank
+# --------------------------------------------------------------------------------------------------
+
 # Kaldi fbank options the released encoders were trained with (official features.py / kaldifeat).
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms
 FFT_SIZE = 512  # frame length rounded up to a power of two
 NUM_MEL_BINS = 80
 LOW_FREQ = 20.0
-HIGH_FREQ = SAMPLE_RATE / 2 - 400.0  # Kaldi's high_freq=-400 means "400 Hz below Nyquist": 7600 Hz
+HIGH_FREQ = SAMPLE_RATE / 2 - 400.0  # Kaldi's high_freq=-400 is "400 Hz below Nyquist": 7600 Hz
 PREEMPH = 0.97
 # Kaldi floors the mel energies at FLT_EPSILON before the log, so digital silence gives -15.94.
 LOG_FLOOR = float(torch.finfo(torch.float32).eps)
@@ -493,12 +164,52 @@ LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 
 def num_frames(num_samples: int) -> int:
     """Kaldi's frame count with snip_edges=False: one frame per 10 ms, rounded to the nearest frame.
-    (With snip_edges=True it would be 1 + (n - 400) // 160, losing the partial frames at the end.)"""
+    (With snip_edges=True it would be 1 + (n - 400) // 160, losing the partial frames at the
+    end.)"""
     return (num_samples + FRAME_SHIFT // 2) // FRAME_SHIFT
 
 
-def _mel_scale(freq):
-    return 1127.0 * np.log(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+@torch.no_grad()
+def fbank(waves, lengths=None, device=None,
+          dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """80-bin Kaldi log-mel filterbank of a batch of 16 kHz waveforms (floats in [-1, 1]).
+
+    `waves` is a list of 1-D tensors, or a padded (B, N) tensor with `lengths` (B,). Returns
+    feats (B, T, 80) float32 and feat_lens (B,) int64, T = max(feat_lens); frames past an
+    utterance's end hold LOG_ZERO. Runs on `device` (default: where the waves are). `dtype` is the
+    precision of the arithmetic (float32 like kaldifeat/kaldi-native-fbank; float64 for reference
+    checks); the result is float32 either way.
+
+    The whole batch is done in a few tensor ops: one gather builds the edge-reflected signals,
+    frames are strided views of them, then DC removal, pre-emphasis and window, one rfft, one matmul
+    with the mel matrix, log. Per utterance this is Kaldi's ComputeFbank with the options above.
+    """
+    batch, lens = _as_padded_batch(waves, lengths, device, dtype)
+    frame_lens = (lens + FRAME_SHIFT // 2) // FRAME_SHIFT  # num_frames(), vectorised
+    bsz, max_t = batch.shape[0], int(frame_lens.max()) if len(frame_lens) else 0
+    if max_t == 0:
+        return torch.full((bsz, 0, NUM_MEL_BINS), LOG_ZERO, device=batch.device), frame_lens
+
+    window, mel = _constants(batch.device, batch.dtype)
+    signal = _extended_signal(batch, lens, max_t)
+    frames = signal.unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, T, 400), a view
+
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # remove each frame's DC offset
+    # Pre-emphasis y[i] = x[i] - 0.97 x[i-1] boosts the high frequencies; inside a frame Kaldi uses
+    # x[-1] := x[0], so y[0] = 0.03 x[0].
+    emph = frames.clone()
+    emph[..., 1:] -= PREEMPH * frames[..., :-1]
+    emph[..., 0] *= 1 - PREEMPH
+    emph *= window
+
+    spectrum = torch.fft.rfft(emph, n=FFT_SIZE)  # zero-pads 400 -> 512 samples: (B, T, 257) complex
+    # Power spectrum and mel filtering in one matmul: (re, im) pairs squared, each mel weight
+    # repeated for both halves of the pair.
+    power_parts = torch.view_as_real(spectrum).square().flatten(-2)  # (B, T, 514)
+    feats = torch.matmul(power_parts, mel).clamp_min(LOG_FLOOR).log()  # (B, T, 80)
+
+    padding = torch.arange(max_t, device=batch.device)[None, :] >= frame_lens[:, None]
+    return feats.masked_fill(padding[..., None], LOG_ZERO).float(), frame_lens
 
 
 def mel_matrix() -> np.ndarray:
@@ -515,10 +226,15 @@ def mel_matrix() -> np.ndarray:
     left, center, right = points[:-2, None], points[1:-1, None], points[2:, None]  # (80, 1) each
     rising = (fft_mels - left) / (center - left)
     falling = (right - fft_mels) / (right - center)
-    weights = np.where((fft_mels > left) & (fft_mels < right), np.where(fft_mels <= center, rising, falling), 0.0)
+    inside = (fft_mels > left) & (fft_mels < right)
+    weights = np.where(inside, np.where(fft_mels <= center, rising, falling), 0.0)
     out = np.zeros((FFT_SIZE // 2 + 1, NUM_MEL_BINS))
     out[: FFT_SIZE // 2] = weights.T
     return out
+
+
+def _mel_scale(freq):
+    return 1127.0 * np.log(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
 
 
 def povey_window() -> np.ndarray:
@@ -537,17 +253,6 @@ def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return window, mel
 
 
-def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Kaldi's edge rule for snip_edges=False: read x[-1] = x[0], x[-2] = x[1], ..., x[n] = x[n-1].
-
-    Mirroring at both ends repeats with period 2n, which also covers signals shorter than a window
-    (Kaldi's loop reflects again and again), so one modulo does it. `n` is clamped to 1 to avoid a
-    modulo by zero (an empty utterance has no frames anyway)."""
-    n = n.clamp(min=1)
-    index = torch.remainder(index, 2 * n)
-    return torch.where(index >= n, 2 * n - 1 - index, index)
-
-
 def _extended_signal(batch: torch.Tensor, lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
     """(B, P) samples the frames read from: frame t is ext[:, 160 t : 160 t + 400].
 
@@ -561,25 +266,38 @@ def _extended_signal(batch: torch.Tensor, lengths: torch.Tensor, max_frames: int
     right = FRAME_LENGTH // 2 + FRAME_SHIFT // 2  # 200: the last frame ends before sample n + 200
     ext = torch.nn.functional.pad(batch, (left, right))
     n = lengths[:, None]
-    outside = torch.cat([torch.arange(-left, 0, device=batch.device).expand(len(n), -1),
-                         n + torch.arange(right, device=batch.device)], dim=1)  # (B, 320), signal coordinates
+    before = torch.arange(-left, 0, device=batch.device).expand(len(n), -1)
+    outside = torch.cat([before, n + torch.arange(right, device=batch.device)], dim=1)  # (B, 320)
     ext.scatter_(1, outside + left, batch.gather(1, _reflect(outside, n)))
     return ext[:, : (max_frames - 1) * FRAME_SHIFT + FRAME_LENGTH]
 
 
+def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Kaldi's edge rule for snip_edges=False: read x[-1] = x[0], x[-2] = x[1], ..., x[n] = x[n-1].
+
+    Mirroring at both ends repeats with period 2n, which also covers signals shorter than a window
+    (Kaldi's loop reflects again and again), so one modulo does it. `n` is clamped to 1 to avoid a
+    modulo by zero (an empty utterance has no frames anyway)."""
+    n = n.clamp(min=1)
+    index = torch.remainder(index, 2 * n)
+    return torch.where(index >= n, 2 * n - 1 - index, index)
+
+
 def _as_padded_batch(waves, lengths, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of 1-D waveforms, a single 1-D waveform or a padded (B, N) tensor -> ((B, N), (B,))."""
+    """A list of 1-D waveforms, one 1-D waveform or a padded (B, N) tensor -> ((B, N), (B,))."""
     if isinstance(waves, torch.Tensor) and waves.dim() == 1:
         waves = waves[None]
     if isinstance(waves, torch.Tensor):
         if waves.dim() != 2:
-            raise ValueError(f"expected a (B, N) batch of waveforms, got shape {tuple(waves.shape)}")
+            raise ValueError("expected a (B, N) batch of waveforms, "
+                             f"got shape {tuple(waves.shape)}")
         batch = waves.to(device=device or waves.device, dtype=dtype)
         if lengths is None:
             lengths = torch.full((batch.shape[0],), batch.shape[1], dtype=torch.long)
         lengths = torch.as_tensor(lengths, dtype=torch.long, device=batch.device)
         if len(lengths) != batch.shape[0] or (len(lengths) and int(lengths.max()) > batch.shape[1]):
-            raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape {tuple(batch.shape)}")
+            raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape "
+                             f"{tuple(batch.shape)}")
         return batch, lengths
     waves = [torch.as_tensor(w, dtype=dtype) for w in waves]
     for i, w in enumerate(waves):
@@ -589,81 +307,34 @@ def _as_padded_batch(waves, lengths, device, dtype) -> tuple[torch.Tensor, torch
     lens = torch.tensor([len(w) for w in waves], dtype=torch.long, device=device)
     if lengths is not None:
         lens = torch.as_tensor(lengths, dtype=torch.long, device=device)
-    batch = torch.zeros(len(waves), max([len(w) for w in waves], default=0), device=device, dtype=dtype)
+    longest = max([len(w) for w in waves], default=0)
+    batch = torch.zeros(len(waves), longest, device=device, dtype=dtype)
     for i, w in enumerate(waves):
         batch[i, : len(w)] = w.to(device)
     return batch, lens
 
 
-@torch.no_grad()
-def fbank(waves, lengths=None, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """80-bin Kaldi log-mel filterbank of a batch of 16 kHz waveforms (floats in [-1, 1]).
-
-    `waves` is a list of 1-D tensors, or a padded (B, N) tensor with `lengths` (B,). Returns
-    feats (B, T, 80) float32 and feat_lens (B,) int64, T = max(feat_lens); frames past an utterance's
-    end hold LOG_ZERO. Runs on `device` (default: where the waves are). `dtype` is the precision of
-    the arithmetic (float32 like kaldifeat/kaldi-native-fbank; float64 for reference checks); the
-    result is float32 either way.
-
-    The whole batch is done in a few tensor ops: one gather builds the edge-reflected signals, frames
-    are strided views of them, then DC removal, pre-emphasis and window, one rfft, one matmul with
-    the mel matrix, log. Per utterance this is Kaldi's ComputeFbank with the options listed above.
-    """
-    batch, lens = _as_padded_batch(waves, lengths, device, dtype)
-    frame_lens = (lens + FRAME_SHIFT // 2) // FRAME_SHIFT  # num_frames(), vectorised
-    bsz, max_t = batch.shape[0], int(frame_lens.max()) if len(frame_lens) else 0
-    if max_t == 0:
-        return torch.full((bsz, 0, NUM_MEL_BINS), LOG_ZERO, device=batch.device), frame_lens
-
-    window, mel = _constants(batch.device, batch.dtype)
-    frames = _extended_signal(batch, lens, max_t).unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, T, 400) view
-
-    frames = frames - frames.mean(dim=-1, keepdim=True)  # remove each frame's DC offset
-    # Pre-emphasis y[i] = x[i] - 0.97 x[i-1] boosts the high frequencies; inside a frame Kaldi uses
-    # x[-1] := x[0], so y[0] = 0.03 x[0].
-    emph = frames.clone()
-    emph[..., 1:] -= PREEMPH * frames[..., :-1]
-    emph[..., 0] *= 1 - PREEMPH
-    emph *= window
-
-    spectrum = torch.fft.rfft(emph, n=FFT_SIZE)  # zero-pads 400 -> 512 samples: (B, T, 257) complex
-    # Power spectrum and mel filtering in one matmul: (re, im) pairs squared, each mel weight repeated
-    # for both halves of the pair.
-    power_parts = torch.view_as_real(spectrum).square().flatten(-2)  # (B, T, 514)
-    feats = torch.matmul(power_parts, mel).clamp_min(LOG_FLOOR).log()  # (B, T, 80)
-
-    padding = torch.arange(max_t, device=batch.device)[None, :] >= frame_lens[:, None]
-    return feats.masked_fill(padding[..., None], LOG_ZERO).float(), frame_lens
-
-
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Batching: duration-bucketed sampler, dataset, collate
-# ---------------------------------------------------------------------------------------------------
-
-
-def padding_efficiency(durations) -> float:
-    """Real frames / padded frames for one batch of utterance durations (1.0 = no padding at all).
-    A batch is padded to its longest utterance, so this is sum(frames) / (max(frames) * count)."""
-    frames = [num_frames(int(round(d * SAMPLE_RATE))) for d in durations]
-    return sum(frames) / (max(frames) * len(frames)) if frames and max(frames) else 1.0
+# --------------------------------------------------------------------------------------------------
 
 
 class DurationBucketSampler:
     """Batches of utterances of similar length, for `DataLoader(batch_sampler=...)`.
 
-    Yields lists of GLOBAL indices into the concatenation of the manifests whose `durations` are given
-    (manifest 0's utterances first, then manifest 1's, ...).
+    Yields lists of GLOBAL indices into the concatenation of the manifests whose `durations` are
+    given (manifest 0's utterances first, then manifest 1's, ...).
 
     One epoch, all of it decided by (seed, epoch), so every rank computes the same plan:
       1. Mixing. Manifest m contributes `weights[m] * len(m)` utterances: weight 1 = each utterance
-         once, 2 = each utterance twice, 0.5 = a random half (drawn without replacement, a fresh half
-         every epoch). Default: all weights 1, i.e. an epoch is every utterance exactly once.
+         once, 2 = each utterance twice, 0.5 = a random half (drawn without replacement, a fresh
+         half every epoch). Default: all weights 1, i.e. an epoch is every utterance exactly once.
       2. Buckets. Sort by duration, cut into `num_buckets` groups of equal count (fewer if a bucket
          would hold less than max_batch utterances), shuffle inside each bucket.
       3. Packing. Fill batches greedily inside each bucket. A batch is padded to its longest
-         utterance, so the duration cap counts PADDED seconds: longest * count <= max_duration; and
-         count <= max_batch. An utterance longer than max_duration alone still forms a batch of one
-         (with a warning): it is never dropped silently.
+         utterance, so the duration cap counts PADDED seconds: longest * count <= max_duration;
+         and count <= max_batch. An utterance longer than max_duration alone still forms a batch
+         of one (with a warning): it is never dropped silently.
       4. Shuffle the batch order, then deal the batches round-robin to the ranks.
 
     DDP: every rank must run the same number of steps, or the all-reduce of the last step waits
@@ -674,9 +345,9 @@ class DurationBucketSampler:
         `self.num_dropped` reports how many utterances that removed this epoch.
 
     Resuming: `state_dict()` is {"epoch", "batches_done"}; after `load_state_dict`, the next pass
-    skips exactly `batches_done` batches of that epoch and yields the rest unchanged. With DataLoader
-    workers the sampler runs ahead of training (prefetch), so save the number of batches the training
-    loop actually consumed, not this object's own counter.
+    skips exactly `batches_done` batches of that epoch and yields the rest unchanged. With
+    DataLoader workers the sampler runs ahead of training (prefetch), so save the number of batches
+    the training loop actually consumed, not this object's own counter.
     """
 
     def __init__(self, durations, weights=None, max_duration: float = 200.0, max_batch: int = 64,
@@ -685,15 +356,17 @@ class DurationBucketSampler:
         if durations and not isinstance(durations[0], (list, tuple, np.ndarray)):
             durations = [durations]  # a single manifest given as a flat list
         self.durations = [np.asarray(d, dtype=np.float64) for d in durations]
-        self.weights = [1.0] * len(self.durations) if weights is None else [float(w) for w in weights]
+        self.weights = ([1.0] * len(self.durations) if weights is None
+                        else [float(w) for w in weights])
         if len(self.weights) != len(self.durations):
             raise ValueError(f"{len(self.weights)} weights for {len(self.durations)} manifests")
         if any(w < 0 for w in self.weights):
             raise ValueError(f"weights must be >= 0, got {self.weights}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.max_duration, self.max_batch, self.num_buckets = float(max_duration), int(max_batch), int(num_buckets)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.max_duration, self.max_batch = float(max_duration), int(max_batch)
+        self.num_buckets, self.seed = int(num_buckets), seed
+        self.rank, self.world_size = rank, world_size
         self.drop_last, self.shuffle = drop_last, shuffle
         self.offsets = np.cumsum([0] + [len(d) for d in self.durations])[:-1]
         self.all_durations = np.concatenate(self.durations) if self.durations else np.zeros(0)
@@ -701,61 +374,7 @@ class DurationBucketSampler:
         self._num_dropped = 0
         self._plan_cache: tuple[int, list[list[int]]] | None = None
 
-    # -- the plan of one epoch ------------------------------------------------------------------------
-
-    def _rng(self, *salt: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, *salt])
-
-    def _epoch_pool(self) -> np.ndarray:
-        """Step 1: the global indices this epoch draws (with repeats for weights > 1)."""
-        pool = []
-        for m, (durs, w) in enumerate(zip(self.durations, self.weights)):
-            ids = self.offsets[m] + np.arange(len(durs))
-            whole, frac = int(w), w - int(w)
-            pool += [ids] * whole
-            extra = int(round(frac * len(ids)))
-            if extra:
-                pick = self._rng(1, m).choice(len(ids), extra, replace=False) if self.shuffle else np.arange(extra)
-                pool.append(ids[np.sort(pick)])
-        return np.concatenate(pool) if pool else np.zeros(0, dtype=np.int64)
-
-    def _pack(self, bucket: np.ndarray) -> list[list[int]]:
-        """Step 3: greedy packing under both caps (padded seconds and count)."""
-        batches, current, longest = [], [], 0.0
-        for i in bucket.tolist():
-            d = self.all_durations[i]
-            if d > self.max_duration:
-                warnings.warn(f"utterance {i} lasts {d:.2f} s > max_duration {self.max_duration} s: "
-                              "it gets a batch of its own", stacklevel=3)
-            new_longest = max(longest, d)
-            if current and (new_longest * (len(current) + 1) > self.max_duration or len(current) >= self.max_batch):
-                batches.append(current)
-                current, new_longest = [], d
-            current.append(i)
-            longest = new_longest
-        if current:
-            batches.append(current)
-        return batches
-
-    def _equalise_for_ranks(self, batches: list[list[int]]) -> list[list[int]]:
-        """Step 4's DDP rule: make the number of batches a multiple of world_size (see class doc)."""
-        self._num_dropped = 0
-        remainder = len(batches) % self.world_size
-        if remainder == 0:
-            return batches
-        if self.drop_last:
-            dropped = batches[len(batches) - remainder:]
-            self._num_dropped = sum(len(b) for b in dropped)
-            return batches[: len(batches) - remainder]
-        need = self.world_size - remainder
-        for _ in range(need):
-            k = max(range(len(batches)), key=lambda j: len(batches[j]))
-            if len(batches[k]) < 2:  # fewer utterances than ranks: nothing left to split
-                raise ValueError(f"{sum(len(b) for b in batches)} utterances cannot fill {self.world_size} ranks; "
-                                 "use drop_last=True or fewer ranks")
-            half = len(batches[k]) // 2
-            batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
-        return batches
+    # -- the plan of one epoch ---------------------------------------------------------------------
 
     def epoch_batches(self) -> list[list[int]]:
         """All batches of the current epoch for THIS rank, in order (cached per epoch)."""
@@ -779,7 +398,64 @@ class DurationBucketSampler:
         self._plan_cache = (self.epoch, mine)
         return mine
 
-    # -- the sampler protocol ------------------------------------------------------------------------
+    def _rng(self, *salt: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, *salt])
+
+    def _epoch_pool(self) -> np.ndarray:
+        """Step 1: the global indices this epoch draws (with repeats for weights > 1)."""
+        pool = []
+        for m, (durs, w) in enumerate(zip(self.durations, self.weights)):
+            ids = self.offsets[m] + np.arange(len(durs))
+            whole, frac = int(w), w - int(w)
+            pool += [ids] * whole
+            extra = int(round(frac * len(ids)))
+            if extra:
+                if self.shuffle:
+                    pick = self._rng(1, m).choice(len(ids), extra, replace=False)
+                else:
+                    pick = np.arange(extra)
+                pool.append(ids[np.sort(pick)])
+        return np.concatenate(pool) if pool else np.zeros(0, dtype=np.int64)
+
+    def _pack(self, bucket: np.ndarray) -> list[list[int]]:
+        """Step 3: greedy packing under both caps (padded seconds and count)."""
+        batches, current, longest = [], [], 0.0
+        for i in bucket.tolist():
+            d = self.all_durations[i]
+            if d > self.max_duration:
+                warnings.warn(f"utterance {i} lasts {d:.2f} s > max_duration {self.max_duration} s:"
+                              " it gets a batch of its own", stacklevel=3)
+            new_longest = max(longest, d)
+            too_long = new_longest * (len(current) + 1) > self.max_duration
+            if current and (too_long or len(current) >= self.max_batch):
+                batches.append(current)
+                current, new_longest = [], d
+            current.append(i)
+            longest = new_longest
+        if current:
+            batches.append(current)
+        return batches
+
+    def _equalise_for_ranks(self, batches: list[list[int]]) -> list[list[int]]:
+        """Step 4's DDP rule: the number of batches becomes a multiple of world_size."""
+        self._num_dropped = 0
+        remainder = len(batches) % self.world_size
+        if remainder == 0:
+            return batches
+        if self.drop_last:
+            dropped = batches[len(batches) - remainder:]
+            self._num_dropped = sum(len(b) for b in dropped)
+            return batches[: len(batches) - remainder]
+        for _ in range(self.world_size - remainder):
+            k = max(range(len(batches)), key=lambda j: len(batches[j]))
+            if len(batches[k]) < 2:  # fewer utterances than ranks: nothing left to split
+                raise ValueError(f"{sum(len(b) for b in batches)} utterances cannot fill "
+                                 f"{self.world_size} ranks; use drop_last=True or fewer ranks")
+            half = len(batches[k]) // 2
+            batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
+        return batches
+
+    # -- the sampler protocol ----------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch`. Calling it again with the current epoch (e.g. right after
@@ -789,8 +465,7 @@ class DurationBucketSampler:
 
     def __iter__(self):
         batches = self.epoch_batches()
-        start = self.batches_done
-        for i in range(start, len(batches)):
+        for i in range(self.batches_done, len(batches)):
             self.batches_done = i + 1
             yield list(batches[i])
         self.batches_done = 0  # the epoch is complete; a new pass starts from its beginning
@@ -822,8 +497,8 @@ class DurationBucketSampler:
 
 
 class AudioDataset(torch.utils.data.Dataset):
-    """Records -> (Record, 16 kHz waveform). Audio is read lazily, in the DataLoader workers: exactly
-    `duration` seconds from `offset`, the way Lhotse reads a cut."""
+    """Records -> (Record, 16 kHz waveform). Audio is read lazily, in the DataLoader workers:
+    exactly `duration` seconds from `offset`, the way Lhotse reads a cut."""
 
     def __init__(self, records: list[Record]):
         self.records = records
@@ -837,67 +512,25 @@ class AudioDataset(torch.utils.data.Dataset):
 
 
 def collate(items) -> dict:
-    """[(Record, wave), ...] -> {"waves": list of 1-D tensors, "wave_lens": (B,) int64, "records": [...]}.
+    """[(Record, wave), ...] -> {"waves": [(N_i,) tensors], "wave_lens": (B,) int64, "records"}.
 
-    Waveforms stay a list: `fbank` pads them itself, on the GPU, so the workers do no feature work and
-    the Records carry every field the prompt needs (text, meta, instruction, response, truncated...).
+    Waveforms stay a list: `fbank` pads them itself, on the GPU, so the workers do no feature work
+    and the Records carry every field the prompt needs (text, meta, instruction, response...).
     """
     records = [rec for rec, _ in items]
     waves = [wave for _, wave in items]
-    return {"waves": waves, "wave_lens": torch.tensor([len(w) for w in waves], dtype=torch.long), "records": records}
+    wave_lens = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    return {"waves": waves, "wave_lens": wave_lens, "records": records}
 
 
-# ---------------------------------------------------------------------------------------------------
-# 4. Command line: python data.py check manifest.jsonl [more.jsonl.gz ...]
-# ---------------------------------------------------------------------------------------------------
+def padding_efficiency(durations) -> float:
+    """Real frames / padded frames for one batch of utterance durations (1.0 = no padding at all).
+    A batch is padded to its longest utterance, so this is sum(frames) / (max(frames) * count)."""
+    frames = [num_frames(int(round(d * SAMPLE_RATE))) for d in durations]
+    return sum(frames) / (max(frames) * len(frames)) if frames and max(frames) else 1.0
 
 
-def check_manifest(path, out=sys.stdout, max_audio_seconds: float | None = None) -> bool:
-    """Print a report for one manifest: counts, hours, duration stats, EVERY audio problem
-    (missing or unreadable file, offset or offset + duration past its end, too short, over
-    `max_audio_seconds`; from the file headers, see checks.audio_problems) and EVERY field error
-    (the file is read line by line and keeps going). Returns True when nothing is wrong."""
-    from checks import audio_problems
+if __name__ == "__main__":  # python data.py check m.jsonl ...: see manifest.py
+    import manifest
 
-    print(f"== {path}", file=out)
-    if not os.path.exists(path):
-        print("  manifest file not found", file=out)
-        return False
-    records, errors = [], []
-    try:
-        for _, item in iter_manifest_lines(path):
-            (errors if isinstance(item, ManifestError) else records).append(item)
-    except (OSError, UnicodeDecodeError, EOFError) as e:  # e.g. a corrupt .gz: report, don't crash
-        errors.append(f"{path}: unreadable ({e})")
-    problems = audio_problems(records, max_audio_seconds)
-    durs = np.array([r.duration for r in records])
-    print(f"  utterances: {len(records)}" + ("  (empty manifest)" if not records else ""), file=out)
-    if len(durs):
-        print(f"  total hours: {durs.sum() / 3600:.4f}", file=out)
-        print(f"  duration s: min {durs.min():.2f}  mean {durs.mean():.2f}  max {durs.max():.2f}", file=out)
-    print(f"  audio problems: {len(problems)}", file=out)
-    for p in problems:
-        print(f"    {p}", file=out)
-    print(f"  field errors: {len(errors)}", file=out)
-    for e in errors:
-        print(f"    {e}", file=out)
-    return not errors and not problems and bool(records)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate manifests: counts, hours, audio, field errors")
-    check.add_argument("manifests", nargs="+")
-    check.add_argument("--max-audio-seconds", type=float, default=50.0,
-                       help="flag rows longer than this (train.py's default limit; 0: no limit)")
-    args = parser.parse_args(argv)
-    ok = [check_manifest(m, max_audio_seconds=args.max_audio_seconds) for m in args.manifests]
-    print("OK" if all(ok) else f"PROBLEMS in {ok.count(False)} of {len(ok)} manifest(s)")
-    return 0 if all(ok) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(manifest.main())

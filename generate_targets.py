@@ -60,7 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import checks
-from data import ManifestError, Record, parse_line, write_atomic
+from files import write_atomic
+from manifest import ManifestError, Record, parse_line
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
 
@@ -266,7 +267,7 @@ def _open_lines(path):
 
 
 def read_rows(in_paths) -> tuple[list[Row], int]:
-    """Parse every line of every input with data.parse_line -> (rows, number of blank lines)."""
+    """Parse every line of every input with manifest.parse_line -> (rows, number of blank lines)."""
     rows, blank = [], 0
     for path in in_paths:
         folder = Path(path).resolve().parent

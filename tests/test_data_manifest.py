@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import data
+import manifest
 from conftest import ROOT
 
 
@@ -44,7 +44,7 @@ def test_our_jsonl_resolves_relative_paths_and_round_trips(tmp_path):
     path = write_lines(tmp_path / "set" / "m.jsonl", [
         ours(), "", ours(id="utt2", audio="/abs/b.wav", offset=0.5, response="hi", truncated=True, mode="sift_sp",
                          instruction="", model="qwen", custom_key=[1, 2])])
-    recs = data.read_manifest(path)
+    recs = manifest.read_manifest(path)
     assert [r.id for r in recs] == ["utt1", "utt2"]
     assert recs[0].audio == str((tmp_path / "set" / "wavs" / "a.wav").resolve())
     assert recs[0].meta == {"gender": "female", "age": "young adult", "emotion": "sad"}
@@ -53,8 +53,8 @@ def test_our_jsonl_resolves_relative_paths_and_round_trips(tmp_path):
     assert (second.offset, second.truncated, second.instruction) == (0.5, True, "")
     assert second.extra == {"custom_key": [1, 2]}
     for out in (tmp_path / "copy.jsonl", tmp_path / "sub" / "copy.jsonl.gz"):
-        data.write_manifest(recs, out, relative=out.suffix == ".jsonl")
-        again = data.read_manifest(out)
+        manifest.write_manifest(recs, out, relative=out.suffix == ".jsonl")
+        again = manifest.read_manifest(out)
         for a, b in zip(recs, again):
             a_fields, b_fields = vars(a).copy(), vars(b).copy()
             a_fields.pop("source"), b_fields.pop("source")
@@ -68,7 +68,7 @@ def test_lhotse_monocut_lines_map_to_records(tmp_path):
                    input_text="<audio>...</audio>", from_model="Qwen/Qwen2.5-7B-Instruct"),
         lhotse_cut("cut2", source="/data/x.flac", age=33),
     ])
-    first, second = data.read_manifest(path)
+    first, second = manifest.read_manifest(path)
     assert (first.id, first.offset, first.duration) == ("cut1", 1.5, 3.21)
     assert (first.text, first.language) == ("你好，世界！", "zh")
     assert first.audio == str((tmp_path / "audio" / "rec.wav").resolve())
@@ -116,15 +116,15 @@ BROKEN = [  # (lines, line number, field, what the message says)
 def test_invalid_utf8_line_is_reported_with_its_line_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(ours()).encode() + b"\n" + b'{"id": "\xff\xfe"}\n')
-    with pytest.raises(data.ManifestError, match=f"^{path}:2: field '<json>': not valid UTF-8"):
-        data.read_manifest(path)
+    with pytest.raises(manifest.ManifestError, match=f"^{path}:2: field '<json>': not valid UTF-8"):
+        manifest.read_manifest(path)
 
 
 @pytest.mark.parametrize("lines,lineno,field,what", BROKEN, ids=[f"{b[2]}-{i}" for i, b in enumerate(BROKEN)])
 def test_broken_lines_name_file_line_and_field(tmp_path, lines, lineno, field, what):
     path = write_lines(tmp_path / "bad.jsonl", lines)
-    with pytest.raises(data.ManifestError) as err:
-        data.read_manifest(path)
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.read_manifest(path)
     assert str(err.value).startswith(f"{path}:{lineno}: field '{field}': {what}")
     assert (err.value.line, err.value.field) == (lineno, field)
 

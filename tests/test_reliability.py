@@ -23,6 +23,7 @@ from test_train import build_setup, stage1_args
 import checks
 import data
 import evaluate
+import files
 import generate_targets as gt
 import infer
 import train
@@ -342,7 +343,7 @@ def test_top_p_out_of_range(release, capsys):
 def test_write_atomic_follows_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        data.write_atomic(tmp_path / "f.txt", ["x\n"])
+        files.write_atomic(tmp_path / "f.txt", ["x\n"])
         data.write_manifest([], tmp_path / "m.jsonl")
     finally:
         os.umask(old)
