@@ -285,33 +285,29 @@ def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def _as_padded_batch(waves, lengths, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A list of 1-D waveforms, one 1-D waveform or a padded (B, N) tensor -> ((B, N), (B,))."""
-    if isinstance(waves, torch.Tensor) and waves.dim() == 1:
-        waves = waves[None]
     if isinstance(waves, torch.Tensor):
-        if waves.dim() != 2:
+        batch = waves[None] if waves.dim() == 1 else waves
+        if batch.dim() != 2:
             raise ValueError("expected a (B, N) batch of waveforms, "
-                             f"got shape {tuple(waves.shape)}")
-        batch = waves.to(device=device or waves.device, dtype=dtype)
-        if lengths is None:
-            lengths = torch.full((batch.shape[0],), batch.shape[1], dtype=torch.long)
-        lengths = torch.as_tensor(lengths, dtype=torch.long, device=batch.device)
-        if len(lengths) != batch.shape[0] or (len(lengths) and int(lengths.max()) > batch.shape[1]):
-            raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape "
-                             f"{tuple(batch.shape)}")
-        return batch, lengths
-    waves = [torch.as_tensor(w, dtype=dtype) for w in waves]
-    for i, w in enumerate(waves):
-        if w.dim() != 1:
-            raise ValueError(f"waveform {i} must be 1-D (mono), got shape {tuple(w.shape)}")
-    device = device or (waves[0].device if waves else "cpu")
-    lens = torch.tensor([len(w) for w in waves], dtype=torch.long, device=device)
-    if lengths is not None:
-        lens = torch.as_tensor(lengths, dtype=torch.long, device=device)
-    longest = max([len(w) for w in waves], default=0)
-    batch = torch.zeros(len(waves), longest, device=device, dtype=dtype)
-    for i, w in enumerate(waves):
-        batch[i, : len(w)] = w.to(device)
-    return batch, lens
+                             f"got shape {tuple(batch.shape)}")
+        batch = batch.to(device=device or batch.device, dtype=dtype)
+        full = [batch.shape[1]] * batch.shape[0]
+    else:
+        waves = [torch.as_tensor(w, dtype=dtype) for w in waves]
+        for i, w in enumerate(waves):
+            if w.dim() != 1:
+                raise ValueError(f"waveform {i} must be 1-D (mono), got shape {tuple(w.shape)}")
+        full = [len(w) for w in waves]
+        device = device or (waves[0].device if waves else "cpu")
+        batch = torch.zeros(len(waves), max(full, default=0), device=device, dtype=dtype)
+        for i, w in enumerate(waves):
+            batch[i, : len(w)] = w.to(device)
+    lengths = torch.as_tensor(full if lengths is None else lengths, dtype=torch.long,
+                              device=batch.device)
+    if len(lengths) != batch.shape[0] or (len(lengths) and int(lengths.max()) > batch.shape[1]):
+        raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape "
+                         f"{tuple(batch.shape)}")
+    return batch, lengths
 
 
 # --------------------------------------------------------------------------------------------------
