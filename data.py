@@ -41,6 +41,22 @@ SAMPLE_RATE = 16000
 # because the official batched Zipformer lets a little padding leak into real frames.
 LOG_ZERO = math.log(1e-10)
 
+# Kaldi fbank options the released encoders were trained with (official features.py / kaldifeat).
+FRAME_LENGTH = 400  # 25 ms at 16 kHz
+FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512  # frame length rounded up to a power of two
+NUM_MEL_BINS = 80
+LOW_FREQ = 20.0
+HIGH_FREQ = SAMPLE_RATE / 2 - 400.0  # Kaldi's high_freq=-400 is "400 Hz below Nyquist": 7600 Hz
+PREEMPH = 0.97
+# Kaldi floors the mel energies at FLT_EPSILON before the log, so digital silence gives -15.94.
+LOG_FLOOR = float(torch.finfo(torch.float32).eps)
+
+# torchaudio.functional.resample's defaults, which the official pipeline resamples with.
+RESAMPLE_ZERO_CROSSINGS = 6  # the sinc is cut after 6 zero crossings on each side ...
+RESAMPLE_ROLLOFF = 0.99  # ... and its cut-off sits at 99% of the lower Nyquist frequency
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. Audio: read a segment, make it 16 kHz mono
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +80,7 @@ def load_audio(path, offset: float = 0.0, duration: float | None = None,
     `features.py` takes channel 0 when it reads paths itself). Other sample rates are resampled with
     torchaudio's default windowed-sinc filter (`resample` below), as the official pipeline does.
     """
-    import soundfile as sf  # imported here so the manifest tools work without libsndfile
+    import soundfile as sf  # imported here: fbank and the sampler work without libsndfile
 
     if not os.path.isfile(path):
         raise AudioError(path, "file not found")
@@ -90,11 +106,6 @@ def load_audio(path, offset: float = 0.0, duration: float | None = None,
     else:
         wave = torch.from_numpy(data.mean(axis=1, dtype=np.float32))
     return resample(wave, sr, SAMPLE_RATE)
-
-
-# torchaudio.functional.resample's defaults, which the official pipeline resamples with.
-RESAMPLE_ZERO_CROSSINGS = 6  # the sinc is cut after 6 zero crossings on each side ...
-RESAMPLE_ROLLOFF = 0.99  # ... and its cut-off sits at 99% of the lower Nyquist frequency
 
 
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
@@ -150,22 +161,10 @@ def resample_kernel(orig: int, new: int,
 # 2. The Kaldi filterbank
 # --------------------------------------------------------------------------------------------------
 
-# Kaldi fbank options the released encoders were trained with (official features.py / kaldifeat).
-FRAME_LENGTH = 400  # 25 ms at 16 kHz
-FRAME_SHIFT = 160  # 10 ms
-FFT_SIZE = 512  # frame length rounded up to a power of two
-NUM_MEL_BINS = 80
-LOW_FREQ = 20.0
-HIGH_FREQ = SAMPLE_RATE / 2 - 400.0  # Kaldi's high_freq=-400 is "400 Hz below Nyquist": 7600 Hz
-PREEMPH = 0.97
-# Kaldi floors the mel energies at FLT_EPSILON before the log, so digital silence gives -15.94.
-LOG_FLOOR = float(torch.finfo(torch.float32).eps)
-
 
 def num_frames(num_samples: int) -> int:
-    """Kaldi's frame count with snip_edges=False: one frame per 10 ms, rounded to the nearest frame.
-    (With snip_edges=True it would be 1 + (n - 400) // 160, losing the partial frames at the
-    end.)"""
+    """Kaldi's frame count with snip_edges=False: one frame per 10 ms, rounded to the nearest
+    frame. (snip_edges=True would give 1 + (n - 400) // 160, losing the partial last frames.)"""
     return (num_samples + FRAME_SHIFT // 2) // FRAME_SHIFT
 
 

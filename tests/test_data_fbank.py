@@ -1,5 +1,5 @@
-"""data.load_audio, data.resample and data.fbank against the official fixtures, torchaudio's numbers and
-kaldi-native-fbank run live."""
+"""data.load_audio, data.resample and data.fbank against the official fixtures, torchaudio's numbers
+and kaldi-native-fbank run live."""
 import json
 import math
 
@@ -47,22 +47,24 @@ def non_silent(n_frames):
     return keep
 
 
-# --- fixture parity ---------------------------------------------------------------------------------
+# --- fixture parity -------------------------------------------------------------------------------
 
 
 def test_fixture_signal1_matches_kaldi_native_fbank():
     """Within twice the spread of the two float32 references on this very signal.
 
-    kaldi-native-fbank and lhotse compute the same Kaldi fbank in float32 and still differ by up to
-    1.04e-3 (measured below, from the fixture): in bins with little energy the log magnifies the float32
-    rounding of the FFT and mel sums, and each reference is itself ~1.1e-3 / ~1.8e-3 away from a float64
-    computation. Ours is a third float32 computation whose summation order depends on the CPU's kernels
-    (AVX2 vs AVX-512), so it may sit on the far side of the exact value from either reference: by the
-    triangle inequality up to about two reference-sized errors apart, hence the factor 2 (measured: 0.92e-3
-    on an AMD EPYC, 1.5e-3 on an Intel AVX-512 Xeon). The mean difference must stay at the references' level."""
+    kaldi-native-fbank and lhotse compute the same Kaldi fbank in float32 and still differ by up
+    to 1.04e-3 (checked below, from the fixture): in bins with little energy the log magnifies the
+    float32 rounding of the FFT and mel sums, and each reference is itself ~1.1e-3 / ~1.8e-3 away
+    from a float64 computation. Ours is a third float32 computation whose summation order depends
+    on the CPU's kernels (AVX2 vs AVX-512), so it may sit on the far side of the exact value from
+    either reference: by the triangle inequality up to about two reference-sized errors apart,
+    hence the factor 2 (0.92e-3 on an AMD EPYC, 1.5e-3 on an Intel AVX-512 Xeon). The mean
+    difference must stay at the references' level."""
     feats, lens = data.fbank([INPUTS["signal1"]])
     expected = EXPECTED["expected_knf"]
-    assert feats.dtype == torch.float32 and lens.tolist() == [META["num_frames"]] == [expected.shape[0]]
+    assert feats.dtype == torch.float32
+    assert lens.tolist() == [META["num_frames"]] == [expected.shape[0]]
     keep = non_silent(expected.shape[0])
     spread = (EXPECTED["expected_lhotse"][keep] - expected[keep]).abs()
     assert 0.9e-3 < spread.max() < 1.1e-3  # the fixture's knf-vs-lhotse spread this bound rests on
@@ -100,7 +102,7 @@ def test_fixture_lhotse_features_agree():
     assert (feats[0] - EXPECTED["expected_lhotse"]).abs().max() < 2e-3
 
 
-# --- frame counts and live comparisons ----------------------------------------------------------------
+# --- frame counts and live comparisons ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seconds", [0.01, 0.025, 1.0, 1.37, 17.3])
@@ -136,7 +138,7 @@ def test_mel_matrix_matches_kaldi_mel_banks():
     assert np.abs(data.mel_matrix().T - theirs).max() < 1e-5
 
 
-# --- batching -------------------------------------------------------------------------------------------
+# --- batching -------------------------------------------------------------------------------------
 
 
 def test_batched_equals_one_at_a_time_and_pads_with_log_zero():
@@ -167,20 +169,23 @@ def test_fbank_on_cuda_matches_cpu():
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
 
 
-# --- resample -------------------------------------------------------------------------------------------
+# --- resample -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", RS_META["cases"], ids=lambda c: c["key"])
 def test_resample_matches_torchaudio(case):
-    """data.resample is torchaudio.functional.resample with its defaults (fixture made by torchaudio 2.9.1)."""
+    """data.resample is torchaudio.functional.resample with its defaults (fixture made by
+    torchaudio 2.9.1)."""
     wave, expected = RS_TENSORS[case["key"] + ".input"], RS_TENSORS[case["key"] + ".expected"]
     out = data.resample(wave, case["orig_freq"], case["new_freq"])
-    assert out.shape == expected.shape == (2, math.ceil(wave.shape[-1] * case["new_freq"] / case["orig_freq"]))
+    new_length = math.ceil(wave.shape[-1] * case["new_freq"] / case["orig_freq"])
+    assert out.shape == expected.shape == (2, new_length)
     assert (out - expected).abs().max() < 1e-6
 
 
 def test_resample_reproduces_the_official_8k_signal():
-    """The shared fixture's 8 kHz signal is torchaudio's resample(signal1, 16000, 8000), before PCM rounding."""
+    """The shared fixture's 8 kHz signal is torchaudio's resample(signal1, 16000, 8000), before
+    PCM rounding."""
     out = data.resample(INPUTS["signal1"], 16000, 8000)
     mono = INPUTS["signal2_float"][:, 0]  # the stereo frames are [mono, 0.5 * mono]
     assert out.shape == mono.shape
@@ -189,17 +194,20 @@ def test_resample_reproduces_the_official_8k_signal():
 
 def test_resample_keeps_the_passband_and_removes_aliases():
     sr_in, sr_out = 44100, 16000
-    t_in, t_out = torch.arange(sr_in, dtype=torch.float64) / sr_in, torch.arange(sr_out, dtype=torch.float64) / sr_out
+    t_in = torch.arange(sr_in, dtype=torch.float64) / sr_in
+    t_out = torch.arange(sr_out, dtype=torch.float64) / sr_out
     tone = data.resample(torch.sin(2 * math.pi * 1000 * t_in), sr_in, sr_out)
     inner = slice(200, -200)  # away from the zero-padded edges
     assert (tone - torch.sin(2 * math.pi * 1000 * t_out))[inner].abs().max() < 1e-3
-    # 12 kHz is above the new Nyquist (8 kHz): it must be filtered out (here > 50 dB down; Hann window,
-    # 6 zero crossings), not folded back to 4 kHz at full level.
+    # 12 kHz is above the new Nyquist (8 kHz): it must be filtered out (here > 50 dB down; Hann
+    # window, 6 zero crossings), not folded back to 4 kHz at full level.
     alias = data.resample(torch.sin(2 * math.pi * 12000 * t_in), sr_in, sr_out)
     assert rms(alias[inner]) < rms(tone[inner]) * 10 ** (-50 / 20)
     # Batch dimensions are kept and each row is resampled on its own.
-    both = data.resample(torch.stack([torch.sin(2 * math.pi * 1000 * t_in), torch.zeros(sr_in)])[None], sr_in, sr_out)
-    assert both.shape == (1, 2, sr_out) and torch.equal(both[0, 0], tone) and both[0, 1].abs().max() == 0
+    rows = torch.stack([torch.sin(2 * math.pi * 1000 * t_in), torch.zeros(sr_in)])[None]
+    both = data.resample(rows, sr_in, sr_out)
+    assert both.shape == (1, 2, sr_out)
+    assert torch.equal(both[0, 0], tone) and both[0, 1].abs().max() == 0
 
 
 def test_resample_errors():
@@ -213,7 +221,7 @@ def test_resample_errors():
         data.resample(torch.zeros(100, dtype=torch.int16), 8000, 16000)
 
 
-# --- load_audio -----------------------------------------------------------------------------------------
+# --- load_audio -----------------------------------------------------------------------------------
 
 
 def test_stereo_8k_fixture_loads_like_the_16k_mono_signal():

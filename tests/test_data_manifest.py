@@ -21,20 +21,23 @@ def write_lines(path, objs):
 
 
 def ours(**kw):
-    line = {"id": "utt1", "audio": "wavs/a.wav", "duration": 2.5, "text": "hello there", "language": "en",
-            "meta": {"gender": "female", "age": "young adult", "emotion": "sad"}}
+    line = {"id": "utt1", "audio": "wavs/a.wav", "duration": 2.5, "text": "hello there",
+            "language": "en", "meta": {"gender": "female", "age": "young adult", "emotion": "sad"}}
     line.update(kw)
     return line
 
 
 def lhotse_cut(cut_id="cut1", source="audio/rec.wav", **custom):
-    """A MonoCut as Lhotse's CutSet.to_file writes it (cf. the example in official data_module.py)."""
+    """A MonoCut as Lhotse's CutSet.to_file writes it (cf. the official data_module.py example)."""
     return {
         "id": cut_id, "start": 1.5, "duration": 3.21, "channel": 0,
-        "supervisions": [{"id": cut_id, "recording_id": "rec1", "start": 0.0, "duration": 3.21, "channel": 0,
-                          "text": "你好，世界！", "language": "zh", "gender": "female", "custom": custom}],
-        "recording": {"id": "rec1", "sources": [{"type": "file", "channels": [0], "source": source}],
-                      "sampling_rate": 16000, "num_samples": 51360, "duration": 3.21, "channel_ids": [0]},
+        "supervisions": [{"id": cut_id, "recording_id": "rec1", "start": 0.0, "duration": 3.21,
+                          "channel": 0, "text": "你好，世界！", "language": "zh",
+                          "gender": "female", "custom": custom}],
+        "recording": {"id": "rec1",
+                      "sources": [{"type": "file", "channels": [0], "source": source}],
+                      "sampling_rate": 16000, "num_samples": 51360, "duration": 3.21,
+                      "channel_ids": [0]},
         "type": "MonoCut",
     }
 
@@ -42,8 +45,8 @@ def lhotse_cut(cut_id="cut1", source="audio/rec.wav", **custom):
 def test_our_jsonl_resolves_relative_paths_and_round_trips(tmp_path):
     (tmp_path / "set").mkdir()
     path = write_lines(tmp_path / "set" / "m.jsonl", [
-        ours(), "", ours(id="utt2", audio="/abs/b.wav", offset=0.5, response="hi", truncated=True, mode="sift_sp",
-                         instruction="", model="qwen", custom_key=[1, 2])])
+        ours(), "", ours(id="utt2", audio="/abs/b.wav", offset=0.5, response="hi", truncated=True,
+                         mode="sift_sp", instruction="", model="qwen", custom_key=[1, 2])])
     recs = manifest.read_manifest(path)
     assert [r.id for r in recs] == ["utt1", "utt2"]
     assert recs[0].audio == str((tmp_path / "set" / "wavs" / "a.wav").resolve())
@@ -64,8 +67,9 @@ def test_our_jsonl_resolves_relative_paths_and_round_trips(tmp_path):
 
 def test_lhotse_monocut_lines_map_to_records(tmp_path):
     path = write_lines(tmp_path / "cuts.jsonl.gz", [
-        lhotse_cut(age_group="middle-age adult", emotion="happy", response="你好！<|truncated|>", instruction="",
-                   input_text="<audio>...</audio>", from_model="Qwen/Qwen2.5-7B-Instruct"),
+        lhotse_cut(age_group="middle-age adult", emotion="happy", response="你好！<|truncated|>",
+                   instruction="", input_text="<audio>...</audio>",
+                   from_model="Qwen/Qwen2.5-7B-Instruct"),
         lhotse_cut("cut2", source="/data/x.flac", age=33),
     ])
     first, second = manifest.read_manifest(path)
@@ -74,7 +78,8 @@ def test_lhotse_monocut_lines_map_to_records(tmp_path):
     assert first.audio == str((tmp_path / "audio" / "rec.wav").resolve())
     assert first.meta == {"age": "middle-age adult", "gender": "female", "emotion": "happy"}
     assert (first.response, first.truncated, first.instruction) == ("你好！", True, "")
-    assert (first.input_text, first.model, first.channel) == ("<audio>...</audio>", "Qwen/Qwen2.5-7B-Instruct", None)
+    assert (first.input_text, first.model, first.channel) == (
+        "<audio>...</audio>", "Qwen/Qwen2.5-7B-Instruct", None)
     assert second.audio == "/data/x.flac" and second.meta == {"age": 33, "gender": "female"}
     assert second.response is None and not second.truncated
 
@@ -102,14 +107,18 @@ BROKEN = [  # (lines, line number, field, what the message says)
     ([ours(meta={"gender": ["f"]})], 1, "meta.gender", "must be a string or number, got list"),
     ([ours(truncated="yes")], 1, "truncated", "must be true or false, got 'yes'"),
     ([ours(), ours(id="b"), ours()], 3, "id", "duplicate id 'utt1' (first on line 1)"),
-    ([_mutate(lambda c: c.update(type="MixedCut"))], 1, "type", "unsupported Lhotse cut type 'MixedCut'"),
+    ([_mutate(lambda c: c.update(type="MixedCut"))], 1, "type",
+     "unsupported Lhotse cut type 'MixedCut'"),
     ([_mutate(lambda c: c.pop("recording"))], 1, "recording", "missing or not an object"),
-    ([_mutate(lambda c: c["recording"].update(sources=[]))], 1, "recording.sources", "must be a non-empty list"),
-    ([_mutate(lambda c: c["recording"]["sources"][0].update(type="url"))], 1, "recording.sources[0].type",
-     "only 'file' sources are supported, got 'url'"),
+    ([_mutate(lambda c: c["recording"].update(sources=[]))], 1, "recording.sources",
+     "must be a non-empty list"),
+    ([_mutate(lambda c: c["recording"]["sources"][0].update(type="url"))], 1,
+     "recording.sources[0].type", "only 'file' sources are supported, got 'url'"),
     ([_mutate(lambda c: c.update(supervisions=[]))], 1, "supervisions", "must be a non-empty list"),
-    ([_mutate(lambda c: c["supervisions"][0].update(text=3))], 1, "supervisions[0].text", "must be a string, got int"),
-    ([_mutate(lambda c: c.update(duration="3.2"))], 1, "duration", "must be a number of seconds, got str"),
+    ([_mutate(lambda c: c["supervisions"][0].update(text=3))], 1, "supervisions[0].text",
+     "must be a string, got int"),
+    ([_mutate(lambda c: c.update(duration="3.2"))], 1, "duration",
+     "must be a number of seconds, got str"),
 ]
 
 
@@ -120,7 +129,8 @@ def test_invalid_utf8_line_is_reported_with_its_line_number(tmp_path):
         manifest.read_manifest(path)
 
 
-@pytest.mark.parametrize("lines,lineno,field,what", BROKEN, ids=[f"{b[2]}-{i}" for i, b in enumerate(BROKEN)])
+@pytest.mark.parametrize("lines,lineno,field,what", BROKEN,
+                         ids=[f"{b[2]}-{i}" for i, b in enumerate(BROKEN)])
 def test_broken_lines_name_file_line_and_field(tmp_path, lines, lineno, field, what):
     path = write_lines(tmp_path / "bad.jsonl", lines)
     with pytest.raises(manifest.ManifestError) as err:
@@ -136,14 +146,16 @@ def run_check(*paths):
 
 
 def test_check_cli_reports_counts_hours_missing_audio_and_all_errors(tmp_path):
-    sf.write(tmp_path / "a.wav", np.zeros(8 * 16000, dtype=np.float32), 16000)  # longer than every row
+    # longer than every row
+    sf.write(tmp_path / "a.wav", np.zeros(8 * 16000, dtype=np.float32), 16000)
     durations = [2.5, 7.25]
     good = write_lines(tmp_path / "good.jsonl", [ours(id=f"u{i}", audio="a.wav", duration=d)
                                                    for i, d in enumerate(durations)])
     rc, out = run_check(good)
     assert rc == 0, out
     assert "utterances: 2" in out and f"total hours: {sum(durations) / 3600:.4f}" in out
-    assert f"min {min(durations):.2f}  mean {np.mean(durations):.2f}  max {max(durations):.2f}" in out
+    stats = f"min {min(durations):.2f}  mean {np.mean(durations):.2f}  max {max(durations):.2f}"
+    assert stats in out
     assert "audio problems: 0" in out and "field errors: 0" in out and out.strip().endswith("OK")
 
     bad = write_lines(tmp_path / "bad.jsonl", [
@@ -155,5 +167,6 @@ def test_check_cli_reports_counts_hours_missing_audio_and_all_errors(tmp_path):
     assert "audio problems: 1" in out
     assert f"{bad}:2: field 'audio': {tmp_path / 'gone.wav'}: audio file not found" in out
     assert "field errors: 3" in out
-    assert f"{bad}:3: field 'duration'" in out and f"{bad}:4: field '<json>'" in out and f"{bad}:5: field 'id'" in out
+    assert f"{bad}:3: field 'duration'" in out and f"{bad}:4: field '<json>'" in out
+    assert f"{bad}:5: field 'id'" in out
     assert "PROBLEMS in 1 of 2 manifest(s)" in out

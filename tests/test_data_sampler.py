@@ -1,4 +1,4 @@
-"""DurationBucketSampler (caps, buckets, mixing, DDP, resume) and the Dataset/collate/fbank chain."""
+"""DurationBucketSampler (caps, buckets, mixing, DDP, resume), then dataset -> collate -> fbank."""
 import warnings
 from collections import Counter
 
@@ -40,8 +40,8 @@ def test_two_ranks_see_every_utterance_once_within_both_caps(drop_last):
 
 def test_drop_last_reports_what_it_dropped():
     durs = [1.0] * 10  # one bucket, max_batch 3 -> batches of 3, 3, 3, 1; 4 batches on 3 ranks
-    ranks = [data.DurationBucketSampler([durs], max_batch=3, num_buckets=1, world_size=3, rank=r, drop_last=True)
-             for r in range(3)]
+    ranks = [data.DurationBucketSampler([durs], max_batch=3, num_buckets=1, world_size=3, rank=r,
+                                        drop_last=True) for r in range(3)]
     kept = [i for s in ranks for b in s for i in b]
     assert [len(s) for s in ranks] == [1, 1, 1]
     assert len(set(kept)) == len(kept) and ranks[0].num_dropped == 10 - len(kept) > 0
@@ -104,8 +104,8 @@ def test_buckets_reduce_padding():
         assert data.padding_efficiency([durs[0][i] for i in batch]) == pytest.approx(per_batch)
     assert bucketed.padding_efficiency == pytest.approx(real / padded)
     assert bucketed.padding_efficiency > unbucketed.padding_efficiency
-    assert data.padding_efficiency([2.0, 2.0]) == 1.0 and data.padding_efficiency([1.0, 3.0]) == pytest.approx(
-        (100 + 300) / (2 * 300))
+    assert data.padding_efficiency([2.0, 2.0]) == 1.0
+    assert data.padding_efficiency([1.0, 3.0]) == pytest.approx((100 + 300) / (2 * 300))
 
 
 def test_overlong_utterance_gets_a_batch_of_its_own_with_a_warning():
@@ -132,11 +132,15 @@ def test_weighted_mixing_repeats_and_subsamples():
 def test_dataset_collate_and_fbank_chain(tmp_path):
     records = []
     for i, (sr, seconds) in enumerate([(16000, 1.0), (8000, 0.5), (16000, 2.0)]):
-        sf.write(tmp_path / f"{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(int(sr * seconds)), sr)
-        records.append(data.Record(id=f"u{i}", audio=str(tmp_path / f"{i}.wav"), duration=seconds, text=f"t{i}"))
+        noise = 0.1 * np.random.default_rng(i).standard_normal(int(sr * seconds))
+        sf.write(tmp_path / f"{i}.wav", noise, sr)
+        records.append(data.Record(id=f"u{i}", audio=str(tmp_path / f"{i}.wav"), duration=seconds,
+                                   text=f"t{i}"))
     records.append(data.Record(id="seg", audio=str(tmp_path / "2.wav"), duration=0.5, offset=1.0))
-    sampler = data.DurationBucketSampler([[r.duration for r in records]], max_duration=10.0, shuffle=False)
-    loader = torch.utils.data.DataLoader(data.AudioDataset(records), batch_sampler=sampler, collate_fn=data.collate)
+    sampler = data.DurationBucketSampler([[r.duration for r in records]], max_duration=10.0,
+                                         shuffle=False)
+    loader = torch.utils.data.DataLoader(data.AudioDataset(records), batch_sampler=sampler,
+                                         collate_fn=data.collate)
     batches = list(loader)
     assert sum(len(b["records"]) for b in batches) == 4
     batch = batches[0]
