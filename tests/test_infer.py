@@ -1,4 +1,5 @@
 """infer.py: the command line end to end (subprocess) and its one-line errors."""
+
 import shutil
 import subprocess
 import sys
@@ -17,14 +18,21 @@ def release():
 
 
 def cli(*args, timeout=60):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_cli_end_to_end_streams_answer(release, tmp_path):
     wav = write_wav(tmp_path / "x.wav", 1.5)
     start = time.time()
-    run = cli(wav, "Describe the audio.", "--model", release, "--max-new-tokens", 8, "--device", "cpu")
+    run = cli(
+        wav, "Describe the audio.", "--model", release, "--max-new-tokens", 8, "--device", "cpu"
+    )
     assert time.time() - start < 30
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() and "Traceback" not in run.stderr
@@ -54,20 +62,34 @@ def test_errors_and_modes_in_process(release, tmp_path, capsys):
     shutil.rmtree(incomplete / "llm")
     wav = write_wav(tmp_path / "x.wav", 1.0)
     assert infer.main([str(wav), "hi", "--model", str(incomplete)]) == 1
-    assert capsys.readouterr().err == f"error: model folder incomplete: {incomplete / 'llm'} is missing\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: model folder incomplete: {incomplete / 'llm'} is missing\n"
+    )
 
     # two files: one batched call, one "path<TAB>answer" line each
     wav2 = write_wav(tmp_path / "y.wav", 0.7, seed=1)
-    assert infer.main([str(wav), str(wav2), "Describe.", "--model", str(release), "--max-new-tokens", "4"]) == 0
+    assert (
+        infer.main(
+            [str(wav), str(wav2), "Describe.", "--model", str(release), "--max-new-tokens", "4"]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(wav), str(wav2)]
 
     # no audio: a text question for the frozen LLM
-    assert infer.main(["hello", "--model", str(release), "--max-new-tokens", "4", "--system", "Be brief."]) == 0
+    assert (
+        infer.main(
+            ["hello", "--model", str(release), "--max-new-tokens", "4", "--system", "Be brief."]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.endswith("\n")
 
 
 def test_defaults_are_the_official_generation_config():
-    """Greedy, at most 200 new tokens: the official generate_config (examples/azeros README and evaluate.py)."""
+    """Greedy, at most 200 new tokens: the official generate_config (examples/azeros README and
+    evaluate.py)."""
     args = infer.parse_args(["a.wav", "Describe the audio."])
     assert args.max_new_tokens == 200 and args.temperature is None

@@ -1,7 +1,10 @@
-"""llm.py: prompt text, <|AUDIO|> expansion, labels, splicing, padding, loading and generation arguments.
+"""llm.py: prompt text, <|AUDIO|> expansion, labels, splicing, padding, loading and generation
+arguments.
 
-Uses the fixture's 601-token ChatML tokenizer (Qwen2.5 chat template) and tiny random LLMs from tests/tiny.py.
+Uses the fixture's 601-token ChatML tokenizer (Qwen2.5 chat template) and tiny random LLMs from
+tests/tiny.py.
 """
+
 import json
 
 import pytest
@@ -29,12 +32,17 @@ def tiny_llm(tmp_path_factory):
 
 def test_training_text_is_plain_chatml_without_system(tok):
     assert llm.chat_text(tok, FWD["messages"][0], training=True) == FWD["text_after_CHAT_TEMPLATE"]
-    with_sys = llm.chat_text(tok, [{"role": "user", "content": "hi"}], training=True, system="Be brief.")
+    with_sys = llm.chat_text(
+        tok, [{"role": "user", "content": "hi"}], training=True, system="Be brief."
+    )
     assert with_sys == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_truncated_response_loses_its_end(tok):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answ", "truncated": True}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a long answ", "truncated": True},
+    ]
     expected = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\na long answ"
     assert llm.chat_text(tok, msgs, training=True) == expected
 
@@ -42,7 +50,9 @@ def test_truncated_response_loses_its_end(tok):
 def test_inference_text_uses_tokenizer_template(tok):
     msgs = [{"role": "user", "content": "Describe the audio."}]
     text = llm.chat_text(tok, msgs, training=False)
-    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")  # Qwen2.5 default system
+    assert text.startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud."
+    )  # Qwen2.5 default system
     assert text.endswith("<|im_start|>user\nDescribe the audio.<|im_end|>\n<|im_start|>assistant\n")
     text = llm.chat_text(tok, msgs, training=False, system="S.")
     assert text.startswith("<|im_start|>system\nS.<|im_end|>\n") and "Qwen" not in text
@@ -57,27 +67,39 @@ def test_labels_match_official_on_exact_sequence(tok):
 
 def test_labels_found_by_token_sequence_not_single_id(tok):
     # A tokenizer-agnostic check: "assistant" inside the user turn and a multi-turn chat.
-    msgs = [{"role": "user", "content": "assistant\nsay hi"}, {"role": "assistant", "content": "hi"},
-            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+    msgs = [
+        {"role": "user", "content": "assistant\nsay hi"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"},
+    ]
     ids = tok.encode(llm.chat_text(tok, msgs, training=True), add_special_tokens=False)
     labels = llm.make_labels(ids, tok)
     supervised = [i for i in labels if i != llm.IGNORE_INDEX]
     assert tok.decode(supervised) == "hi<|im_end|>\nok<|im_end|>\n"
     # truncated: the answer is supervised but no <|im_end|>
-    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "partial", "truncated": True}]
+    msgs = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "partial", "truncated": True},
+    ]
     ids = tok.encode(llm.chat_text(tok, msgs, training=True), add_special_tokens=False)
     assert tok.decode([i for i in llm.make_labels(ids, tok) if i != llm.IGNORE_INDEX]) == "partial"
 
 
 def char_chatml_tokenizer():
-    """A character-level ChatML tokenizer: "assistant" is 9 tokens, the header 11 (built in ~ms, offline)."""
+    """A character-level ChatML tokenizer: "assistant" is 9 tokens, the header 11 (built in ~ms,
+    offline)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?\n<>|/"))
-    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)} | {"[UNK]": len(chars)}, "[UNK]"))
+    backend = Tokenizer(
+        models.WordLevel({c: i for i, c in enumerate(chars)} | {"[UNK]": len(chars)}, "[UNK]")
+    )
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tok.add_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"], special_tokens=True)
     return tok
 
@@ -90,7 +112,9 @@ def test_labels_with_multi_token_assistant_header():
     ids = tok.encode(llm.chat_text(tok, msgs, training=True), add_special_tokens=False)
     supervised = [i for i in llm.make_labels(ids, tok) if i != llm.IGNORE_INDEX]
     assert tok.decode(supervised).replace(" ", "") == "Hithere!<|im_end|>\n"
-    assert llm.add_audio_token(tok) == len(tok) - 1  # a tokenizer without <|AUDIO|> gets it appended
+    assert (
+        llm.add_audio_token(tok) == len(tok) - 1
+    )  # a tokenizer without <|AUDIO|> gets it appended
 
 
 def test_expand_audio_tokens_counts_and_mismatch():
@@ -106,7 +130,11 @@ def test_splice_replaces_audio_rows_in_order():
     embeds = torch.zeros(2, 4, 3)
     frames = torch.arange(9, dtype=torch.float32).view(3, 3) + 1
     out = llm.splice_audio(embeds, ids, AUDIO, frames)
-    assert torch.equal(out[0, 1], frames[0]) and torch.equal(out[0, 2], frames[1]) and torch.equal(out[1, 0], frames[2])
+    assert (
+        torch.equal(out[0, 1], frames[0])
+        and torch.equal(out[0, 2], frames[1])
+        and torch.equal(out[1, 0], frames[2])
+    )
     assert out[ids != AUDIO].abs().sum() == 0
     with pytest.raises(ValueError, match="3 <.*positions in the prompt but 2 audio frames"):
         llm.splice_audio(embeds, ids, AUDIO, frames[:2])
@@ -114,8 +142,13 @@ def test_splice_replaces_audio_rows_in_order():
 
 def test_build_batch_padding_sides_and_labels(tok, tiny_llm):
     model, _ = tiny_llm
-    msgs = [[{"role": "user", "content": "<|AUDIO|> hi"}, {"role": "assistant", "content": "yes"}],
-            [{"role": "user", "content": "<|AUDIO|>"}, {"role": "assistant", "content": "a longer answer"}]]
+    msgs = [
+        [{"role": "user", "content": "<|AUDIO|> hi"}, {"role": "assistant", "content": "yes"}],
+        [
+            {"role": "user", "content": "<|AUDIO|>"},
+            {"role": "assistant", "content": "a longer answer"},
+        ],
+    ]
     audio = [[torch.randn(3, 32)], [torch.randn(5, 32)]]
     train = llm.build_batch(model, tok, msgs, audio, training=True)
     assert (train.input_ids == AUDIO).sum(1).tolist() == [3, 5]
@@ -127,8 +160,17 @@ def test_build_batch_padding_sides_and_labels(tok, tiny_llm):
     assert (infer.input_ids[:, -3:] == torch.tensor(tok.encode(llm.ASSISTANT_HEADER))).all()
     cut = llm.build_batch(model, tok, msgs, audio, training=True, max_length=20)
     assert cut.input_ids.shape[1] == 20
-    with pytest.raises(ValueError, match="positions in the prompt but"):  # a cut through the audio is an error
-        llm.build_batch(model, tok, msgs, [[torch.randn(30, 32)], [torch.randn(5, 32)]], training=True, max_length=20)
+    with pytest.raises(
+        ValueError, match="positions in the prompt but"
+    ):  # a cut through the audio is an error
+        llm.build_batch(
+            model,
+            tok,
+            msgs,
+            [[torch.randn(30, 32)], [torch.randn(5, 32)]],
+            training=True,
+            max_length=20,
+        )
 
 
 def test_load_llm_frozen_eval_sdpa(tiny_llm):
@@ -140,7 +182,10 @@ def test_load_llm_frozen_eval_sdpa(tiny_llm):
 
 def test_add_audio_token_resizes_only_when_needed(tmp_path, tiny_llm):
     model, tok = tiny_llm
-    assert llm.add_audio_token(tok, model) == AUDIO and model.get_input_embeddings().num_embeddings == 608
+    assert (
+        llm.add_audio_token(tok, model) == AUDIO
+        and model.get_input_embeddings().num_embeddings == 608
+    )
     small, tok2 = llm.load_llm(make_tiny_llm_dir(tmp_path, vocab=600), dtype=torch.float32)
     with pytest.warns(UserWarning, match="resizing"):
         assert llm.add_audio_token(tok2, small) == AUDIO
@@ -151,14 +196,25 @@ def test_add_audio_token_resizes_only_when_needed(tmp_path, tiny_llm):
 def test_generation_is_greedy_unless_temperature(tiny_llm):
     model, tok = tiny_llm
     kw = llm.generation_kwargs(model, tok, llm.GenerationOptions(max_new_tokens=5))
-    assert kw["do_sample"] is False and kw["repetition_penalty"] == 1.0 and IM_END in kw["eos_token_id"]
+    assert (
+        kw["do_sample"] is False
+        and kw["repetition_penalty"] == 1.0
+        and IM_END in kw["eos_token_id"]
+    )
     kw = llm.generation_kwargs(model, tok, llm.GenerationOptions(temperature=0.7, top_p=0.9))
-    assert kw["do_sample"] is True and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["top_k"] == 0
+    assert (
+        kw["do_sample"] is True
+        and kw["temperature"] == 0.7
+        and kw["top_p"] == 0.9
+        and kw["top_k"] == 0
+    )
 
 
 def test_token_losses_match_cross_entropy():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
     nll, mask = llm.token_losses(logits, labels)
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)
+    )
     assert torch.allclose(nll.sum() / mask.sum(), ref) and mask.sum() == 4

@@ -1,4 +1,5 @@
 """Projector: parameter count, output shape/lengths, and that stacking is frame-order preserving."""
+
 import torch
 
 from projector import Projector
@@ -9,7 +10,11 @@ def test_parameter_count_matches_paper_config():
     p = Projector(768, 3584, ds_rate=4)
     assert sum(t.numel() for t in p.parameters()) == 23_862_272
     assert [n for n, _ in p.named_parameters()] == [
-        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
+        "linear1.weight",
+        "linear1.bias",
+        "linear2.weight",
+        "linear2.bias",
+    ]
 
 
 def test_output_lengths_drop_incomplete_groups():
@@ -42,11 +47,15 @@ def test_loads_official_projector_weights():
     from safetensors.torch import load_file
 
     from conftest import FIXTURES
+
     root = FIXTURES / "azeros_tiny_release"
     sd = load_file(str(root / "model.safetensors"))
     cfg = json.loads((root / "config.json").read_text())
     llm_dim = json.loads((root / "llm" / "config.json").read_text())["hidden_size"]
-    for name, enc in [("speech_encoder", "speech_encoder_config"), ("paraling_encoder", "paraling_encoder_config")]:
+    for name, enc in [
+        ("speech_encoder", "speech_encoder_config"),
+        ("paraling_encoder", "paraling_encoder_config"),
+    ]:
         sub = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"{name}_projector.")}
         d = max(cfg[enc]["encoder_dim"])
         p = Projector(d, llm_dim, ds_rate=cfg[f"{name}_projector_ds_rate"])

@@ -1,6 +1,7 @@
 """whisper_encoder.py and the Whisper variant of paper Table 6: the log-mel front end, no padding
 to 30 s, batches, loading and saving, and a whole model with a Whisper semantic encoder (train,
 export, reload, generate). Tiny random Whisper: d_model 32, 2 layers, 80 mels, 1500 positions."""
+
 import json
 import math
 
@@ -38,9 +39,11 @@ def fp32_bound(encoder, out: torch.Tensor, n_terms: int) -> float:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("whisper")
-    return {"whisper": make_tiny_whisper_dir(root / "whisper", seed=0),
-            "llm": make_tiny_llm_dir(root / "llm", seed=0),
-            "zipformer": make_tiny_encoder_dir(root / "zipformer", seed=2)}
+    return {
+        "whisper": make_tiny_whisper_dir(root / "whisper", seed=0),
+        "llm": make_tiny_llm_dir(root / "llm", seed=0),
+        "zipformer": make_tiny_encoder_dir(root / "zipformer", seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_padded_utterance_gives_the_frames_it_gets_alone(encoder):
             assert lens[i] == n[0] == alone.shape[1]
             diff = (batch[i, : n[0]] - alone[0]).abs().max()
             assert diff <= fp32_bound(encoder, alone, 150)  # measured <= 4.8e-7, bound 1.5e-4
-            assert not batch[i, n[0]:].any()
+            assert not batch[i, n[0] :].any()
         x, lens = W.log_mel(waves)
         leaky, _ = encoder(x, torch.full_like(lens, 300))  # padding read as if it were speech
     assert (leaky[1, :64] - batch[1, :64]).abs().max() > 1e-2  # measured 0.04
@@ -163,8 +166,10 @@ def test_float16_checkpoint_runs_in_float32_and_is_saved_in_float16(tmp_path):
     enc.save_pretrained(tmp_path / "out")
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     source = load_file(str(tmp_path / "fp16" / "model.safetensors"))
-    assert all(v.dtype == torch.float16 and torch.equal(v, source[f"encoder.{k}"])
-               for k, v in saved.items())
+    assert all(
+        v.dtype == torch.float16 and torch.equal(v, source[f"encoder.{k}"])
+        for k, v in saved.items()
+    )
 
 
 def test_folder_errors_name_the_problem(tmp_path):
@@ -220,8 +225,9 @@ def test_whisper_beside_a_zipformer_reads_two_front_ends(folders):
     (log-mel, Kaldi fbank), so the features come as {branch: tensor} dicts."""
     import data
 
-    model = AZeroS.from_components(str(folders["llm"]), str(folders["whisper"]),
-                                   str(folders["zipformer"]))
+    model = AZeroS.from_components(
+        str(folders["llm"]), str(folders["whisper"]), str(folders["zipformer"])
+    )
     waves = [speech_like(1.5, 0), speech_like(0.9, 1)]
     feats, lens = model.features(waves)
     assert set(feats) == {"speech", "paraling"}
@@ -241,15 +247,47 @@ def test_train_with_whisper_encoder_then_stage2_with_zipformer(folders, tmp_path
     rows = []
     for i in range(6):
         wav = write_wav(tmp_path / f"u{i}.wav", 0.6 + 0.1 * i, seed=i)
-        rows.append({"id": f"u{i}", "audio": str(wav), "duration": 0.6 + 0.1 * i, "text": f"u {i}",
-                     "response": ["cat", "dog", "sun"][i % 3], "truncated": False})
+        rows.append(
+            {
+                "id": f"u{i}",
+                "audio": str(wav),
+                "duration": 0.6 + 0.1 * i,
+                "text": f"u {i}",
+                "response": ["cat", "dog", "sun"][i % 3],
+                "truncated": False,
+            }
+        )
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--train", str(manifest), "--num-workers", "0", "--log-every", "1",
-              "--warmup-steps", "1", "--lr", "1e-2", "--max-duration", "3"]
-    r = train.main(["--stage", "1", "--llm", str(folders["llm"]),
-                    "--speech-encoder", str(folders["whisper"]), "--exp", str(tmp_path / "s1"),
-                    "--max-steps", "12", *common])
+    common = [
+        "--train",
+        str(manifest),
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "1e-2",
+        "--max-duration",
+        "3",
+    ]
+    r = train.main(
+        [
+            "--stage",
+            "1",
+            "--llm",
+            str(folders["llm"]),
+            "--speech-encoder",
+            str(folders["whisper"]),
+            "--exp",
+            str(tmp_path / "s1"),
+            "--max-steps",
+            "12",
+            *common,
+        ]
+    )
     loss = [h["loss"] for h in r["history"] if "loss" in h]
     assert len(loss) == 12 and min(loss[-3:]) < loss[0]
     loaded = AZeroS.from_pretrained(tmp_path / "s1")
@@ -258,11 +296,25 @@ def test_train_with_whisper_encoder_then_stage2_with_zipformer(folders, tmp_path
     reloaded = loaded.speech_encoder_projector.state_dict()
     assert all(torch.equal(v, reloaded[k]) for k, v in trained.items())
 
-    r2 = train.main(["--stage", "2", "--init", str(tmp_path / "s1"),
-                     "--paraling-encoder", str(folders["zipformer"]), "--exp", str(tmp_path / "s2"),
-                     "--max-steps", "2", *common])
+    r2 = train.main(
+        [
+            "--stage",
+            "2",
+            "--init",
+            str(tmp_path / "s1"),
+            "--paraling-encoder",
+            str(folders["zipformer"]),
+            "--exp",
+            str(tmp_path / "s2"),
+            "--max-steps",
+            "2",
+            *common,
+        ]
+    )
     assert isinstance(r2["model"].speech_encoder, W.WhisperSpeechEncoder)
     config = json.loads((tmp_path / "s2" / "config.json").read_text())
     assert config["paraling_encoder_config"]["model_type"] == "zipformer"
     both = AZeroS.from_pretrained(tmp_path / "s2")
-    assert both.generate([speech_like(1.0)], [[both.user_message("Who?")]], llm.GenerationOptions(4))
+    assert both.generate(
+        [speech_like(1.0)], [[both.user_message("Who?")]], llm.GenerationOptions(4)
+    )

@@ -1,4 +1,5 @@
-"""zipformer.py against the official Zipformer2 numbers (tests/fixtures/zipformer_small) and state-dict layout."""
+"""zipformer.py against the official Zipformer2 numbers (tests/fixtures/zipformer_small) and
+state-dict layout."""
 
 import json
 
@@ -20,17 +21,24 @@ def model():
 
 @pytest.fixture(scope="module")
 def data():
-    return load_file(str(SMALL / "inputs.safetensors")), load_file(str(SMALL / "expected.safetensors"))
+    return load_file(str(SMALL / "inputs.safetensors")), load_file(
+        str(SMALL / "expected.safetensors")
+    )
 
 
 def run_alone(model, x, x_lens):
     """Each utterance on its own, cut to its length: the padding-free reference."""
     with torch.no_grad():
-        return [model(x[i : i + 1, : int(n)], x_lens[i : i + 1])[0][0] for i, n in enumerate(x_lens)]
+        return [
+            model(x[i : i + 1, : int(n)], x_lens[i : i + 1])[0][0] for i, n in enumerate(x_lens)
+        ]
 
 
 def max_err_valid(batched, singles, out_lens):
-    return max((batched[i, : int(n)] - s).abs().max().item() for i, (s, n) in enumerate(zip(singles, out_lens)))
+    return max(
+        (batched[i, : int(n)] - s).abs().max().item()
+        for i, (s, n) in enumerate(zip(singles, out_lens))
+    )
 
 
 def test_strict_load_and_official_state_dict(model):
@@ -55,11 +63,16 @@ def test_batched_matches_official_where_official_is_padding_free(model, data):
     inputs, expected = data
     with torch.no_grad():
         out, lens = model(inputs["x"], inputs["x_lens"])
-    assert lens.dtype == torch.long and lens.tolist() == expected["encoder_out_lens"].tolist() == [58, 46, 14]
+    assert lens.dtype == torch.long and lens.tolist() == expected["encoder_out_lens"].tolist() == [
+        58,
+        46,
+        14,
+    ]
     assert out.shape == expected["encoder_out"].shape
     # Row 0 is the longest utterance: no padding, so official batched == official single == ours.
     assert (out[0] - expected["encoder_out"][0]).abs().max().item() < TOL
-    # Shorter rows equal the official *single-utterance* outputs (the official batch leaks padding into them).
+    # Shorter rows equal the official *single-utterance* outputs (the official batch leaks padding
+    # into them).
     for i in (1, 2):
         n = int(lens[i])
         assert (out[i, :n] - expected[f"encoder_out_single_{i}"][0]).abs().max().item() < TOL
@@ -75,11 +88,17 @@ def test_batch_invariance_fixture(model, data):
 
 def test_batch_invariance_random_lengths(model):
     g = torch.Generator().manual_seed(3)
-    # The shortest accepted input (9 frames -> 1 embedded frame -> 1 output frame) plus 4 random lengths.
-    x_lens = torch.cat([torch.tensor([MIN_INPUT_FRAMES]), torch.randint(10, 230, (4,), generator=g)])
+    # The shortest accepted input (9 frames -> 1 embedded frame -> 1 output frame) plus 4 random
+    # lengths.
+    x_lens = torch.cat(
+        [torch.tensor([MIN_INPUT_FRAMES]), torch.randint(10, 230, (4,), generator=g)]
+    )
     embed_lens = (x_lens - 7) // 2
-    assert (x_lens % 2 == 1).any() and (embed_lens % 2 == 1).any()  # odd lengths exercise the downsampling
-    # Padding holds random junk and the tensor is longer than the longest utterance: neither may matter.
+    assert (x_lens % 2 == 1).any() and (
+        embed_lens % 2 == 1
+    ).any()  # odd lengths exercise the downsampling
+    # Padding holds random junk and the tensor is longer than the longest utterance: neither may
+    # matter.
     x = torch.randn(5, 240, 80, generator=g) * 2 - 8
     with torch.no_grad():
         out, lens = model(x, x_lens)
@@ -90,7 +109,9 @@ def test_batch_invariance_random_lengths(model):
 
 def test_output_lengths_formula():
     x_lens = torch.arange(MIN_INPUT_FRAMES, 400)
-    assert output_lengths(x_lens).tolist() == [(((n - 7) // 2) + 1) // 2 for n in range(MIN_INPUT_FRAMES, 400)]
+    assert output_lengths(x_lens).tolist() == [
+        (((n - 7) // 2) + 1) // 2 for n in range(MIN_INPUT_FRAMES, 400)
+    ]
 
 
 def test_too_short_input_raises(model):
@@ -127,15 +148,24 @@ def test_save_pretrained_roundtrip_and_composite_checkpoint(model, data, tmp_pat
     model.save_pretrained(tmp_path / "enc")
     cfg = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert cfg["model_type"] == "zipformer"
-    assert ZipformerConfig.from_dict(cfg) == model.config == ZipformerConfig.from_json(SMALL / "config.json")
+    assert (
+        ZipformerConfig.from_dict(cfg)
+        == model.config
+        == ZipformerConfig.from_json(SMALL / "config.json")
+    )
     assert set(load_file(str(tmp_path / "enc" / "model.safetensors"))) == set(model.state_dict())
     reloaded = ZipformerEncoder.from_pretrained(tmp_path / "enc")
 
-    # A composite checkpoint as written by a DDP-wrapped speech LLM, as a .pt file, without model_batch_count.
+    # A composite checkpoint as written by a DDP-wrapped speech LLM, as a .pt file, without
+    # model_batch_count.
     comp = tmp_path / "composite"
     comp.mkdir()
     (comp / "config.json").write_text(json.dumps({"model_type": "x", "speech_encoder_config": cfg}))
-    state = {f"module.speech_encoder.{k}": v for k, v in model.state_dict().items() if k != "model_batch_count"}
+    state = {
+        f"module.speech_encoder.{k}": v
+        for k, v in model.state_dict().items()
+        if k != "model_batch_count"
+    }
     state["module.projector.weight"] = torch.zeros(3)
     torch.save({"state_dict": state}, comp / "pretrained.pt")
     from_composite = ZipformerEncoder.from_pretrained(comp / "pretrained.pt")
@@ -149,7 +179,10 @@ def test_save_pretrained_roundtrip_and_composite_checkpoint(model, data, tmp_pat
 
 def test_bare_encoder_prefix_file(model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
-    save_file({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "w.safetensors"),
+    )
     loaded = ZipformerEncoder.from_pretrained(tmp_path / "w.safetensors", dtype=torch.float64)
     assert next(loaded.parameters()).dtype == torch.float64
 
