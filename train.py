@@ -30,10 +30,10 @@ Eden2 schedule, no gradient clipping, sequences cut at 512 tokens, Lhotse's Spec
 running average of the weights every 200 steps, which is what the exported model holds. The
 README's "Differences from the official code" lists where we deliberately differ.
 
-Read it like nanoGPT's train.py: the command line, then `main` (data, model, resume, the loop), then
-the pieces the loop calls (stage freezing, learning-rate schedules, weight average, one batch).
-Support (not the method): train_support.py (checkpoints for exact resume, encoder cache, DDP
-helpers, metrics log), spec_augment.py (Lhotse's SpecAugment), checks.py (one-line errors).
+Read it like nanoGPT's train.py: the command line, then `main` (data, model, resume, the loop),
+then what the loop calls (which parameters train, learning-rate schedules, one batch and its loss).
+Support (not the method): train_support.py (exact-resume checkpoints, weight average, encoder
+cache, DDP helpers, metrics log), spec_augment.py (Lhotse's SpecAugment), checks.py (errors).
 """
 from __future__ import annotations
 
@@ -63,84 +63,69 @@ from train_support import TrainError, pad, unpad
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--stage", type=lambda s: s if s == "both" else int(s), choices=[1, 2, "both"],
-                   required=True, help="1: speech projector; 2: paralinguistic;\n"
-                                       "both: every projector at once (one stage, paper Table 6)")
-    g.add_argument("--llm", help="frozen LLM: HF folder, hub id or .gguf "
-                                 "(stage 2: default the one in --init)")
-    g.add_argument("--gguf-file", help="GGUF file name inside --llm")
-    g.add_argument("--speech-encoder",
-                   help="speech encoder folder: a Zipformer, or a transformers Whisper folder\n"
-                        "(stages 1 and both; stage 2 uses the one in --init)")
-    g.add_argument("--paraling-encoder",
-                   help="paralinguistic Zipformer folder (stage 2; optional with both)")
-    g.add_argument("--init",
-                   help="stage 2: the stage-1 model folder (release layout, e.g. exp/stage1)")
-    g = p.add_argument_group("data")
-    g.add_argument("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
-                   help="training manifests with responses (generate_targets.py output);\n"
-                        "WEIGHT 2 = each row twice per epoch, 0.5 = a random half (default 1)")
-    g.add_argument("--valid", nargs="*", default=[], metavar="JSONL", help="validation manifests")
-    g.add_argument("--max-duration", type=float, default=200.0,
-                   help="padded seconds of audio per batch and rank")
-    g.add_argument("--max-batch", type=int, default=64, help="utterances per batch at most")
-    g.add_argument("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
-    g.add_argument("--max-length", type=int, default=512,
-                   help="truncate token sequences to this length (official: 512; 0 = no limit)")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
-    g.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
-                   help=checks.MAX_AUDIO_HELP)
-    g.add_argument("--no-spec-augment", dest="spec_augment", action="store_false",
-                   help="turn off SpecAugment (on by default, as the official recipe: Lhotse's\n"
-                        "time warp and frequency/time masks on the fbank)")
-    g.add_argument("--cache-encoders", metavar="DIR", help="store frozen encoder outputs here; "
-                   "later epochs reuse them (needs --no-spec-augment)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-3,
-                   help="base learning rate of Adam (official recipe: 1e-3)")
-    g.add_argument("--schedule", choices=["eden2", "linear"], default="eden2",
-                   help="eden2 (official): lr * (1 + (step/--lr-batches)^2)^-0.5, warm-up from\n"
-                        "lr/2 over --warmup-steps; linear: warm-up from 0, then linear decay to\n"
-                        "--min-lr at --decay-steps")
-    g.add_argument("--lr-batches", type=float, default=7500,
-                   help="eden2: step at which lr has fallen by 1/sqrt(2)")
-    g.add_argument("--warmup-steps", type=int, default=500, help="warm-up length (official: 500)")
-    g.add_argument("--min-lr", type=float, default=1e-5,
-                   help="linear: learning rate at the end of the decay")
-    g.add_argument("--decay-steps", type=int,
-                   help="linear: step at which the decay reaches --min-lr (default: last)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
-                   help="Adam's L2 weight decay (official: 0)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--grad-clip", type=float, default=0.0,
-                   help="clip the global gradient norm (0: off, as official)")
-    g.add_argument("--average-period", type=int, default=200,
-                   help="every N steps fold the weights into a running uniform average, which is\n"
-                        "what the final model holds (official use_averaged_model, average_period\n"
-                        "200; 0: off)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data")
-    g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("run")
-    g.add_argument("--exp", required=True,
-                   help="output folder: checkpoints/, metrics.jsonl, the final model")
-    g.add_argument("--device", help="cuda / cpu (default: cuda if available)")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; bf16 pays off on\n"
-                        "CPUs with AVX512-BF16/AMX, see demo.py)")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    g.add_argument("--valid-every", type=int, default=500,
-                   help="steps between validations (and one at the end)")
-    g.add_argument("--save-every", type=int, default=1000,
-                   help="steps between checkpoints (and one at the end)")
-    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
-                   help="continue from CKPT, or from the newest checkpoint in <exp>/checkpoints")
-    g.add_argument("--log-batches", action="store_true",
-                   help="write the ids of every batch to <exp>/batches.rankN.jsonl")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished model in --exp")
+    a = p.add_argument_group("model").add_argument
+    a("--stage", type=lambda s: s if s == "both" else int(s), choices=[1, 2, "both"], required=True,
+      help="1: speech projector; 2: paralinguistic;\n"
+           "both: every projector at once (one stage, paper Table 6)")
+    a("--llm", help="frozen LLM: HF folder, hub id or .gguf (stage 2: default the one in --init)")
+    a("--gguf-file", help="GGUF file name inside --llm")
+    a("--speech-encoder", help="speech encoder folder: a Zipformer, or a transformers Whisper "
+      "folder\n(stages 1 and both; stage 2 uses the one in --init)")
+    a("--paraling-encoder", help="paralinguistic Zipformer folder (stage 2; optional with both)")
+    a("--init", help="stage 2: the stage-1 model folder (release layout, e.g. exp/stage1)")
+    a = p.add_argument_group("data").add_argument
+    a("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
+      help="training manifests with responses (generate_targets.py output);\n"
+           "WEIGHT 2 = each row twice per epoch, 0.5 = a random half (default 1)")
+    a("--valid", nargs="*", default=[], metavar="JSONL", help="validation manifests")
+    a("--max-duration", type=float, default=200.0, help="padded seconds of audio per batch, rank")
+    a("--max-batch", type=int, default=64, help="utterances per batch at most")
+    a("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
+    a("--max-length", type=int, default=512,
+      help="truncate token sequences to this length (official: 512; 0 = no limit)")
+    a("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
+    a("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
+      help=checks.MAX_AUDIO_HELP)
+    a("--no-spec-augment", dest="spec_augment", action="store_false",
+      help="turn off SpecAugment (on by default, as the official recipe: Lhotse's\n"
+           "time warp and frequency/time masks on the fbank)")
+    a("--cache-encoders", metavar="DIR",
+      help="store frozen encoder outputs here; later epochs reuse them (needs --no-spec-augment)")
+    a = p.add_argument_group("optimisation").add_argument
+    a("--lr", type=float, default=1e-3, help="base learning rate of Adam (official recipe: 1e-3)")
+    a("--schedule", choices=["eden2", "linear"], default="eden2",
+      help="eden2 (official): lr * (1 + (step/--lr-batches)^2)^-0.5, warm-up from lr/2\n"
+           "over --warmup-steps; linear: warm-up from 0, then linear decay to --min-lr\n"
+           "at --decay-steps")
+    a("--lr-batches", type=float, default=7500, help="eden2: step where lr is down by 1/sqrt(2)")
+    a("--warmup-steps", type=int, default=500, help="warm-up length (official eden2: 500)")
+    a("--min-lr", type=float, default=1e-5, help="linear: learning rate at the end of the decay")
+    a("--decay-steps", type=int, help="linear: step where decay reaches --min-lr (default: last)")
+    a("--weight-decay", type=float, default=0.0, help="Adam's L2 weight decay (official: 0)")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off, as official)")
+    a("--average-period", type=int, default=200,
+      help="every N steps fold the weights into a running uniform average, which is what the\n"
+           "final model holds (official use_averaged_model, average_period 200; 0: off)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
+    a("--epochs", type=float, default=1.0, help="passes over the training data")
+    a("--seed", type=int, default=42)
+    a = p.add_argument_group("run").add_argument
+    a("--exp", required=True, help="output folder: checkpoints/, metrics.jsonl, the final model")
+    a("--device", help="cuda / cpu (default: cuda if available)")
+    a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+      help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; bf16 pays off on CPUs with\n"
+           "AVX512-BF16/AMX, see demo.py)")
+    a("--log-every", type=int, default=10, help="steps between log lines")
+    a("--valid-every", type=int, default=500, help="steps between validations (and one at the end)")
+    a("--save-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    a("--keep-last", type=int, default=3, help="checkpoints to keep")
+    a("--resume", nargs="?", const="latest", metavar="CKPT",
+      help="continue from CKPT, or from the newest checkpoint in <exp>/checkpoints")
+    a("--log-batches", action="store_true",
+      help="write the ids of every batch to <exp>/batches.rankN.jsonl")
+    a("--overwrite", action="store_true", help="replace a finished model in --exp")
     args = p.parse_args(argv)
     checks.training_args(args)  # positive budgets, a device that exists, no finished model replaced
     return args
@@ -307,10 +292,9 @@ def make_loader(manifests, weights, args, rank, world, shuffle: bool):
     """DataLoader over the concatenated manifests, batched by the duration-bucketed sampler.
 
     The sampler decides everything (which utterances, in which batches, on which rank) from (seed,
-    epoch), so all ranks agree without communicating, and a resumed run can skip straight to its
-    position. The loader gets its own torch.Generator: otherwise creating an iterator draws a seed
-    from the GLOBAL RNG, which would make the random stream depend on when the iterator was created
-    (and break resume)."""
+    epoch): ranks agree without communicating, and a resumed run skips straight to its position.
+    The loader gets its own torch.Generator, else each new iterator draws a seed from the GLOBAL
+    RNG, which would make the random stream depend on when it was created (and break resume)."""
     records = [r for m in manifests for r in m]
     sampler = DurationBucketSampler([[r.duration for r in m] for m in manifests], weights=weights,
                                     max_duration=args.max_duration, max_batch=args.max_batch,
@@ -451,14 +435,6 @@ def learning_rate(step: int, args, decay_steps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def autocast(device, precision: str):
-    """bf16 autocast: matmuls in bf16, reductions and the loss in fp32; bf16 has fp32's exponent
-    range, so no loss scaling is needed. The projectors' master weights stay fp32 either way."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def encoder_outputs(model, batch, device, cache, specaug_gen: torch.Generator | None,
                     precision: str = "fp32"):
     """Frozen encoder outputs of a batch, {branch: (frames (B, T, D), lens)}: from the cache when
@@ -473,7 +449,7 @@ def encoder_outputs(model, batch, device, cache, specaug_gen: torch.Generator | 
             feats = {b: SPEC_AUGMENT(f, feat_lens[b], specaug_gen) for b, f in feats.items()}
         elif specaug_gen is not None:
             feats = SPEC_AUGMENT(feats, feat_lens, specaug_gen)
-        with autocast(device, precision):
+        with train_support.autocast(device, precision):
             out = model.encode(feats, feat_lens)
         per_utt = {b: unpad(*out[b]) for b in branches}  # per utterance: what the cache stores
         if cache is not None:
@@ -491,7 +467,7 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
         enc = encoder_outputs(model, batch, device, cache, specaug_gen if train else None,
                               args.precision)
         messages = [model.training_messages(r) for r in batch["records"]]
-        with autocast(device, args.precision):
+        with train_support.autocast(device, args.precision):
             out = net(messages=messages, encoder_outputs=enc, max_length=args.max_length or None)
         if train:
             checks.batch_tokens(float(out["num_tokens"]), batch["records"], args.max_length)

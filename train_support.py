@@ -189,6 +189,14 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
+def autocast(device, precision: str):
+    """bf16 autocast: matmuls in bf16, reductions and the loss in fp32; bf16 has fp32's exponent
+    range, so no loss scaling is needed. The projectors' master weights stay fp32 either way."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Exact resume: random streams and checkpoints
 # --------------------------------------------------------------------------------------------------
