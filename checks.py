@@ -219,7 +219,7 @@ def max_length_cut(e: ValueError, max_length: int | None) -> None:
 
 
 def checkpoint_stage(ckpt: dict, path, stage: int) -> None:
-    """A stage-1 checkpoint holds the semantic projector; stage 2 trains the paralinguistic one."""
+    """A stage-1 checkpoint holds the speech projector; stage 2 trains the paralinguistic one."""
     written = ckpt.get("args", {}).get("stage", stage)
     if written != stage:
         raise CheckError(f"--resume: {path} was written by a stage-{written} run; this is stage "
