@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 import checks
 import train_support
-from data import AudioDataset, AudioError, DurationBucketSampler, ManifestError, collate
+from data import AudioDataset, AudioError, DurationBucketSampler, collate
+from manifest import ManifestError
 from spec_augment import SPEC_AUGMENT
 from train_support import TrainError, pad, unpad
 

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 
 import checks
 import files
-from data import SAMPLE_RATE, padding_efficiency, read_manifest
+from data import SAMPLE_RATE, padding_efficiency
+from manifest import read_manifest
 
 # --------------------------------------------------------------------------------------------------
 # 1. Errors
