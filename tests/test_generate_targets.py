@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 import generate_targets as gt
+import targets_support as support
 from conftest import ROOT
 from data import Record
 from tiny import TOKENIZER_DIR, make_tiny_llm_dir
@@ -227,7 +228,7 @@ def test_count_invariant_and_skip_reasons(tmp_path, capsys):
     cut = rows[7]
     assert cut["meta"] == {"age": "Senior", "gender": "M", "emotion": "angry"} and cut["response"] == "你好，世界！"
 
-    skipped = read_jsonl(gt.skipped_path(out))
+    skipped = read_jsonl(support.skipped_path(out))
     assert len(skipped) == len(BAD_ROWS)
     for s in skipped:
         assert set(s) == {"source", "reason", "line"}
@@ -255,9 +256,9 @@ def test_shards_merge_to_the_single_run_and_catch_gaps_and_duplicates(tmp_path):
     merged = gt.main(["--merge", "--nshards", "3", "--in", *map(str, inputs), "--out", str(out)])
     assert (merged.rows_in, merged.rows_out, merged.rows_skipped) == (19, 9, 10)
     assert out.read_bytes() == single.read_bytes()
-    assert gt.skipped_path(out).read_bytes() == gt.skipped_path(single).read_bytes()
+    assert support.skipped_path(out).read_bytes() == support.skipped_path(single).read_bytes()
 
-    shard1 = gt.shard_path(out, 1, 3)
+    shard1 = support.shard_path(out, 1, 3)
     lines = shard1.read_text().splitlines(keepends=True)
     shard1.write_text("".join(lines + lines[:1]))
     with pytest.raises(SystemExit, match="duplicate id"):
@@ -265,7 +266,7 @@ def test_shards_merge_to_the_single_run_and_catch_gaps_and_duplicates(tmp_path):
     shard1.write_text("".join(lines[1:]))
     with pytest.raises(SystemExit, match="gaps"):
         gt.main(["--merge", "--nshards", "3", "--in", *map(str, inputs), "--out", str(out)])
-    gt.shard_path(out, 2, 3).unlink()
+    support.shard_path(out, 2, 3).unlink()
     with pytest.raises(SystemExit, match="missing"):
         gt.main(["--merge", "--nshards", "3", "--in", *map(str, inputs), "--out", str(out)])
 
