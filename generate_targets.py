@@ -7,7 +7,7 @@ takes the place of that text, so a model that reproduces the targets behaves as 
 the transcript and the metadata.
 
     manifest row -> normalised text + <meta> -> user turn of the mode -> frozen LLM -> response
-    out row = in row + {"mode", "system", "instruction", "input_text", "response", "truncated", "model"}
+    output row = input row + {mode, system, instruction, input_text, response, truncated, model}
 
 Modes (Sec. 5.3 stage 1, Sec. 5.4 stage 2, Sec. 5.7 dialog LLM; strings as in appendix A):
 
@@ -20,9 +20,9 @@ Modes (Sec. 5.3 stage 1, Sec. 5.4 stage 2, Sec. 5.7 dialog LLM; strings as in ap
 
 Support (not the method): targets_support.py loses no row (skips, shards, resume, input order).
 
-Usage:
-    python generate_targets.py --mode sift_sp --model Qwen/Qwen2.5-7B-Instruct --in a.jsonl b.jsonl.gz \
-        --out out.jsonl                       (a .gguf file works as --model too; tsit_s needs none)
+Usage (--model: a hub id, a local folder or a .gguf file; tsit_s needs none):
+    python generate_targets.py --mode sift_sp --model Qwen/Qwen2.5-7B-Instruct \\
+        --in a.jsonl b.jsonl.gz --out out.jsonl
     python generate_targets.py ... --shard 0 --nshards 4   (writes out.shard0-of-4.jsonl; run 0..3)
     python generate_targets.py --merge --nshards 4 --in a.jsonl b.jsonl.gz --out out.jsonl
 """
@@ -197,10 +197,9 @@ def tsit_instruction(record_id: str, seed: int) -> str:
 
 
 def chat_prompt(tokenizer, prompt: Prompt) -> str:
-    """The full LLM input text: plain ChatML with no default system message (the training template
-    of llm.py) plus the generation prompt. It must be the training template, not the tokenizer's own
-    (which for Qwen2.5 adds "You are Qwen..."), so that the target is produced under the same context
-    it is learned in."""
+    """The full LLM input text: llm.py's training template (plain ChatML, no default system
+    message) plus the generation prompt. Not the tokenizer's own template (for Qwen2.5 it adds "You
+    are Qwen..."): the target must be produced under the same context it is learned in."""
     import llm
 
     text = llm.chat_text(tokenizer, prompt.messages(), training=True, system=prompt.system or None)
@@ -243,7 +242,7 @@ def chunks(n: int, size: int) -> list[list[int]]:
 
 
 class TranscriptBackend:
-    """tsit_s: the target is the transcript; nothing to run. Chunks of 1024 rows are the resume unit."""
+    """tsit_s: the target is the transcript, nothing runs. 1024 rows are one resume unit."""
     name = "transcript"
     model_label = ""
 
@@ -324,7 +323,8 @@ class VLLMBackend:
         from vllm import LLM, SamplingParams
 
         path = os.path.join(model, gguf_file) if gguf_file else model
-        self.llm = LLM(model=path, tokenizer=model if gguf_file else None, enable_prefix_caching=True)
+        self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
+                       enable_prefix_caching=True)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.model_label, self.chunk = model_label, chunk
 
@@ -332,8 +332,8 @@ class VLLMBackend:
         return chunks(len(prompts), self.chunk)
 
     def generate(self, prompts: list[Prompt]) -> list[Generation]:
-        conversations = [([{"role": "system", "content": p.system}] if p.system else []) + p.messages()
-                         for p in prompts]
+        conversations = [([{"role": "system", "content": p.system}] if p.system else [])
+                         + p.messages() for p in prompts]
         outputs = self.llm.chat(conversations, self.params, chat_template=CHATML_TEMPLATE,
                                 add_generation_prompt=True, use_tqdm=False)
         return [Generation(o.text, o.finish_reason == "length", len(o.token_ids))
@@ -419,12 +419,15 @@ def target_row(row: Row, mode: str, gen: Generation, label: str, folder) -> dict
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=MODES, help="which targets to generate (required unless --merge)")
-    p.add_argument("--model", help="LLM: hub id, local folder, or .gguf file (not needed for tsit_s)")
+    p.add_argument("--mode", choices=MODES,
+                   help="which targets to generate (required unless --merge)")
+    p.add_argument("--model",
+                   help="LLM: hub id, local folder, or .gguf file (not needed for tsit_s)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--in", dest="inputs", nargs="+", required=True,
                    help="manifests (.jsonl/.jsonl.gz, ours or Lhotse)")
-    p.add_argument("--out", required=True, help="output .jsonl; skipped rows go to <out>.skipped.jsonl")
+    p.add_argument("--out", required=True,
+                   help="output .jsonl; skipped rows go to <out>.skipped.jsonl")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=16384,
                    help="transformers backend: rows x (longest prompt + max new tokens) per batch")
@@ -432,7 +435,8 @@ def parse_args(argv=None):
     p.add_argument("--nshards", type=int, default=1)
     p.add_argument("--merge", action="store_true", help="combine the finished shards of --out")
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
-    p.add_argument("--device", help="transformers backend device (default: cuda if available, else cpu)")
+    p.add_argument("--device",
+                   help="transformers backend device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seeds the tsit_s instruction draw")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -444,7 +448,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None, backend=None) -> Summary:
-    """The command line. `backend` lets a caller (tests, notebooks) reuse an already loaded model."""
+    """The command line. `backend` lets a caller (tests, notebooks) reuse a loaded model."""
     args = parse_args(argv)
     checks.files_exist(args.inputs, "--in")
     checks.device(args.device)

@@ -92,11 +92,13 @@ MIN_SECONDS, MAX_SECONDS, MAX_CHARS_PER_SECOND = 1.0, 30.0, 30
 
 
 def filter_reason(record: Record, transcript: str) -> str | None:
-    """Why the official filters drop this row (None: keep it). `transcript` is the normalised one."""
+    """Why the official filters drop this row (None: keep it); `transcript` is normalised."""
     if not MIN_SECONDS <= record.duration <= MAX_SECONDS:
         return f"duration: {record.duration:g} s is outside {MIN_SECONDS:g}-{MAX_SECONDS:g} s"
     if not transcript:
-        return "empty text: nothing left after normalisation" if record.text.strip() else "empty text"
+        if record.text.strip():
+            return "empty text: nothing left after normalisation"
+        return "empty text"
     if len(transcript) > MAX_CHARS_PER_SECOND * record.duration:
         return (f"text too long: {len(transcript)} chars in {record.duration:g} s "
                 f"(> {MAX_CHARS_PER_SECOND} chars per second)")
@@ -157,7 +159,7 @@ def locked_output(out, shard: int, nshards: int):
 
 
 def skipped_line(row: Row) -> str:
-    """A skipped row keeps everything needed to find and fix it: where it was, why, the line itself."""
+    """A skipped row keeps what is needed to find and fix it: where it was, why, the line itself."""
     return json_line({"source": row.source, "reason": row.skip, "line": row.raw})
 
 
@@ -178,8 +180,8 @@ def resume(path: Path, rows: list[Row], mode: str, label: str) -> dict[str, dict
     for n, obj in lines:
         where = f"{path}:{n}"
         if obj.get("id") not in todo_ids:
-            raise SystemExit(f"{where}: id {obj.get('id')!r} is not a row of these inputs/this shard; "
-                             "wrong --out, --in or --shard?")
+            raise SystemExit(f"{where}: id {obj.get('id')!r} is not a row of these inputs/this "
+                             "shard; wrong --out, --in or --shard?")
         if obj["id"] in done:
             # an identical repeat (left by two runs before outputs were locked) is dropped; the
             # final rewrite in input order keeps one copy. A differing one cannot be decided here.
@@ -268,7 +270,8 @@ def finish(rows: list[Row], done: dict[str, dict], out: Path, summary: Summary) 
     objs = [done[r.record.id] for r in generated]
     write_atomic(out, [json_line(o) for o in objs])
     write_atomic(skipped_path(out), [skipped_line(r) for r in skipped])
-    summary.rows_in, summary.rows_out, summary.rows_skipped = len(rows), len(generated), len(skipped)
+    summary.rows_in, summary.rows_out = len(rows), len(generated)
+    summary.rows_skipped = len(skipped)
     if summary.rows_in != summary.rows_out + summary.rows_skipped:  # the promise: no row is lost
         raise AssertionError(f"count mismatch: in {summary.rows_in} != out {summary.rows_out} + "
                              f"skipped {summary.rows_skipped}")
@@ -299,7 +302,8 @@ def merge(rows: list[Row], blank: int, out, nshards: int, mode: str | None) -> S
         for n, obj in lines:
             modes.add((obj.get("mode"), obj.get("model")))
             if obj.get("id") not in expected:
-                errors.append(f"{path}:{n}: id {obj.get('id')!r} is not a generated row of these inputs")
+                errors.append(f"{path}:{n}: id {obj.get('id')!r} is not a generated row of these "
+                              "inputs")
             elif obj["id"] in done:
                 errors.append(f"{path}:{n}: duplicate id {obj['id']!r}")
             else:
