@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import checks
 import targets_support as support
-from manifest import ManifestError, Record
 from files import append_jsonl
+from manifest import ManifestError, Record
 from targets_support import Row, Summary
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import checks
-from manifest import ManifestError, Record, parse_line
 from files import json_line, read_jsonl, write_atomic
+from manifest import ManifestError, Record, parse_line
 
 if TYPE_CHECKING:
     from generate_targets import Prompt
