@@ -29,7 +29,7 @@ class Projector(nn.Module):
         self.linear2 = nn.Linear(llm_dim, llm_dim)
 
     def forward(self, x: torch.Tensor, x_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, d) encoder frames, x_lens: (B,) valid lengths -> ((B, T//r, D), x_lens // r)."""
+        """x: (B, T, d) encoder frames, x_lens: (B,) valid lengths -> ((B, T//r, D), x_lens//r)."""
         B, T, d = x.shape
         r = self.ds_rate
         T = T - T % r  # a trailing group of fewer than ds_rate frames cannot be stacked: drop it
