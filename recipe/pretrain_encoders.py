@@ -19,7 +19,7 @@ by this project (not by a separate pretraining run on other data). Their feature
 specialised to the synthetic voices; the demo shows the *method*, not the paper's numbers.
 
     python recipe/pretrain_encoders.py --train data/tts/train.jsonl --valid data/tts/valid.jsonl \
-        --out exp/encoders [--steps 300]          # writes exp/encoders/{semantic,paraling}/
+        --out exp/encoders [--steps 300]          # writes exp/encoders/{speech,paraling}/
 """
 import argparse
 import json
@@ -109,7 +109,7 @@ def pad_batch(feats, idx):
     return x, lens
 
 
-def semantic_loss(head, out, lens, records, idx):
+def speech_loss(head, out, lens, records, idx):
     logp, lp_lens = head(out, lens)
     targets = [torch.tensor(char_ids(records[i].text)) for i in idx]
     t_lens = torch.tensor([len(t) for t in targets])
@@ -163,8 +163,8 @@ def train_encoder(kind: str, feats, records, steps: int, batch_size: int, lr: fl
     with AVX512-BF16/AMX."""
     torch.manual_seed(seed)
     encoder = ZipformerEncoder(small_config())
-    head = CTCHead(encoder.output_dim) if kind == "semantic" else AttributeHeads(encoder.output_dim)
-    loss_fn = semantic_loss if kind == "semantic" else attribute_loss
+    head = CTCHead(encoder.output_dim) if kind == "speech" else AttributeHeads(encoder.output_dim)
+    loss_fn = speech_loss if kind == "speech" else attribute_loss
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
@@ -191,13 +191,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="training manifest (labels: text, meta gender/speed/pitch)")
     p.add_argument("--valid", help="manifest to report CER / attribute accuracy on")
-    p.add_argument("--out", required=True, help="writes OUT/semantic and OUT/paraling (encoder folders)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of the semantic encoder")
+    p.add_argument("--out", required=True, help="writes OUT/speech and OUT/paraling (encoder folders)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of the speech (semantic) encoder")
     p.add_argument("--paraling-steps", type=int, help="optimizer steps of the paralinguistic encoder (default:"
                    " --steps; gender/speed/pitch are learnt much faster than characters)")
-    p.add_argument("--kinds", nargs="+", choices=["semantic", "paraling"],
-                   default=["semantic", "paraling"],
-                   help="which encoders to train (the demo's semantic encoder is Whisper tiny.en)")
+    p.add_argument("--kinds", nargs="+", choices=["speech", "paraling"],
+                   default=["speech", "paraling"],
+                   help="which encoders to train (the demo's speech encoder is Whisper tiny.en)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU); see train_encoder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -211,20 +211,20 @@ def main(argv=None):
     valid_feats = load_features(valid) if valid else []
     # a resumed run keeps the report of an encoder it skips
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
-    for kind, folder in (("semantic", "semantic"), ("paraling", "paraling")):
+    for kind, folder in (("speech", "speech"), ("paraling", "paraling")):
         if kind not in args.kinds:
             continue
         if (out / folder / "model.safetensors").exists():
             print(f"skipping {kind} encoder: {out / folder} exists")
             continue
         t0 = time.time()
-        steps = args.steps if kind == "semantic" else (args.paraling_steps or args.steps)
+        steps = args.steps if kind == "speech" else (args.paraling_steps or args.steps)
         encoder, head, loss = train_encoder(kind, feats, train, steps, args.batch_size, args.lr, args.seed, args.bf16)
         entry = {"train_loss": round(loss, 4), "steps": steps, "bf16": args.bf16,
                  "seconds": round(time.time() - t0, 1),
                  "parameters": sum(p.numel() for p in encoder.parameters())}
         if valid:
-            entry["valid"] = ({"cer": round(greedy_cer(encoder, head, valid_feats, valid), 3)} if kind == "semantic"
+            entry["valid"] = ({"cer": round(greedy_cer(encoder, head, valid_feats, valid), 3)} if kind == "speech"
                               else attribute_accuracy(encoder, head, valid_feats, valid))
         print(f"{kind} encoder: {json.dumps(entry)}")
         report[kind] = entry

@@ -77,11 +77,11 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     test_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "test.jsonl").read_text().splitlines()}
     train_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "train.jsonl").read_text().splitlines()}
     assert test_voices - train_voices  # held-out voices exist
-    # The semantic encoder is the converted Whisper tiny.en (checked by transcription).
+    # The speech (semantic) encoder is the converted Whisper tiny.en (checked by transcription).
     whisper = json.loads((out / "done" / "whisper.json").read_text())
     assert whisper["sha256"]["model.bin"] == convert_whisper.SHA256["model.bin"]
     assert whisper["check"][0]["hypothesis"] == convert_whisper.CHECK_SENTENCE
-    assert not (out / "encoders" / "semantic").exists() and (out / "encoders" / "paraling").exists()
+    assert not (out / "encoders" / "speech").exists() and (out / "encoders" / "paraling").exists()
     encoder_config = json.loads((out / "stage1" / "speech_encoder" / "config.json").read_text())
     assert encoder_config["model_type"] == "whisper"
 
