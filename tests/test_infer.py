@@ -3,7 +3,6 @@
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -29,11 +28,9 @@ def cli(*args, timeout=60):
 
 def test_cli_end_to_end_streams_answer(release, tmp_path):
     wav = write_wav(tmp_path / "x.wav", 1.5)
-    start = time.time()
     run = cli(
         wav, "Describe the audio.", "--model", release, "--max-new-tokens", 8, "--device", "cpu"
-    )
-    assert time.time() - start < 30
+    )  # speed is measured in bench/, not asserted here; cli's timeout only catches a hang
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() and "Traceback" not in run.stderr
 

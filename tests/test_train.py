@@ -336,7 +336,14 @@ def test_cached_encoders_equal_uncached(setup, tmp_path, monkeypatch):
     cached = train.main(stage1_args(setup, tmp_path / "cached", *common, "--cache-encoders", str(tmp_path / "c")))
     assert n_plain == 12 and len(calls) == 4  # 4 batches per epoch; encoders in epoch 1 only
     assert len(losses(plain)) == 12
-    assert losses(cached) == pytest.approx(losses(plain), abs=1e-5)
+    # Epoch 1 runs the same encoder batches in both runs: bit-identical. Later epochs pair the
+    # utterances differently, so the uncached run pads them differently: its frames then differ
+    # from the cached ones by float32 rounding (batch invariance holds to rounding, not bits), and
+    # Adam's normalised steps carry such differences into the weights at up to lr per step. The
+    # losses must agree far closer than any real cache error (a wrong or stale frame changes the
+    # loss in the first decimal): 1e-4 relative is ~840 float32 ulps (2^-23) of slack for that drift.
+    assert losses(cached)[:4] == losses(plain)[:4]
+    assert losses(cached) == pytest.approx(losses(plain), rel=1e-4)
     assert list((tmp_path / "c").glob("*.safetensors")) and (tmp_path / "c" / "meta.json").exists()
 
 
