@@ -18,12 +18,12 @@ to within 1e-3 (tests/test_data_fbank.py): float32 FFT rounding in very weak mel
 kaldi-native-fbank is itself ~1e-3 away from an exact float64 computation.
 
 Support (not the method): manifest.py reads and validates manifests (and runs `python data.py
-check m.jsonl ...`); checks.py checks audio files before long jobs.
+check m.jsonl ...`); data_support.py checks audio and fbank input and keeps the sampler's DDP and
+resume bookkeeping; checks.py checks audio files before long jobs.
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 from functools import lru_cache
@@ -31,7 +31,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-# Re-exported so that `data.read_manifest` etc. keep working; the code lives in manifest.py.
+import data_support
+
+# Re-exported so that `data.read_manifest`, `data.AudioError` etc. keep working.
+from data_support import AudioError  # noqa: F401
 from manifest import ManifestError, Record, read_manifest, write_manifest  # noqa: F401
 
 SAMPLE_RATE = 16000
@@ -62,14 +65,6 @@ RESAMPLE_ROLLOFF = 0.99  # ... and its cut-off sits at 99% of the lower Nyquist 
 # --------------------------------------------------------------------------------------------------
 
 
-class AudioError(Exception):
-    """Audio that cannot be used: missing, unreadable, empty or NaN/Inf. Names path and reason."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
-
-
 def load_audio(path, offset: float = 0.0, duration: float | None = None,
                channel: int | None = None) -> torch.Tensor:
     """Read `duration` seconds starting at `offset` seconds -> float32 (N,) mono waveform at 16 kHz.
@@ -82,26 +77,15 @@ def load_audio(path, offset: float = 0.0, duration: float | None = None,
     """
     import soundfile as sf  # imported here: fbank and the sampler work without libsndfile
 
-    if not os.path.isfile(path):
-        raise AudioError(path, "file not found")
-    try:
-        with sf.SoundFile(path) as f:
-            sr = f.samplerate
-            start = int(round(offset * sr))
-            frames = -1 if duration is None else int(round(duration * sr))
-            if start > 0:
-                f.seek(min(start, f.frames))
-            data = f.read(frames=frames, dtype="float32", always_2d=True)  # (N, channels)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-        raise AudioError(path, f"unreadable ({e})") from e
-    if data.shape[0] == 0:
-        where = f" at offset {offset} s" if offset else ""
-        raise AudioError(path, f"empty (0 samples{where})")
-    if not np.isfinite(data).all():
-        raise AudioError(path, "contains NaN or Inf samples")
+    with data_support.audio_errors(path), sf.SoundFile(path) as f:  # missing/unreadable: AudioError
+        sr = f.samplerate
+        start = int(round(offset * sr))
+        frames = -1 if duration is None else int(round(duration * sr))
+        if start > 0:
+            f.seek(min(start, f.frames))
+        data = f.read(frames=frames, dtype="float32", always_2d=True)  # (N, channels)
+    data_support.check_samples(path, data, offset, channel)  # empty, NaN/Inf, no such channel
     if channel is not None:
-        if channel >= data.shape[1]:
-            raise AudioError(path, f"has {data.shape[1]} channel(s), channel {channel} requested")
         wave = torch.from_numpy(np.ascontiguousarray(data[:, channel]))
     else:
         wave = torch.from_numpy(data.mean(axis=1, dtype=np.float32))
@@ -114,11 +98,7 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
     The same windowed-sinc filter as torchaudio.functional.resample with its defaults (within float
     rounding), written out so the project does not need torchaudio. Rates must be positive integers.
     """
-    if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
-        raise ValueError("resample: sample rates must be positive integers, "
-                         f"got {orig_freq} -> {new_freq}")
-    if not wave.is_floating_point():
-        raise TypeError(f"resample: expected a float waveform, got {wave.dtype}")
+    data_support.check_resample(wave, orig_freq, new_freq)
     if orig_freq == new_freq:
         return wave
     g = math.gcd(int(orig_freq), int(new_freq))
@@ -183,7 +163,7 @@ def fbank(waves, lengths=None, device=None,
     frames are strided views of them, then DC removal, pre-emphasis and window, one rfft, one matmul
     with the mel matrix, log. Per utterance this is Kaldi's ComputeFbank with the options above.
     """
-    batch, lens = _as_padded_batch(waves, lengths, device, dtype)
+    batch, lens = data_support.padded_batch(waves, lengths, device, dtype)  # (B, N), (B,)
     frame_lens = (lens + FRAME_SHIFT // 2) // FRAME_SHIFT  # num_frames(), vectorised
     bsz, max_t = batch.shape[0], int(frame_lens.max()) if len(frame_lens) else 0
     if max_t == 0:
@@ -282,39 +262,12 @@ def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(index >= n, 2 * n - 1 - index, index)
 
 
-def _as_padded_batch(waves, lengths, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of 1-D waveforms, one 1-D waveform or a padded (B, N) tensor -> ((B, N), (B,))."""
-    if isinstance(waves, torch.Tensor):
-        batch = waves[None] if waves.dim() == 1 else waves
-        if batch.dim() != 2:
-            raise ValueError("expected a (B, N) batch of waveforms, "
-                             f"got shape {tuple(batch.shape)}")
-        batch = batch.to(device=device or batch.device, dtype=dtype)
-        full = [batch.shape[1]] * batch.shape[0]
-    else:
-        waves = [torch.as_tensor(w, dtype=dtype) for w in waves]
-        for i, w in enumerate(waves):
-            if w.dim() != 1:
-                raise ValueError(f"waveform {i} must be 1-D (mono), got shape {tuple(w.shape)}")
-        full = [len(w) for w in waves]
-        device = device or (waves[0].device if waves else "cpu")
-        batch = torch.zeros(len(waves), max(full, default=0), device=device, dtype=dtype)
-        for i, w in enumerate(waves):
-            batch[i, : len(w)] = w.to(device)
-    lengths = torch.as_tensor(full if lengths is None else lengths, dtype=torch.long,
-                              device=batch.device)
-    if len(lengths) != batch.shape[0] or (len(lengths) and int(lengths.max()) > batch.shape[1]):
-        raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape "
-                         f"{tuple(batch.shape)}")
-    return batch, lengths
-
-
 # --------------------------------------------------------------------------------------------------
 # 3. Batching: duration-bucketed sampler, dataset, collate
 # --------------------------------------------------------------------------------------------------
 
 
-class DurationBucketSampler:
+class DurationBucketSampler(data_support.ResumableSampler):
     """Batches of utterances of similar length, for `DataLoader(batch_sampler=...)`.
 
     Yields lists of GLOBAL indices into the concatenation of the manifests whose `durations` are
@@ -330,19 +283,12 @@ class DurationBucketSampler:
          utterance, so the duration cap counts PADDED seconds: longest * count <= max_duration;
          and count <= max_batch. An utterance longer than max_duration alone still forms a batch
          of one (with a warning): it is never dropped silently.
-      4. Shuffle the batch order, then deal the batches round-robin to the ranks.
+      4. Shuffle the batch order, then deal the batches round-robin to the ranks. Every DDP rank
+         must run the same number of steps: the largest batches are split until the count divides
+         by world_size, or with drop_last=True the last few are dropped (`self.num_dropped`).
 
-    DDP: every rank must run the same number of steps, or the all-reduce of the last step waits
-    forever. If the number of batches is not a multiple of world_size:
-      drop_last=False (default): the largest batches are split in two until it is, so every
-        utterance is still used exactly once;
-      drop_last=True: the last (number % world_size) batches of the shuffled order are dropped;
-        `self.num_dropped` reports how many utterances that removed this epoch.
-
-    Resuming: `state_dict()` is {"epoch", "batches_done"}; after `load_state_dict`, the next pass
-    skips exactly `batches_done` batches of that epoch and yields the rest unchanged. With
-    DataLoader workers the sampler runs ahead of training (prefetch), so save the number of batches
-    the training loop actually consumed, not this object's own counter.
+    set_epoch, iteration and the exact mid-epoch resume (state_dict / load_state_dict) come from
+    data_support.ResumableSampler.
     """
 
     def __init__(self, durations, weights=None, max_duration: float = 200.0, max_batch: int = 64,
@@ -353,20 +299,14 @@ class DurationBucketSampler:
         self.durations = [np.asarray(d, dtype=np.float64) for d in durations]
         self.weights = ([1.0] * len(self.durations) if weights is None
                         else [float(w) for w in weights])
-        if len(self.weights) != len(self.durations):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.durations)} manifests")
-        if any(w < 0 for w in self.weights):
-            raise ValueError(f"weights must be >= 0, got {self.weights}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        data_support.check_sampler(self.weights, len(self.durations), rank, world_size)
+        super().__init__()  # epoch 0, nothing done yet
         self.max_duration, self.max_batch = float(max_duration), int(max_batch)
         self.num_buckets, self.seed = int(num_buckets), seed
         self.rank, self.world_size = rank, world_size
         self.drop_last, self.shuffle = drop_last, shuffle
         self.offsets = np.cumsum([0] + [len(d) for d in self.durations])[:-1]
         self.all_durations = np.concatenate(self.durations) if self.durations else np.zeros(0)
-        self.epoch, self.batches_done = 0, 0
-        self._num_dropped = 0
         self._plan_cache: tuple[int, list[list[int]]] | None = None
 
     # -- the plan of one epoch ---------------------------------------------------------------------
@@ -388,7 +328,8 @@ class DurationBucketSampler:
             batches += self._pack(bucket)
         if self.shuffle:
             batches = [batches[j] for j in self._rng(3).permutation(len(batches))]
-        batches = self._equalise_for_ranks(batches)
+        batches, self._num_dropped = data_support.equalise_for_ranks(
+            batches, self.world_size, self.drop_last)
         mine = batches[self.rank::self.world_size]
         self._plan_cache = (self.epoch, mine)
         return mine
@@ -430,56 +371,6 @@ class DurationBucketSampler:
         if current:
             batches.append(current)
         return batches
-
-    def _equalise_for_ranks(self, batches: list[list[int]]) -> list[list[int]]:
-        """Step 4's DDP rule: the number of batches becomes a multiple of world_size."""
-        self._num_dropped = 0
-        remainder = len(batches) % self.world_size
-        if remainder == 0:
-            return batches
-        if self.drop_last:
-            dropped = batches[len(batches) - remainder:]
-            self._num_dropped = sum(len(b) for b in dropped)
-            return batches[: len(batches) - remainder]
-        for _ in range(self.world_size - remainder):
-            k = max(range(len(batches)), key=lambda j: len(batches[j]))
-            if len(batches[k]) < 2:  # fewer utterances than ranks: nothing left to split
-                raise ValueError(f"{sum(len(b) for b in batches)} utterances cannot fill "
-                                 f"{self.world_size} ranks; use drop_last=True or fewer ranks")
-            half = len(batches[k]) // 2
-            batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
-        return batches
-
-    # -- the sampler protocol ----------------------------------------------------------------------
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch`. Calling it again with the current epoch (e.g. right after
-        load_state_dict) keeps the resume position."""
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def __iter__(self):
-        batches = self.epoch_batches()
-        for i in range(self.batches_done, len(batches)):
-            self.batches_done = i + 1
-            yield list(batches[i])
-        self.batches_done = 0  # the epoch is complete; a new pass starts from its beginning
-
-    def __len__(self) -> int:
-        """Batches of the current epoch for this rank, including any a resume will skip."""
-        return len(self.epoch_batches())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
-
-    @property
-    def num_dropped(self) -> int:
-        """Utterances (all ranks together) that drop_last=True removed from the current epoch."""
-        self.epoch_batches()
-        return self._num_dropped
 
     @property
     def padding_efficiency(self) -> float:
