@@ -54,24 +54,31 @@ import cpu_runtime  # noqa: E402
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning (cpu_runtime.py: why)
 WAIT_POLICY = cpu_runtime.set_wait_policy()
 
-# Two sizes. The default took 17.8 minutes on a 2-core CPU with bf16 arithmetic (AVX512-BF16; without it
-# fp32 runs, ~2x slower in the encoder, projector and evaluation phases) and beats the silent-audio floor on
-# the held-out SIFT loss in both stages (README); --quick is for the test suite. The budget (utterances with
-# LLM targets, training steps, answer lengths) is what makes CPU time; the corpus itself is cheap, so the
-# encoders see all of its training split.
+# Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no bf16
+# arithmetic: the slowest CPUs measured); `long` trains 2-4x more steps on more utterances for a
+# stronger stage 1 (about 45 minutes in fp32); `quick` is for the test suite. The budget (utterances
+# with LLM targets, training steps, answer lengths) is what makes CPU time: the frozen LLM's forward
+# and backward pass dominates every training step. The corpus itself is cheap, so the encoders see
+# all of its training split. README, "The CPU demo", has the measured tables of both sizes.
 SIZES = {
-    "default": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32, encoder_steps=260,
-                    paraling_steps=60, encoder_batch=12, stage1_steps=180, stage2_steps=120, batch=8, lr=2e-3,
-                    eval_tokens=24, real_rows=48),
-    "quick": dict(train_rows=14, test_rows=6, repeat_rows=4, max_new_tokens=12, encoder_steps=6, paraling_steps=4,
-                  encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8,
-                  real_rows=4),
+    "default": dict(train_rows=256, test_rows=32, repeat_rows=12, max_new_tokens=32,
+                    encoder_steps=260, paraling_steps=40, encoder_batch=12, stage1_steps=80,
+                    stage2_steps=30, batch=8, lr=2e-3, eval_tokens=24, real_rows=24),
+    "long": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32,
+                 encoder_steps=260, paraling_steps=60, encoder_batch=12, stage1_steps=180,
+                 stage2_steps=120, batch=8, lr=2e-3, eval_tokens=24, real_rows=48),
+    "quick": dict(train_rows=14, test_rows=6, repeat_rows=4, max_new_tokens=12, encoder_steps=6,
+                  paraling_steps=4, encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4,
+                  lr=2e-3, eval_tokens=8, real_rows=4),
 }
-# Seconds per unit measured on a 2-core CPU in bf16 (2026-11-22), for the estimate printed at the start;
-# fp32 multiplies the encoder, projector and evaluation phases by FP32_SLOWDOWN (measured 2-2.5x).
-RATES = dict(whisper=45, llm_load=3, utterance=0.01, target_row=0.15, encoder_step=0.75,
-             train_step=1.2, eval_row=0.07, answer=0.6)
-FP32_SLOWDOWN = 2.3
+# Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2 (2026-11-29), for the estimate printed
+# at the start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector
+# step of stage 1 and of stage 2 (batch 8), an evaluation row per system, a 24-token answer. Where
+# bf16 arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run
+# BF16_SPEEDUP times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
+RATES = dict(whisper=20, llm_load=3, utterance=0.01, target_row=0.16, encoder_step=1.7,
+             train_step=4.2, stage2_step=5.7, eval_row=0.27, answer=0.6)
+BF16_SPEEDUP = 2.3
 
 # The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py `choice`): which
 # of the two answers does the LLM find more probable after the audio? Chosen on TRAINING utterances with
@@ -115,28 +122,30 @@ class Phases:
 
 
 def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -> dict:
+    """Seconds per phase, from RATES and the sizes: printed at the start, per phase as it begins."""
     r, corpus_utts = RATES, 48 if quick else 990
     encoder_steps = size["paraling_steps"]
-    if speech == "zipformer":
+    if speech == "zipformer":  # both kinds of encoder step cost about the same
         encoder_steps += size["encoder_steps"]
-    slow = FP32_SLOWDOWN if precision == "fp32" else 1.0
+    fast = BF16_SPEEDUP if precision == "bf16" else 1.0
     n_targets = 2 * (size["train_rows"] + size["test_rows"]) + size["real_rows"]
     # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems, and the real clips'
     # sift_s rows; repeat answers x 3 systems, on the test split and on the real clips
     n_eval = {s: 3 * size["test_rows"] * (s + 2) + 3 * size["real_rows"] for s in (1, 2)}
     n_answers = 2 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
+    batch = size["batch"] / 8
     phases = {"llm": 25, "corpus": corpus_utts * r["utterance"],
               "targets": r["llm_load"] + n_targets * r["target_row"] * size["max_new_tokens"] / 32}
     if speech == "whisper":
         phases["whisper"] = r["whisper"] * (0.5 if quick else 1)
     return {**phases,
-            # both kinds of encoder step cost about the same
-            "encoders": slow * encoder_steps * r["encoder_step"] * size["encoder_batch"] / 12,
-            "stage1": r["llm_load"] + slow * size["stage1_steps"] * r["train_step"] * size["batch"] / 8,
-            # stage 2 steps cost ~1.6x: two encoders' frames and the longer sift_sp prompts
-            "stage2": r["llm_load"] + slow * size["stage2_steps"] * 1.6 * r["train_step"] * size["batch"] / 8,
-            "eval_stage1": r["llm_load"] + slow * (n_eval[1] * r["eval_row"] + n_answers * r["answer"]),
-            "eval_stage2": r["llm_load"] + slow * (n_eval[2] * r["eval_row"] + n_answers * r["answer"]),
+            "encoders": encoder_steps * r["encoder_step"] * size["encoder_batch"] / 12 / fast,
+            "stage1": r["llm_load"] + size["stage1_steps"] * r["train_step"] * batch / fast,
+            "stage2": r["llm_load"] + size["stage2_steps"] * r["stage2_step"] * batch / fast,
+            "eval_stage1": r["llm_load"] + (n_eval[1] * r["eval_row"]
+                                            + n_answers * r["answer"]) / fast,
+            "eval_stage2": r["llm_load"] + (n_eval[2] * r["eval_row"]
+                                            + n_answers * r["answer"]) / fast,
             "report": r["llm_load"] + 10}
 
 
@@ -469,7 +478,11 @@ def check_same_run(out: Path, settings: dict) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="exp/demo", help="working folder (everything goes here)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite (a few minutes)")
+    size_flag = p.add_mutually_exclusive_group()
+    size_flag.add_argument("--quick", action="store_true",
+                           help="tiny sizes, for the test suite (a few minutes)")
+    size_flag.add_argument("--long", action="store_true",
+                           help="2-4x more training on more utterances (~45 min in fp32)")
     p.add_argument("--encoder-steps", type=int, help="override the encoder pretraining steps of the chosen size")
     p.add_argument("--stage-steps", type=int, help="override the projector training steps of each stage")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -487,7 +500,7 @@ def main(argv=None):
                    help="torch threads (default: 2 if they cost little more CPU time than 1 and "
                         "got 2 cores, measured at start-up; see recipe/cpu_runtime.py)")
     args = p.parse_args(argv)
-    size = dict(SIZES["quick" if args.quick else "default"])
+    size = dict(SIZES["quick" if args.quick else "long" if args.long else "default"])
     if args.encoder_steps:
         size["encoder_steps"] = args.encoder_steps
     if args.stage_steps:
@@ -496,7 +509,7 @@ def main(argv=None):
     llm = args.llm or smollm2_path()
     if not os.path.exists(llm):
         sys.exit(f"--llm {llm}: no such file or folder")
-    settings = {"speech_encoder": args.speech_encoder, "quick": args.quick}
+    settings = {"speech_encoder": args.speech_encoder, "quick": args.quick, "long": args.long}
     check_same_run(out, settings if args.llm is None else {**settings, "llm": os.path.abspath(llm)})
     runtime = cpu_runtime.choose(args.threads, None if args.precision == "auto" else args.precision)
     print(runtime.line())
