@@ -1,4 +1,4 @@
-"""Support module: safe file writing, shared by every script (not part of the method's reading path).
+"""Support module: safe file writing, shared by every script (off the method's reading path).
 
 Two rules keep long jobs from losing or corrupting data:
   - a whole file is written to a temporary file in the same folder and renamed into place
@@ -35,7 +35,8 @@ def new_file_mode() -> int:
 @contextlib.contextmanager
 def atomic_path(path, what: str | None = None):
     """Yield a temporary path next to `path`; when the block ends without error it is fsynced and
-    renamed onto `path`, else removed. `what` turns an OSError (a full disk) into one WriteError line."""
+    renamed onto `path`, else removed. `what` turns an OSError (a full disk) into one WriteError
+    line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -78,7 +79,8 @@ def append_jsonl(path, rows) -> None:
 def read_jsonl(path, repair: bool = False) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a missing file is empty.
 
-    Any line that is not a JSON object is an error naming file and line: nothing is skipped silently.
+    Any line that is not a JSON object is an error naming file and line: nothing is skipped
+    silently.
     `repair` is for files we append to: a last line without its newline is what a kill during
     `append_jsonl` leaves, so it is cut off the file (the caller redoes it). Without `repair` (input
     files written by people) a last line without a newline is an ordinary line."""

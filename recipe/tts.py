@@ -2,9 +2,9 @@
 
 The demo needs speech whose transcript *and* paralinguistic attributes are known exactly, without
 downloading anything. eSpeak NG is a formant synthesiser: robotic, but its voice variants give us
-male/female voices, and its rate and pitch parameters give us speaking-speed and pitch labels that are
-true by construction. The `espeakng-loader` wheel bundles the shared library and its voice data, so
-`pip install` alone is enough (no system package).
+male/female voices, and its rate and pitch parameters give us speaking-speed and pitch labels that
+are true by construction. The `espeakng-loader` wheel bundles the shared library and its voice
+data, so `pip install` alone is enough (no system package).
 
     wave = Speaker().say("hello there", voice="en+f3", rate=170, pitch=50)   # float32, 16 kHz
 
@@ -22,7 +22,8 @@ from data import resample
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _RATE, _PITCH = 1, 3  # espeak_PARAMETER values
 _CHARS_UTF8 = 1
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                             ctypes.c_void_p)
 
 MALE_VOICES = ["en+m1", "en+m2", "en+m3", "en+m4", "en+m7"]
 FEMALE_VOICES = ["en+f1", "en+f2", "en+f3", "en+f4", "en+f5"]
@@ -39,12 +40,13 @@ class Speaker:
         self.sample_rate = sample_rate
         if Speaker._lib is None:
             lib = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
-            native = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+            data = espeakng_loader.get_data_path().encode()
+            native = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, 0)
             if native <= 0:
                 raise RuntimeError("espeak-ng failed to initialise (bundled voice data not found?)")
             Speaker._lib, Speaker._native_rate = lib, native
         self._chunks: list[np.ndarray] = []
-        # Keep a reference to the callback object: if Python garbage-collects it, the C side crashes.
+        # Keep a reference to the callback object: if Python garbage-collects it, C crashes.
         self._callback = _CALLBACK(self._collect)
         Speaker._lib.espeak_SetSynthCallback(self._callback)
 
@@ -54,7 +56,8 @@ class Speaker:
         return 0  # 0 = continue synthesis
 
     def say(self, text: str, voice: str = "en", rate: int = 170, pitch: int = 50) -> torch.Tensor:
-        """Synthesise `text`; rate in words per minute (80-450), pitch 0-100. Returns float32 at sample_rate."""
+        """Synthesise `text`; rate in words per minute (80-450), pitch 0-100. Returns float32 at
+        sample_rate."""
         lib = Speaker._lib
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice!r}")

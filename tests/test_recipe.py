@@ -1,4 +1,4 @@
-"""The demo corpus: eSpeak NG speech with labels that are true by construction, and honest splits."""
+"""The demo corpus: eSpeak NG speech with labels true by construction, and honest splits."""
 import sys
 
 import pytest
@@ -28,7 +28,8 @@ def test_rate_and_pitch_change_the_audio():
 def test_quick_corpus_splits_and_labels(tmp_path):
     make_corpus.main(["--out", str(tmp_path), "--quick"])
     splits = {n: read_manifest(tmp_path / f"{n}.jsonl") for n in ("train", "valid", "test")}
-    assert [len(splits[n]) for n in ("train", "valid", "test")] == [14, 4, 30]  # 4 voices x 12 sentences
+    # 4 voices x 12 sentences
+    assert [len(splits[n]) for n in ("train", "valid", "test")] == [14, 4, 30]
     seen = splits["train"] + splits["valid"]
     # Held out: no test-only voice or sentence ever appears in train/valid.
     assert not {r.extra["speaker"] for r in seen} & set(make_corpus.HELD_OUT_VOICES)

@@ -1,8 +1,8 @@
 """Tiny, random, offline models for tests: an LLM folder, Zipformer folders, a whole release, a wav.
 
-Everything is built from files in tests/fixtures (the 601-token ChatML tokenizer of azeros_tiny_release,
-the tiny Zipformer config of zipformer_small), so no test touches the network. Each builder takes well
-under a second.
+Everything is built from files in tests/fixtures (the 601-token ChatML tokenizer of
+azeros_tiny_release, the tiny Zipformer config of zipformer_small), so no test touches the network.
+Each builder takes well under a second.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ ENCODER_CONFIG = FIXTURES / "zipformer_small" / "config.json"
 
 
 def copy_tokenizer(path) -> Path:
-    """The fixture's byte-level BPE tokenizer with the Qwen2.5 chat template; it already has <|AUDIO|> (600)."""
+    """The fixture's byte-level BPE tokenizer with the Qwen2.5 chat template; it already has
+    <|AUDIO|> (600)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -35,17 +36,19 @@ def tiny_qwen2(hidden: int = 32, layers: int = 2, vocab: int = 608):
     """A random Qwen2ForCausalLM whose special-token ids match the fixture's ChatML tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=597, eos_token_id=599, pad_token_id=597, tie_word_embeddings=False)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=597, eos_token_id=599,
+                         pad_token_id=597, tie_word_embeddings=False)
     return Qwen2ForCausalLM(config)
 
 
-def make_tiny_llm_dir(path, hidden: int = 32, layers: int = 2, vocab: int = 608, seed: int = 0) -> Path:
+def make_tiny_llm_dir(path, hidden: int = 32, layers: int = 2, vocab: int = 608,
+                      seed: int = 0) -> Path:
     """A local HF folder: random Qwen2ForCausalLM (fp32) + the ChatML tokenizer.
 
-    Weights are drawn with large scales (like the official fixture) so greedy decoding has clear margins
-    and batched/single comparisons are not decided by float noise.
+    Weights are drawn with large scales (like the official fixture) so greedy decoding has clear
+    margins and batched/single comparisons are not decided by float noise.
     """
     torch.manual_seed(seed)
     model = tiny_qwen2(hidden, layers, vocab)
@@ -57,14 +60,16 @@ def make_tiny_llm_dir(path, hidden: int = 32, layers: int = 2, vocab: int = 608,
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_((2.0 if "lm_head" in name else 0.25) * torch.randn_like(p))
-        model.lm_head.weight[dead_ids(vocab)] *= 0.25  # keep the random model from printing lone bytes
+        # keep the random model from printing lone bytes
+        model.lm_head.weight[dead_ids(vocab)] *= 0.25
     path = Path(path)
     model.save_pretrained(str(path))
     return copy_tokenizer(path)
 
 
 def dead_ids(vocab: int) -> list[int]:
-    """Ids a readable random model should rarely emit: specials, unused rows, unprintable single bytes."""
+    """Ids a readable random model should rarely emit: specials, unused rows, unprintable single
+    bytes."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
@@ -77,7 +82,7 @@ def dead_ids(vocab: int) -> list[int]:
 
 
 def make_tiny_encoder_dir(path, seed: int = 0) -> Path:
-    """A random Zipformer folder (config.json + model.safetensors) with the zipformer_small config."""
+    """A random Zipformer folder (config.json + model.safetensors), zipformer_small config."""
     from zipformer import ZipformerConfig, ZipformerEncoder
 
     torch.manual_seed(seed)
@@ -108,7 +113,8 @@ def make_tiny_whisper_dir(path, kind: str = "WhisperForConditionalGeneration", s
 
 
 def make_tiny_release(path, paraling: bool = True, seed: int = 0) -> Path:
-    """A complete release folder (the official release layout) usable by AZeroS.from_pretrained and infer.py."""
+    """A complete release folder (the official release layout) usable by AZeroS.from_pretrained
+    and infer.py."""
     from model import AZeroS
 
     path = Path(path)
@@ -119,10 +125,13 @@ def make_tiny_release(path, paraling: bool = True, seed: int = 0) -> Path:
     torch.manual_seed(seed + 3)
     model = AZeroS.from_components(str(path / "llm"), str(path / "speech_encoder"),
                                    str(path / "paraling_encoder") if paraling else None)
-    with torch.no_grad():  # projectors: official nn.Linear init plus a kick, so their outputs matter
-        for p in model.trainable_parameters() or [p for n, p in model.named_parameters() if "projector" in n]:
+    # projectors: official nn.Linear init plus a kick, so their outputs matter
+    projectors = [p for n, p in model.named_parameters() if "projector" in n]
+    with torch.no_grad():
+        for p in model.trainable_parameters() or projectors:
             p.add_(0.5 * torch.randn_like(p))
-    model.save_pretrained(path)  # llm/ and encoders exist already: only config, weights, tokenizer written
+    # llm/ and encoders exist already: only config, weights, tokenizer are written
+    model.save_pretrained(path)
     return path
 
 
