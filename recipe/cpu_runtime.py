@@ -1,23 +1,24 @@
 """How the CPU demo runs on a small shared machine: OpenMP wait policy, thread count and precision,
 chosen by measurement at start-up and printed. Support code for demo.py, not part of the method.
 
-Three facts measured on shared 2-core machines (BENCHMARKS.md, "Threads and wait policy"):
+Three facts about shared 2-core machines (the measurements are in BENCHMARKS.md, "Threads and
+OpenMP wait policy under load"):
 
   * GNU OpenMP's default wait policy lets an idle thread spin. When another process wants a core,
     the spinning thread takes CPU from it, and a descheduled thread stalls every parallel operator:
-    training steps went from ~1.2 s to 10-30 s. OMP_WAIT_POLICY=PASSIVE (sleep at once) removes
+    a training step becomes many times slower. OMP_WAIT_POLICY=PASSIVE (sleep at once) removes
     this. It is read when torch loads OpenMP, so it must be set before `import torch`:
     `set_wait_policy()` first thing.
-  * Even with PASSIVE, 2 threads lose to 1 when the cores are busy with other work (encoder step
-    1.7x slower), because every parallel operator waits for its slower thread. They win when two
-    cores are free. So the probe asks two questions, both in CPU seconds (what the work costs,
-    whatever else runs) rather than wall seconds: does a second thread add little CPU time for the
-    same matrix products (spin and synchronisation overhead), and do our 2 threads actually get 2
-    cores (CPU seconds per wall second, the median of repeats)? Only two yeses give 2 threads: 1
-    thread is never far from the best, 2 threads on a busy machine can be much worse.
-  * Whether bf16 matrix products beat fp32 depends on the CPU, not on its flags (an Intel Xeon with
-    the AVX512-BF16 flag multiplies bf16 1.8x slower than fp32; AMD EPYCs 2.1-2.4x faster). The
-    probe times both on one thread in CPU seconds, so a busy machine cannot flip the choice.
+  * Even with PASSIVE, 2 threads lose to 1 when the cores are busy with other work, because every
+    parallel operator waits for its slower thread. They win when two cores are free. So the probe
+    asks two questions, both in CPU seconds (what the work costs, whatever else runs) rather than
+    wall seconds: does a second thread add little CPU time for the same matrix products (spin and
+    synchronisation overhead), and do our 2 threads actually get 2 cores (CPU seconds per wall
+    second, the median of repeats)? Only two yeses give 2 threads: 1 thread is never far from the
+    best, 2 threads on a busy machine can be much worse.
+  * Whether bf16 matrix products beat fp32 depends on the CPU, not on its flags (some CPUs with
+    the AVX512-BF16 flag multiply bf16 slower than fp32, others much faster). The probe times both
+    on one thread in CPU seconds, so a busy machine cannot flip the choice.
 
 Every probe takes the minimum over repeats: interference only ever adds time.
 """

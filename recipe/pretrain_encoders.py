@@ -1,22 +1,24 @@
-"""The demo's stand-in for the pretrained encoders: two small Zipformers trained briefly, then frozen.
+"""The demo's stand-in for the pretrained encoders: two small Zipformers trained briefly, frozen.
 
-AZeroS never trains its speech encoders. It takes them ready-made: the semantic one is the TTA Zipformer
-(AudenAI/auden-encoder-tta-m10, trained on large real ASR/translation corpora), the paralinguistic one is
-Auden-Voice (trained on real speaker, emotion, age and gender data). Both are frozen, and the projectors
-learn to translate their frames for the LLM. Offline there are no pretrained weights, and a *random*
-Zipformer would give the projectors nothing to translate. So the demo makes the smallest honest substitute:
+AZeroS never trains its speech encoders. It takes them ready-made: the semantic one is the TTA
+Zipformer (AudenAI/auden-encoder-tta-m10, trained on large real ASR/translation corpora), the
+paralinguistic one is Auden-Voice (trained on real speaker, emotion, age and gender data). Both are
+frozen, and the projectors learn to translate their frames for the LLM. Offline there are no
+pretrained weights, and a *random* Zipformer would give the projectors nothing to translate. So the
+demo makes the smallest honest substitute:
 
-    semantic encoder        small Zipformer + CTC character head          (ASR, what was said)
-    paralinguistic encoder  small Zipformer + mean-pool + 3 linear heads  (gender, speed, pitch: how)
+    semantic encoder        small Zipformer + CTC character head          (ASR: what was said)
+    paralinguistic encoder  small Zipformer + mean-pool + 3 linear heads  (gender/speed/pitch: how)
 
-Both are trained for a few minutes on the demo's TRAIN split only (held-out voices and sentences are never
-seen), then saved with `ZipformerEncoder.save_pretrained` and used frozen, exactly like the released
-encoders. The heads are thrown away: only the encoder body is kept, as in the paper.
+Both are trained for a few minutes on the demo's TRAIN split only (held-out voices and sentences are
+never seen), then saved with `ZipformerEncoder.save_pretrained` and used frozen, exactly like the
+released encoders. The heads are thrown away: only the encoder body is kept, as in the paper.
 
-How this differs from the paper: the encoders are tiny (about 1M parameters instead of ~150M), trained on
-minutes of robotic eSpeak speech instead of thousands of hours of real speech, for a few hundred steps,
-by this project (not by a separate pretraining run on other data). Their features are therefore weak and
-specialised to the synthetic voices; the demo shows the *method*, not the paper's numbers.
+How this differs from the paper: the encoders are tiny (about 1M parameters instead of ~150M),
+trained on minutes of robotic eSpeak speech instead of thousands of hours of real speech, for a few
+hundred steps, by this project (not by a separate pretraining run on other data). Their features are
+therefore weak and specialised to the synthetic voices; the demo shows the *method*, not the paper's
+numbers.
 
     python recipe/pretrain_encoders.py --train data/tts/train.jsonl --valid data/tts/valid.jsonl \
         --out exp/encoders [--steps 300]          # writes exp/encoders/{speech,paraling}/
@@ -37,15 +39,18 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
 
 from data import fbank, load_audio, read_manifest  # noqa: E402
+from files import write_atomic  # noqa: E402
 from zipformer import ZipformerConfig, ZipformerEncoder  # noqa: E402
 
-# Characters the CTC head spells; index 0 is the CTC blank. Other characters (punctuation) are dropped.
+# Characters the CTC head spells; index 0 is the CTC blank. Others (punctuation) are dropped.
 CHARS = " abcdefghijklmnopqrstuvwxyz'"
-ATTRIBUTES = {"gender": ["male", "female"], "speed": ["slow", "normal", "fast"], "pitch": ["low", "normal", "high"]}
+ATTRIBUTES = {"gender": ["male", "female"], "speed": ["slow", "normal", "fast"],
+              "pitch": ["low", "normal", "high"]}
 
 
 def small_config() -> ZipformerConfig:
-    """A ~1M-parameter Zipformer2 with the released encoders' structure (6 stacks, same frame rates)."""
+    """A ~1M-parameter Zipformer2 with the released encoders' structure (6 stacks, same frame
+    rates)."""
     return ZipformerConfig(
         num_encoder_layers=[1, 1, 1, 1, 1, 1],
         encoder_dim=[64, 96, 128, 160, 128, 96],
@@ -57,8 +62,9 @@ def small_config() -> ZipformerConfig:
 
 
 class CTCHead(nn.Module):
-    """Frames -> character logits. The encoder runs at 25 Hz, but fast speech has more than 25 characters
-    a second and CTC needs at least one frame per character: each frame predicts two (50 Hz)."""
+    """Frames -> character logits. The encoder runs at 25 Hz, but fast speech has more than 25
+    characters a second and CTC needs at least one frame per character: each frame predicts two
+    (50 Hz)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -105,7 +111,8 @@ def batches(n: int, size: int, rng: random.Random):
 
 def pad_batch(feats, idx):
     lens = torch.tensor([feats[i].shape[0] for i in idx])
-    x = torch.nn.utils.rnn.pad_sequence([feats[i] for i in idx], batch_first=True, padding_value=math.log(1e-10))
+    x = torch.nn.utils.rnn.pad_sequence([feats[i] for i in idx], batch_first=True,
+                                        padding_value=math.log(1e-10))
     return x, lens
 
 
@@ -125,7 +132,7 @@ def attribute_loss(head, out, lens, records, idx):
 
 @torch.no_grad()
 def greedy_cer(encoder, head, feats, records) -> float:
-    """Character error rate of greedy CTC decoding: is the semantic encoder hearing words at all?"""
+    """Character error rate of greedy CTC decoding: does the semantic encoder hear words at all?"""
     errors = total = 0
     for f, r in zip(feats, records):
         out, lens = encoder(f[None], torch.tensor([f.shape[0]]))
@@ -159,8 +166,8 @@ def attribute_accuracy(encoder, head, feats, records) -> dict:
 def train_encoder(kind: str, feats, records, steps: int, batch_size: int, lr: float, seed: int,
                   bf16: bool = False):
     """Train a fresh small Zipformer with its head; returns (encoder, head, final mean loss).
-    bf16: forward and backward under bf16 autocast (weights and AdamW stay fp32), ~2x faster on CPUs
-    with AVX512-BF16/AMX."""
+    bf16: forward and backward under bf16 autocast (weights and AdamW stay fp32), ~2x faster on
+    CPUs with AVX512-BF16/AMX."""
     torch.manual_seed(seed)
     encoder = ZipformerEncoder(small_config())
     head = CTCHead(encoder.output_dim) if kind == "speech" else AttributeHeads(encoder.output_dim)
@@ -179,7 +186,8 @@ def train_encoder(kind: str, feats, records, steps: int, batch_size: int, lr: fl
             loss = loss_fn(head, out.float(), out_lens, records, idx)  # CTC and softmax in fp32
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # no ScaledAdam/Balancer here: clipping keeps it stable
+        # no ScaledAdam/Balancer here: clipping keeps it stable
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         recent = (recent + [loss.item()])[-20:]
@@ -188,13 +196,18 @@ def train_encoder(kind: str, feats, records, steps: int, batch_size: int, lr: fl
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", required=True, help="training manifest (labels: text, meta gender/speed/pitch)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True,
+                   help="training manifest (labels: text, meta gender/speed/pitch)")
     p.add_argument("--valid", help="manifest to report CER / attribute accuracy on")
-    p.add_argument("--out", required=True, help="writes OUT/speech and OUT/paraling (encoder folders)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of the speech (semantic) encoder")
-    p.add_argument("--paraling-steps", type=int, help="optimizer steps of the paralinguistic encoder (default:"
-                   " --steps; gender/speed/pitch are learnt much faster than characters)")
+    p.add_argument("--out", required=True,
+                   help="writes OUT/speech and OUT/paraling (encoder folders)")
+    p.add_argument("--steps", type=int, default=300,
+                   help="optimizer steps of the speech (semantic) encoder")
+    p.add_argument("--paraling-steps", type=int,
+                   help="optimizer steps of the paralinguistic encoder (default: --steps;"
+                   " gender/speed/pitch are learnt much faster than characters)")
     p.add_argument("--kinds", nargs="+", choices=["speech", "paraling"],
                    default=["speech", "paraling"],
                    help="which encoders to train (the demo's speech encoder is Whisper tiny.en)")
@@ -219,17 +232,21 @@ def main(argv=None):
             continue
         t0 = time.time()
         steps = args.steps if kind == "speech" else (args.paraling_steps or args.steps)
-        encoder, head, loss = train_encoder(kind, feats, train, steps, args.batch_size, args.lr, args.seed, args.bf16)
+        encoder, head, loss = train_encoder(kind, feats, train, steps, args.batch_size, args.lr,
+                                            args.seed, args.bf16)
         entry = {"train_loss": round(loss, 4), "steps": steps, "bf16": args.bf16,
                  "seconds": round(time.time() - t0, 1),
                  "parameters": sum(p.numel() for p in encoder.parameters())}
         if valid:
-            entry["valid"] = ({"cer": round(greedy_cer(encoder, head, valid_feats, valid), 3)} if kind == "speech"
-                              else attribute_accuracy(encoder, head, valid_feats, valid))
+            if kind == "speech":
+                entry["valid"] = {"cer": round(greedy_cer(encoder, head, valid_feats, valid), 3)}
+            else:
+                entry["valid"] = attribute_accuracy(encoder, head, valid_feats, valid)
         print(f"{kind} encoder: {json.dumps(entry)}")
         report[kind] = entry
-        encoder.save_pretrained(out / folder)  # the frozen encoder; the head is only a training device
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        # the frozen encoder; the head is only a training device
+        encoder.save_pretrained(out / folder)
+        write_atomic(out / "report.json", [json.dumps(report, indent=2) + "\n"])
 
 
 if __name__ == "__main__":
