@@ -3,7 +3,8 @@
 model.py builds the model; what it needs from the file system lives here, off its reading path:
   1. where a folder comes from: a local path, or a hub id downloaded once;
   2. which weight file a folder holds (the official loader's order), read as safetensors or as a
-     .pt with weights_only=True (never unpickle arbitrary objects);
+     .pt with weights_only=True (never unpickle arbitrary objects); a Zipformer encoder's config
+     and weights in the official layout, from a bare or a composite checkpoint;
   3. checks that name the missing or mismatched piece (a file, a key, a width) in one line;
   4. the root config.json of the release layout, and the frozen parts written once or linked;
   5. loading details of the LLM: GGUF files, the attention fallback, quiet transformers logs.
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import checks
 from whisper_encoder import WhisperSpeechEncoder
@@ -63,6 +66,102 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     return state
+
+
+# --------------------------------------------------------------------------------------------------
+# 2b. The Zipformer encoder's files (zipformer.py keeps only the architecture)
+
+
+class JsonConfig:
+    """config.json <-> a dataclass: unknown keys (model_type, ...) are ignored when reading."""
+
+    model_type = ""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type, **asdict(self)}
+
+
+def check_zipformer_config(config) -> None:
+    """Options of the official config that this inference-only encoder does not implement."""
+    if config.causal:
+        raise NotImplementedError("causal (streaming) Zipformer2 is not implemented; released "
+                                  "encoders are not")
+    if config.output_downsampling_factor != 2:
+        raise ValueError("output_downsampling_factor must be 2, as in the official code")
+
+
+def check_fbank(x: torch.Tensor, x_lens: torch.Tensor, feature_dim: int,
+                min_frames: int) -> torch.Tensor:
+    """The encoder's input, checked with one clear line per mistake -> x_lens as long on x's
+    device."""
+    if x.dim() != 3 or x.shape[-1] != feature_dim:
+        raise ValueError(f"expected fbank of shape (B, T, {feature_dim}), got {tuple(x.shape)}")
+    x_lens = x_lens.to(device=x.device, dtype=torch.long)
+    if x_lens.shape != (x.shape[0],):
+        raise ValueError(f"x_lens must have shape ({x.shape[0]},), got {tuple(x_lens.shape)}")
+    if int(x_lens.min()) < min_frames:
+        raise ValueError(f"input too short: the Zipformer front end needs at least "
+                         f"{min_frames} fbank frames (90 ms at 100 Hz), got lengths "
+                         f"{x_lens.tolist()}")
+    if int(x_lens.max()) > x.shape[1]:
+        raise ValueError(f"x_lens.max() = {int(x_lens.max())} exceeds the {x.shape[1]} frames "
+                         "of x")
+    return x_lens
+
+
+def read_zipformer(path) -> tuple[dict, dict]:
+    """An encoder folder (config.json + pretrained|model .safetensors|.pt), or a weight file beside
+    its config.json -> (encoder config dict, state dict with the official names). Composite
+    checkpoints are accepted: a config holding `speech_encoder_config` / `audio_encoder_config` /
+    `encoder_config` and weights under a `module.` and/or `speech_encoder.` / `audio_encoder.` /
+    `encoder.` prefix."""
+    path = Path(path)
+    weight_path, path = (find_weights(path), path) if path.is_dir() else (path, path.parent)
+    config = json.loads((path / "config.json").read_text())
+    sub = next((k for k in ("speech_encoder", "audio_encoder", "encoder")
+                if f"{k}_config" in config), None)
+    prefixes = ([f"{sub}."] if sub else []) + ["speech_encoder.", "audio_encoder."]
+    state = zipformer_state(load_state_dict(weight_path), prefixes)
+    return (config[f"{sub}_config"] if sub else config), state
+
+
+def zipformer_state(state: dict, prefixes: list[str]) -> dict:
+    """Strip DDP's `module.` and a composite model's encoder prefix; add `model_batch_count` if
+    absent."""
+    probe = "encoder_embed.conv.0.weight"
+    if probe not in state and any(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+    if probe not in state:
+        # "encoder." last: a bare encoder's own keys also start with it (encoder.encoders...).
+        for pfx in [*prefixes, "encoder."]:
+            if pfx + probe in state:
+                state = {k[len(pfx) :]: v for k, v in state.items() if k.startswith(pfx)}
+                break
+        else:
+            raise KeyError(f"no Zipformer encoder weights found (looked for '{probe}' under "
+                           f"{prefixes + ['encoder.']})")
+    state = dict(state)
+    # old checkpoints lack it (the official loader adds it too)
+    state.setdefault("model_batch_count", torch.tensor(100000.0))
+    return state
+
+
+def save_zipformer(encoder, save_dir) -> None:
+    """config.json + model.safetensors with the official names (what the official loader reads)."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / "config.json").write_text(json.dumps(encoder.config.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(save_dir / "model.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Zipformer2: the frozen speech encoder of AZeroS, inference-exact and batch-invariant.
 
-AZeroS never trains its audio encoders (paper, model description): speech goes through a frozen
-Zipformer2 (the released TTA encoder `AudenAI/auden-encoder-tta-m10` for content, Auden-Voice for
-paralinguistics), and only the small projectors after it learn. This file is that encoder, written
-to be read top to bottom:
+AZeroS never trains its audio encoders (paper Sec. 4.1): a frozen Zipformer2 (the released TTA
+encoder `AudenAI/auden-encoder-tta-m10` for content, Auden-Voice for paralinguistics) feeds the
+small projectors that learn. The architecture is the Zipformer paper's (Yao et al., ICLR 2024,
+Sec. 3); names follow the official code (AudenAI/Auden, from k2/icefall), so released checkpoints
+load with strict=True.
 
     fbank (B, T, 80) at 100 Hz
       -> Conv2dSubsampling           conv stack + ConvNeXt         (B, (T-7)//2, 192)  ~50 Hz
@@ -11,39 +12,27 @@ to be read top to bottom:
            stack i: [downsample by 1,2,4,8,4,2] -> N x Zipformer2EncoderLayer -> upsample -> bypass
       -> full-dim output + SimpleDownsample(2)                     (B, (T1+1)//2, 768)  25 Hz
 
-Parameter and buffer names follow the official implementation (AudenAI/Auden, itself from
-k2/icefall) exactly, so the released checkpoints load with `load_state_dict(strict=True)` and
-`save_pretrained` writes files the official `ZipformerEncoderModel.from_pretrained` reads.
+Left out: the training-only machinery (Balancer, Whiten, ScheduledFloat, dropout, ScaledAdam,
+custom autograd, streaming). In eval mode it is the identity; the forward stays differentiable.
 
-What is deliberately *not* here: the training-only machinery of the original (Balancer, Whiten,
-ScheduledFloat schedules, layer/feature dropout, skip rates, ScaledAdam, custom low-memory autograd
-functions for SwooshL/R and activation-derivative compression, streaming/causal chunking). In eval
-mode all of it is the identity, so an encoder that is only ever run frozen loses nothing by leaving
-it out. The forward pass is plain PyTorch and stays differentiable with ordinary autograd.
+Batch invariance (unlike the official code, whose short utterances see their batch's padding
+through the ConvNeXt and SimpleDownsample): every place padding could leak is masked per sequence,
+so each row of a batch equals that utterance run alone, i.e. the official single-utterance output.
 
-Batch invariance (a deliberate difference from the official code). In the official batched run a
-short utterance's output depends on how much padding its batch has: the ConvNeXt in the front end
-reads up to 3 padded frames past each utterance's end, and `SimpleDownsample` completes an
-odd-length group by repeating the last frame *of the padded tensor* (a padding frame). Here every
-place where padding could leak is masked per sequence, so each row of a batched run equals the
-output that utterance gets when run alone, i.e. the official *single-utterance* output. For the
-longest utterance of a batch (no padding) official batched, official single and ours all agree.
-
-Support (not the method): model_support.py finds and reads the weight files.
+Support (not the method): model_support.py parses the config, checks inputs, reads/writes weights.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_support import find_weights, load_state_dict
+import model_support
+from model_support import JsonConfig
 
 MIN_INPUT_FRAMES = 9  # the conv front end needs (T - 7) // 2 >= 1 embedded frames
 
@@ -59,20 +48,13 @@ def make_pad_mask(lens: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lens.device)[None, :] >= lens[:, None]
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
 @dataclass
-class ZipformerConfig:
-    """The official encoder config.json (AudenAI/Auden `ZipformerConfig`) and its defaults.
+class ZipformerConfig(JsonConfig):
+    """The official encoder config.json and its defaults: per-stack lists (one entry per stack, or
+    one for all in the *_head_dim fields). dropout, warmup_batches, chunk_size and
+    left_context_frames are training / streaming options, kept so the file round-trips."""
 
-    Per-stack lists have one entry per stack; `query_head_dim`, `value_head_dim` and `pos_head_dim`
-    may hold a single value that applies to every stack. `dropout`, `warmup_batches`, `chunk_size`
-    and `left_context_frames` only matter for training / streaming and are kept so that the file
-    round-trips.
-    """
-
+    model_type = "zipformer"
     feature_dim: int = 80
     output_downsampling_factor: int = 2
     num_encoder_layers: list[int] = field(default_factory=lambda: [2, 2, 3, 4, 3, 2])
@@ -93,38 +75,21 @@ class ZipformerConfig:
     left_context_frames: list[int] = field(default_factory=lambda: [64, 128, 256, -1])
 
     @classmethod
-    def from_dict(cls, d: dict) -> ZipformerConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})  # ignores model_type etc.
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ZipformerConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    @classmethod
     def tta_m10(cls) -> ZipformerConfig:
         """The released TTA encoder (AudenAI/auden-encoder-tta-m10): ~152.7M parameters, 768-d."""
-        return cls(
-            num_encoder_layers=[2, 2, 4, 5, 4, 2],
-            encoder_dim=[192, 256, 512, 768, 512, 256],
-            feedforward_dim=[576, 768, 1536, 2304, 1536, 768],
-        )
-
-    def to_dict(self) -> dict:
-        return {"model_type": "zipformer", **asdict(self)}
-
-    @property
-    def num_stacks(self) -> int:
-        return len(self.downsampling_factor)
+        return cls(num_encoder_layers=[2, 2, 4, 5, 4, 2],
+                   encoder_dim=[192, 256, 512, 768, 512, 256],
+                   feedforward_dim=[576, 768, 1536, 2304, 1536, 768])
 
     def per_stack(self, name: str) -> list[int]:
         """A per-stack field for every stack (a single value is broadcast, as officially)."""
         v = getattr(self, name)
         v = [v] if isinstance(v, int) else list(v)
+        n = len(self.downsampling_factor)
         if len(v) == 1:
-            v = v * self.num_stacks
-        if len(v) != self.num_stacks:
-            raise ValueError(f"{name} has {len(v)} entries, expected 1 or {self.num_stacks}")
+            v = v * n
+        if len(v) != n:
+            raise ValueError(f"{name} has {len(v)} entries, expected 1 or {n}")
         return v
 
 
@@ -549,19 +514,13 @@ class ZipformerEncoder(nn.Module):
     """Frozen Zipformer2 encoder: (B, T, 80) fbank, 100 Hz -> (B, T', max(encoder_dim)), 25 Hz.
 
     State-dict compatible with the official `ZipformerEncoderModel` (keys `encoder_embed.*`,
-    `encoder.*`, `model_batch_count`). Batch-invariant: row i of a batched call equals the output of
-    utterance i run alone, which is the official *single-utterance* output (the official batched
-    output differs for utterances shorter than the batch; see the module docstring). Frames past
-    `encoder_out_lens` are zero.
+    `encoder.*`, `model_batch_count`). Row i of a batched call equals utterance i run alone;
+    frames past `encoder_out_lens` are zero.
     """
 
     def __init__(self, config: ZipformerConfig):
         super().__init__()
-        if config.causal:
-            raise NotImplementedError("causal (streaming) Zipformer2 is not implemented; released "
-                                      "encoders are not")
-        if config.output_downsampling_factor != 2:
-            raise ValueError("output_downsampling_factor must be 2, as in the official code")
+        model_support.check_zipformer_config(config)
         self.config = config
         self.output_dim = max(config.encoder_dim)
         self.encoder_embed = Conv2dSubsampling(config.feature_dim, config.encoder_dim[0])
@@ -574,77 +533,23 @@ class ZipformerEncoder(nn.Module):
 
         Returns encoder_out (B, T', D) and encoder_out_lens (B,) = output_lengths(x_lens).
         """
-        if x.dim() != 3 or x.shape[-1] != self.config.feature_dim:
-            raise ValueError(f"expected fbank of shape (B, T, {self.config.feature_dim}), got "
-                             f"{tuple(x.shape)}")
-        x_lens = x_lens.to(device=x.device, dtype=torch.long)
-        if x_lens.shape != (x.shape[0],):
-            raise ValueError(f"x_lens must have shape ({x.shape[0]},), got {tuple(x_lens.shape)}")
-        if int(x_lens.min()) < MIN_INPUT_FRAMES:
-            raise ValueError(f"input too short: the Zipformer front end needs at least "
-                             f"{MIN_INPUT_FRAMES} fbank frames (90 ms at 100 Hz), got lengths "
-                             f"{x_lens.tolist()}")
-        max_len = int(x_lens.max())
-        if max_len > x.shape[1]:
-            raise ValueError(f"x_lens.max() = {max_len} exceeds the {x.shape[1]} frames of x")
-        x = x[:, :max_len]  # extra padding would change the tensor's size, never the result
-
+        x_lens = model_support.check_fbank(x, x_lens, self.config.feature_dim, MIN_INPUT_FRAMES)
+        x = x[:, : int(x_lens.max())]  # extra padding changes the tensor size, never the result
         x, lens = self.encoder_embed(x, x_lens)
         x, lens = self.encoder(x, lens)
         x = x.masked_fill(make_pad_mask(lens, x.shape[1])[:, :, None], 0.0)
         return x, lens
 
-    # ---- loading and saving in the official layout ----
+    # ---- loading and saving in the official layout (model_support.py does the file work) ----
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> ZipformerEncoder:
-        """Load an encoder folder (config.json + pretrained|model .safetensors|.pt) or weight file.
-
-        Composite checkpoints are accepted: a config holding `speech_encoder_config` /
-        `audio_encoder_config` / `encoder_config` and weights under a `module.` and/or
-        `speech_encoder.` / `audio_encoder.` / `encoder.` prefix. `.pt` files load with
-        weights_only=True. Returned in eval mode.
-        """
-        path = Path(path)
-        weight_path, path = (find_weights(path), path) if path.is_dir() else (path, path.parent)
-        cfg_dict = json.loads((path / "config.json").read_text())
-        sub = next((k for k in ("speech_encoder", "audio_encoder", "encoder")
-                    if f"{k}_config" in cfg_dict), None)
-        config = ZipformerConfig.from_dict(cfg_dict[f"{sub}_config"] if sub else cfg_dict)
-        prefixes = ([f"{sub}."] if sub else []) + ["speech_encoder.", "audio_encoder."]
-        state = _extract_encoder_state(load_state_dict(weight_path), prefixes)
-
-        model = cls(config)
+    def from_pretrained(cls, path, device=None, dtype=None) -> ZipformerEncoder:
+        """An encoder folder or weight file, bare or composite; returned in eval mode."""
+        config, state = model_support.read_zipformer(path)
+        model = cls(ZipformerConfig.from_dict(config))
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, save_dir: str | Path) -> None:
-        """Write config.json + model.safetensors with the official names (the official loader's)."""
-        from safetensors.torch import save_file
-
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(save_dir / "model.safetensors"))
-
-
-def _extract_encoder_state(state: dict, prefixes: list[str]) -> dict:
-    """Strip DDP's `module.` and a composite model's encoder prefix; add `model_batch_count` if
-    absent."""
-    probe = "encoder_embed.conv.0.weight"
-    if probe not in state and any(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
-    if probe not in state:
-        # "encoder." last: a bare encoder's own keys also start with it (encoder.encoders...).
-        for pfx in [*prefixes, "encoder."]:
-            if pfx + probe in state:
-                state = {k[len(pfx) :]: v for k, v in state.items() if k.startswith(pfx)}
-                break
-        else:
-            raise KeyError(f"no Zipformer encoder weights found (looked for '{probe}' under "
-                           f"{prefixes + ['encoder.']})")
-    state = dict(state)
-    # old checkpoints lack it (the official loader adds it too)
-    state.setdefault("model_batch_count", torch.tensor(100000.0))
-    return state
+    def save_pretrained(self, save_dir) -> None:
+        """config.json + model.safetensors, as the official loader reads them."""
+        model_support.save_zipformer(self, save_dir)
