@@ -6,7 +6,8 @@ What lives here is needed to run the evaluation but says nothing about AZeroS it
   2. label vocabularies and questions for the `label` task;
   3. task-file readers (mcq, open, choice rows -> `Item`s), errors naming file and line;
   4. resumable answer files: one JSON line per (id, system), appended per batch through files.py;
-  5. per-group rows, result tables (Markdown and JSON), the judge file of the `open` task.
+  5. scores of generated answers: parsed option or label -> accuracy per group; AUC;
+  6. per-group rows, result tables (Markdown and JSON), the judge file of the `open` task.
 """
 from __future__ import annotations
 
@@ -425,7 +426,59 @@ def run_items(items: list[Item], path: Path, model_name: str, systems, batch_siz
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Tables and output files
+# 5. Scores of the generated answers
+
+
+def score_mcq_row(fields: dict, response: str) -> dict:
+    pred = parse_option(response, fields["choices"])
+    return {"pred": pred, "correct": pred == fields["answer"]}
+
+
+def score_label_row(fields: dict, response: str) -> dict:
+    pred = match_label(response, fields["vocab"])
+    return {"pred": pred, "correct": pred == fields["label"]}
+
+
+def score_open_row(fields: dict, response: str) -> dict:
+    return {}  # judged outside (the paper: GPT-4o)
+
+
+def accuracy_table(rows: list[dict], group_key: str) -> dict:
+    """Accuracy (%) per group and overall, with the count of answers the parser could not map
+    (`unparsed`, counted wrong: a zero-shot model that does not answer did not get it right)."""
+    def acc(rs):
+        n, correct = len(rs), sum(r["correct"] for r in rs)
+        return {"n": n, "correct": correct,
+                "accuracy": 100.0 * correct / n if n else float("nan"),
+                "unparsed": sum(r["pred"] is None for r in rs)}
+    return {g: acc(rs) for g, rs in grouped(rows, group_key)}
+
+
+def rescore(items: list[Item], done: dict, systems, score_row) -> dict[str, list[dict]]:
+    """Rows of the current items per system, re-scored (a better parser applies to old answers)."""
+    return {system: [{**row, **it.fields, **score_row(it.fields, row["response"])}
+                     for it in items if (row := done.get((it.id, system))) is not None]
+            for system in systems}
+
+
+def auc(scores: list[float], positive: list[bool]) -> float:
+    """Probability that a random positive row scores above a random negative one (ties count half):
+    0.5 when the score ignores the class. NaN when a class is missing."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return float("nan")
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def summarize_open(rows: list[dict]) -> dict:
+    words = [len(r["response"].split()) for r in rows]
+    return {"n": len(rows), "empty": sum(w == 0 for w in words),
+            "mean_words": sum(words) / len(words) if words else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Tables and output files
 
 
 def grouped(rows: list[dict], group_key: str) -> list[tuple[str, list[dict]]]:

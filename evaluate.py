@@ -33,7 +33,8 @@ Every task runs three "systems" on the same questions:
 writes to --out `{task}_answers.jsonl` (one line per question and system, appended per batch, so an
 interrupted run resumes where it stopped), `{task}_results.json` and `{task}_results.md`.
 
-Support (not the method): eval_support.py parses answers, reads task files, keeps the answer files.
+Support (not the method): eval_support.py parses and scores answers, reads task files, keeps the
+answer files.
 """
 from __future__ import annotations
 
@@ -246,49 +247,7 @@ def choice_nll(model, items: list[Item], system: str) -> list[list[float]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Scores
-
-
-def score_mcq_row(fields: dict, response: str) -> dict:
-    pred = es.parse_option(response, fields["choices"])
-    return {"pred": pred, "correct": pred == fields["answer"]}
-
-
-def score_label_row(fields: dict, response: str) -> dict:
-    pred = es.match_label(response, fields["vocab"])
-    return {"pred": pred, "correct": pred == fields["label"]}
-
-
-def score_open_row(fields: dict, response: str) -> dict:
-    return {}  # judged outside (the paper: GPT-4o)
-
-
-def accuracy_table(rows: list[dict], group_key: str) -> dict:
-    """Accuracy (%) per group and overall, with the count of answers the parser could not map
-    (`unparsed`, counted wrong: a zero-shot model that does not answer did not get it right)."""
-    def acc(rs):
-        n, correct = len(rs), sum(r["correct"] for r in rs)
-        return {"n": n, "correct": correct,
-                "accuracy": 100.0 * correct / n if n else float("nan"),
-                "unparsed": sum(r["pred"] is None for r in rs)}
-    return {g: acc(rs) for g, rs in es.grouped(rows, group_key)}
-
-
-def rescore(items: list[Item], done: dict, systems, score_row) -> dict[str, list[dict]]:
-    """Rows of the current items per system, re-scored (a better parser applies to old answers)."""
-    return {system: [{**row, **it.fields, **score_row(it.fields, row["response"])}
-                     for it in items if (row := done.get((it.id, system))) is not None]
-            for system in systems}
-
-
-def auc(scores: list[float], positive: list[bool]) -> float:
-    """Probability that a random positive row scores above a random negative one (ties count half):
-    0.5 when the score ignores the class. NaN when a class is missing."""
-    pos = [s for s, p in zip(scores, positive) if p]
-    neg = [s for s, p in zip(scores, positive) if not p]
-    if not pos or not neg:
-        return float("nan")
-    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+# 3. Scores of the likelihood choice (the generated answers' scorers are in eval_support)
 
 
 def summarize_choice(rows: dict[str, list[dict]]) -> dict[str, dict]:
@@ -309,18 +268,12 @@ def summarize_choice(rows: dict[str, list[dict]]) -> dict[str, dict]:
             entry = {"n": len(grs), "accuracy": 100.0 * right / len(grs)}
             if all(len(r["nll"]) == 2 for r in grs):
                 log_odds = [r["nll"][0] - r["nll"][1] for r in grs]
-                entry["auc"] = 100.0 * auc(log_odds, [r["answer"] == 1 for r in grs])
+                entry["auc"] = 100.0 * es.auc(log_odds, [r["answer"] == 1 for r in grs])
             both = [(p, oracle_pick[r["id"]]) for p, r in zip(picks, grs) if r["id"] in oracle_pick]
             if system != "oracle" and both:
                 entry["agrees_with_oracle"] = 100.0 * sum(a == b for a, b in both) / len(both)
             out[system][g] = entry
     return out
-
-
-def summarize_open(rows: list[dict]) -> dict:
-    words = [len(r["response"].split()) for r in rows]
-    return {"n": len(rows), "empty": sum(w == 0 for w in words),
-            "mean_words": sum(words) / len(words) if words else float("nan")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,23 +304,23 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
         results["systems"] = summarize_choice(rows)
     elif task in ("mcq", "open", "label"):
         if task == "mcq":
-            items, score_row = es.read_mcq(manifest), score_mcq_row
+            items, score_row = es.read_mcq(manifest), es.score_mcq_row
         elif task == "open":
-            items, score_row = es.read_open(manifest), score_open_row
+            items, score_row = es.read_open(manifest), es.score_open_row
         else:
-            items, score_row = es.label_items(data.read_manifest(manifest)), score_label_row
+            items, score_row = es.label_items(data.read_manifest(manifest)), es.score_label_row
         items = items[:limit]
         def generate(chunk, system):
             answers = answer_batch(model, chunk, system, max_new_tokens)
             return [{"response": a, **score_row(it.fields, a)} for it, a in zip(chunk, answers)]
         done = es.run_items(items, path, model_name, systems, batch_size, generate)
-        for system, rows in rescore(items, done, systems, score_row).items():
+        for system, rows in es.rescore(items, done, systems, score_row).items():
             if task == "open":
-                results["systems"][system] = summarize_open(rows)
+                results["systems"][system] = es.summarize_open(rows)
                 es.write_judge_file(out / f"open_{system}.jsonl", rows)
             else:
                 group = "task" if task == "mcq" else "attribute"
-                results["systems"][system] = accuracy_table(rows, group)
+                results["systems"][system] = es.accuracy_table(rows, group)
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     es.write_results(out, task, results)

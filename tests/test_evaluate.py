@@ -500,10 +500,10 @@ def test_choice_summary_exact():
         "auc": 50.0,
         "agrees_with_oracle": 75.0,
     }
-    assert ev.auc([0.3, 0.1, 0.2], [True, False, False]) == 1.0
-    assert ev.auc([0.1, 0.3, 0.2], [True, False, True]) == 0.0
-    assert ev.auc([0.2, 0.2, 0.1], [True, False, False]) == 0.75  # a tie counts half
-    assert math.isnan(ev.auc([1.0, 2.0], [True, True]))
+    assert es.auc([0.3, 0.1, 0.2], [True, False, False]) == 1.0
+    assert es.auc([0.1, 0.3, 0.2], [True, False, True]) == 0.0
+    assert es.auc([0.2, 0.2, 0.1], [True, False, False]) == 0.75  # a tie counts half
+    assert math.isnan(es.auc([1.0, 2.0], [True, True]))
 
 
 def test_read_choice_errors(tmp_path):
@@ -590,7 +590,7 @@ def test_rows_without_task_are_counted_once():
         {"task": "all", "correct": True, "pred": "A"},
         {"task": "all", "correct": False, "pred": None},
     ]
-    assert ev.accuracy_table(rows, "task") == {
+    assert es.accuracy_table(rows, "task") == {
         "all": {"n": 2, "correct": 1, "accuracy": 50.0, "unparsed": 1}
     }
 
