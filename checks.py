@@ -43,6 +43,13 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def expected_failure(e: BaseException) -> bool:
+    """A fault of the input (files, audio, model folder) that a command line reports in one line;
+    anything else is a bug and keeps its traceback."""
+    expected = (FileNotFoundError, ValueError, OSError, RuntimeError)
+    return isinstance(e, expected) or type(e).__name__ == "AudioError"
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. Arguments
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +84,16 @@ def device(name: str | None) -> str | None:
         if index >= torch.cuda.device_count():
             raise CheckError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def infer_args(args) -> None:
+    """infer.py's command line: every audio file and option, before the slow imports and the model
+    (a missing file or bad audio after a minute of loading is a poor way to learn of it)."""
+    for path in args.audio:
+        audio_file(path, args.max_audio_seconds)
+    positive(args, "max_new_tokens")
+    sampling(args)
+    device(args.device)
 
 
 def training_args(args) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from dataclasses import replace
 
 import checks
@@ -55,6 +54,9 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
 
 
 def run(args) -> int:
+    import model_support
+
+    model_support.quiet_libraries()  # stdout is for the answer, from the first import on
     import torch
 
     import data
@@ -83,30 +85,15 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        # fail on a missing file, bad audio or bad options before the slow imports and the model
-        for path in args.audio:
-            checks.audio_file(path, args.max_audio_seconds)
-        checks.positive(args, "max_new_tokens")
-        checks.sampling(args)
-        checks.device(args.device)
-        quiet_libraries()
+        checks.infer_args(args)  # files, audio and options, before the slow imports and the model
         return run(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # expected failures (files, audio, model folder): one line, no traceback
-        expected = (FileNotFoundError, ValueError, OSError, RuntimeError)
-        if not isinstance(e, expected) and type(e).__name__ != "AudioError":
-            raise  # anything else is a bug: keep the traceback
-        print(f"error: {checks.first_line(e)}", file=sys.stderr)
+    except Exception as e:
+        if not checks.expected_failure(e):
+            raise  # a bug: keep the traceback
+        print(f"error: {checks.first_line(e)}", file=sys.stderr)  # one line, no traceback
         return 1
-
-
-def quiet_libraries() -> None:
-    """Keep stdout for the answer: no progress bars or informational warnings from transformers."""
-    import transformers
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
 
 
 if __name__ == "__main__":
