@@ -4,29 +4,24 @@ AZeroS never trains the LLM. Everything it needs from the language model is here
 
 1. load a causal LM + tokenizer (local folder, hub id or GGUF file) and freeze it;
 2. add one special token, `<|AUDIO|>`, that marks where audio goes in a prompt;
-3. render chat messages to text: a fixed ChatML template for training (no default system
-   message, so the target the frozen LLM produced for the *text* prompt is learned under the same
-   conditions, Sec. 3.4) and the tokenizer's own template for inference (for Qwen2.5 that injects
-   its default system message);
+3. render chat messages to text (a fixed ChatML template for training, the tokenizer's own for
+   inference);
 4. expand each `<|AUDIO|>` to as many copies as the projector emitted frames, embed the ids and
    overwrite those rows with the audio features ("splice"): ids (B, L) -> embeddings (B, L, D);
-5. build labels (B, L) that supervise only the assistant's answer;
+5. build labels (B, L) that supervise only the assistant's answer, and the loss;
 6. generate from embeddings (left padding for batches, greedy by default, optional streaming).
 
-A batch row is a list of messages `{"role": ..., "content": ...}`; an assistant message may carry
-`"truncated": True` when its text hit the generation limit during target generation, so its
-closing `<|im_end|>\\n` is not supervised (the LLM never actually said "I am done").
-
-Support (not the method): model_support.py holds the loading details (GGUF, attention fallback).
+A batch row is a list of messages `{"role": ..., "content": ...}`.
+Support (not the method): model_support.py holds the loading details (GGUF, attention fallback,
+embedding resize, stop tokens).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoModelForCausalLM, TextStreamer
 
 import model_support
 
@@ -41,18 +36,13 @@ TURN_START = "<|im_start|>"
 
 def load_llm(name_or_path, gguf_file: str | None = None, dtype=None, device=None,
              attn_implementation: str | None = None, tokenizer_path=None):
-    """Load a frozen causal LM and its tokenizer -> (model, tokenizer).
-
-    `name_or_path` is a local folder, a hub id, or a `.gguf` file. `dtype=None` keeps the
-    checkpoint's dtype ("auto"). Attention is SDPA unless `attn_implementation` says otherwise.
-    `tokenizer_path` reads the tokenizer from elsewhere (a release keeps it at its root, not in
-    llm/)."""
+    """A local folder, hub id or `.gguf` file -> (frozen model, tokenizer). dtype None: the
+    checkpoint's own; attention: SDPA unless asked otherwise; `tokenizer_path`: the tokenizer from
+    elsewhere (a release keeps it at its root, not in llm/)."""
     path, gguf = model_support.gguf_source(name_or_path, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}
     attn = model_support.attention(attn_implementation)
-    with model_support.quiet_transformers():  # a release's root config.json says "azeros"
-        tokenizer = (AutoTokenizer.from_pretrained(str(tokenizer_path)) if tokenizer_path
-                     else AutoTokenizer.from_pretrained(path, **extra))
+    tokenizer = model_support.load_tokenizer(path, extra, tokenizer_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
                                                  attn_implementation=attn, **extra)
     if gguf:
@@ -73,20 +63,13 @@ def add_audio_token(tokenizer, model=None) -> int:
     """Make `<|AUDIO|>` a special token and return its id.
 
     Qwen2.5 pads its embedding matrix to a multiple of 128 rows, so a new id fits without touching
-    the model (the row is never read: those positions are overwritten by audio features). Only when
-    the id falls outside the matrix do we resize, and we say so, because a resized model no longer
-    matches the checkpoint on disk."""
+    the model (the row is never read: those positions are overwritten by audio features)."""
     if AUDIO_TOKEN not in tokenizer.get_vocab():
         # add_tokens(special=True) appends without replacing the other extra special tokens
         tokenizer.add_tokens([AUDIO_TOKEN], special_tokens=True)
     audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-    if model is not None:
-        rows = model.get_input_embeddings().num_embeddings
-        if audio_id >= rows:
-            warnings.warn(f"{AUDIO_TOKEN} id {audio_id} is outside the LLM's {rows} embedding "
-                          f"rows: resizing the embeddings to {len(tokenizer)}", stacklevel=2)
-            model.resize_token_embeddings(len(tokenizer))
-            freeze(model)
+    if model is not None and model_support.fit_embeddings(model, tokenizer, AUDIO_TOKEN):
+        freeze(model)  # the resized matrix is a new parameter
     return audio_id
 
 
@@ -97,12 +80,13 @@ def add_audio_token(tokenizer, model=None) -> int:
 def chat_text(tokenizer, messages: list[dict], *, training: bool, system: str | None = None) -> str:
     """Render messages to the prompt string; `system` is prepended unless there already is one.
 
-    training=True: the fixed ChatML template of the official code, no default system message:
-        <|im_start|>{role}\\n{content}<|im_end|>\\n ...
-    A truncated assistant message loses its `<|im_end|>\\n` and ends the text (later turns are
-    dropped, as the official `<|truncated|>` marker does).
-    training=False: the tokenizer's own chat template plus the generation prompt
-    `<|im_start|>assistant\\n`."""
+    training=True: the official fixed ChatML template, `<|im_start|>{role}\\n{content}<|im_end|>\\n`
+    per turn and no default system message, so the projectors learn the target under the conditions
+    the frozen LLM produced it for the text prompt (Sec. 3.4). An assistant message with
+    `"truncated": True` hit the generation limit then: it loses its `<|im_end|>\\n` (the LLM never
+    said "I am done") and ends the text, as the official `<|truncated|>` marker does.
+    training=False: the tokenizer's own template plus `<|im_start|>assistant\\n` (for Qwen2.5 that
+    injects its default system message)."""
     if system is not None and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system}, *messages]
     if not training:
@@ -117,10 +101,8 @@ def chat_text(tokenizer, messages: list[dict], *, training: bool, system: str | 
 
 
 def expand_audio_tokens(ids: list[int], audio_id: int, lengths: list[int]) -> list[int]:
-    """Replace the i-th `<|AUDIO|>` id by lengths[i] copies of it (one per projected frame).
-
-    Expanding ids rather than text is equivalent (special tokens are split off before BPE, so the
-    text around them tokenizes the same) and cheaper."""
+    """Replace the i-th `<|AUDIO|>` id by lengths[i] copies of it (one per projected frame). Same
+    as expanding the text (special tokens are split off before BPE), and cheaper."""
     n_placeholders = sum(1 for i in ids if i == audio_id)
     if n_placeholders != len(lengths):
         raise ValueError(f"the prompt has {n_placeholders} {AUDIO_TOKEN} placeholder(s) but the "
@@ -132,15 +114,12 @@ def expand_audio_tokens(ids: list[int], audio_id: int, lengths: list[int]) -> li
 
 
 def make_labels(ids: list[int], tokenizer) -> list[int]:
-    """Labels for one training row: supervise only what the assistant says.
+    """Labels for one training row: supervise only what the assistant says, else IGNORE_INDEX.
 
-    Each assistant turn starts right after the token sequence of `<|im_start|>assistant\\n` (found
-    as a *sequence*, so any ChatML tokenizer works, whether "assistant" is one token or several)
-    and runs to the next `<|im_start|>` or the end of the row: its text, `<|im_end|>` and the
-    newline after it, which teaches the model to stop. A truncated turn has no `<|im_end|>` in the
-    text, so none is supervised. Everything else (system, user turns with the audio, headers) is
-    IGNORE_INDEX. For AZeroS's single-turn data this equals the official rule (which keys on the
-    single `assistant` token id)."""
+    An assistant turn runs from after the token *sequence* of `<|im_start|>assistant\\n` (any ChatML
+    tokenizer, however it splits "assistant") to the next `<|im_start|>` or the row's end: its text,
+    `<|im_end|>` and the newline, which teaches the model to stop (a truncated turn has none). On
+    AZeroS's single-turn data this equals the official rule (keyed on the `assistant` token id)."""
     header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
     turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
     labels = [IGNORE_INDEX] * len(ids)
@@ -234,10 +213,9 @@ def build_batch(llm, tokenizer, messages: list[list[dict]], audio=None, *, train
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood of the next token -> (nll (B, L-1), mask (B, L-1)).
-
-    Logits at t predict the token at t+1. The sums per row are the utterance log-likelihoods that
-    evaluation needs; the mean over all masked tokens is the training loss (as in HF causal LMs)."""
+    """Per-token NLL of the next token (logits at t predict t+1) -> (nll, mask), both (B, L-1).
+    Row sums are the utterance log-likelihoods evaluation needs; the mean over all masked tokens is
+    the training loss (as in HF causal LMs)."""
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
     mask = targets != IGNORE_INDEX
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0),
@@ -262,10 +240,7 @@ def generation_kwargs(llm, tokenizer, options: GenerationOptions) -> dict:
     temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05). Transformers fills every
     argument we leave unset from it, so we set them all: the official evaluation decodes greedily.
     """
-    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    cfg_eos = llm.generation_config.eos_token_id
-    eos |= set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos}
-    eos = sorted(i for i in eos if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+    eos = model_support.stop_token_ids(llm, tokenizer)  # <|im_end|> and every EOS the LLM knows
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     kw = dict(max_new_tokens=options.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
               num_beams=1, repetition_penalty=1.0)
@@ -281,10 +256,8 @@ def generation_kwargs(llm, tokenizer, options: GenerationOptions) -> dict:
 @torch.no_grad()
 def generate_ids(llm, tokenizer, batch: Batch, options: GenerationOptions) -> torch.Tensor:
     """Generate from a left-padded inference Batch -> new token ids (B, n), padded after EOS.
-
     With only inputs_embeds, HF returns just the new tokens and derives position ids from the
-    attention mask (cumsum - 1), so a left-padded row sees the same positions as when it runs alone.
-    """
+    attention mask (cumsum - 1): a left-padded row sees the positions it would see alone."""
     kw = generation_kwargs(llm, tokenizer, options)
     if options.stream:
         if batch.inputs_embeds.shape[0] != 1:

@@ -19,11 +19,10 @@ to make the LLM say what it said for the transcript + metadata text. One builder
 The speech encoder may also be Whisper (paper Table 6; whisper_encoder.py): each encoder reads its
 own front end (Kaldi fbank for Zipformers, Whisper's log-mel for Whisper).
 
-Folders use the layout of the released `AudenAI/azeros`: a root config.json, the projector weights
-in model.safetensors, the tokenizer at the root, the frozen parts as sub-folders llm/,
-speech_encoder/, paraling_encoder/. The release loads here as is; a model saved here loads in the
-official code with `AzerosModel.from_pretrained(folder, strict=False)` (model.safetensors holds only
-the projectors, so strict=True would report the frozen parts' keys as missing).
+Folders use the layout of the released `AudenAI/azeros` (root config.json, projector weights in
+model.safetensors, the tokenizer, sub-folders llm/, speech_encoder/, paraling_encoder/): the release
+loads here as is, and a saved model loads in the official code with `AzerosModel.from_pretrained(
+folder, strict=False)` (strict=True would miss the frozen parts' keys in model.safetensors).
 
 Parity: the official code casts projector outputs to float16 before the splice. The released
 projectors were trained behind that rounding, so we keep it (`round_audio_to_fp16=True`): at most
@@ -34,7 +33,6 @@ Support (not the method): model_support.py finds, checks, reads and writes model
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -44,18 +42,12 @@ from safetensors.torch import save_file
 import llm
 import model_support
 from files import atomic_path, write_atomic
-from model_support import FROZEN
+from model_support import FROZEN, default_dtype
 from projector import Projector
 from whisper_encoder import WhisperSpeechEncoder, is_whisper_folder
 
 # the user turn of a two-encoder model: paralinguistic frames in <meta>, speech frames in <text>
 WRAPPED_AUDIO = f"<audio><meta>{llm.AUDIO_TOKEN}</meta><text>{llm.AUDIO_TOKEN}</text></audio>"
-
-
-def default_dtype(device) -> torch.dtype | str:
-    """LLM dtype when none is asked for: the checkpoint's own on GPU, float32 on CPU (half is slow
-    there)."""
-    return "auto" if torch.device(device or "cpu").type == "cuda" else torch.float32
 
 
 def load_encoder(path, device=None) -> nn.Module:
@@ -103,10 +95,8 @@ class AZeroS(nn.Module):
         speech = load_encoder(speech_encoder, device=device)
         para = load_encoder(paraling_encoder, device=device) if paraling_encoder else None
         model = cls(lm, tokenizer, speech, para, speech_ds_rate=ds_rate, paraling_ds_rate=ds_rate)
-        gguf = gguf_file or str(llm_path).endswith(".gguf")  # converted on load: never linked
-        parts = {"llm": None if gguf else llm_path, "speech_encoder": speech_encoder,
-                 "paraling_encoder": paraling_encoder}
-        model.sources = {k: str(v) for k, v in parts.items() if v and os.path.isdir(v)}
+        model.sources = model_support.component_sources(llm_path, gguf_file, speech_encoder,
+                                                        paraling_encoder)
         return model.to(device)
 
     @classmethod
@@ -129,12 +119,7 @@ class AZeroS(nn.Module):
         model.paraling_encoder = llm.freeze(encoder)
         hidden = model.llm.config.hidden_size
         model.paraling_encoder_projector = Projector(encoder.output_dim, hidden, ds_rate).to(device)
-        # the saved config.json must describe the new branch, or the folder would load without it
-        model.config = {**model.config, "paraling_encoder_projector_ds_rate": ds_rate,
-                        "paraling_encoder_config": model_support.encoder_config(encoder)}
-        model.sources.pop("paraling_encoder", None)  # a replaced branch's old folder is not linked
-        if os.path.isdir(paraling_encoder):
-            model.sources["paraling_encoder"] = str(paraling_encoder)
+        model_support.record_new_branch(model, paraling_encoder, ds_rate)  # config.json, sources
         model.set_stage(None)
         return model
 

@@ -7,7 +7,8 @@ model.py builds the model; what it needs from the file system lives here, off it
      and weights in the official layout, from a bare or a composite checkpoint;
   3. checks that name the missing or mismatched piece (a file, a key, a width) in one line;
   4. the root config.json of the release layout, and the frozen parts written once or linked;
-  5. loading details of the LLM: GGUF files, the attention fallback, quiet transformers logs.
+  5. loading details of the LLM: GGUF files, the attention fallback, an embedding resize, stop
+     tokens, quiet transformers logs.
 """
 from __future__ import annotations
 
@@ -262,6 +263,25 @@ def release_config(model) -> dict:
     }
 
 
+def component_sources(llm_path, gguf_file, speech_encoder, paraling_encoder) -> dict[str, str]:
+    """The local folders a model built from components came from, to link on save. A GGUF LLM is
+    converted on load, so its folder is never linked."""
+    gguf = gguf_file or str(llm_path).endswith(".gguf")
+    parts = {"llm": None if gguf else llm_path, "speech_encoder": speech_encoder,
+             "paraling_encoder": paraling_encoder}
+    return {k: str(v) for k, v in parts.items() if v and os.path.isdir(v)}
+
+
+def record_new_branch(model, paraling_encoder, ds_rate: int) -> None:
+    """After stage 2 attaches a fresh paralinguistic branch: the saved config.json must describe
+    it, or the folder would load without it; a replaced branch's old folder is not linked."""
+    model.config = {**model.config, "paraling_encoder_projector_ds_rate": ds_rate,
+                    "paraling_encoder_config": encoder_config(model.paraling_encoder)}
+    model.sources.pop("paraling_encoder", None)
+    if os.path.isdir(paraling_encoder):
+        model.sources["paraling_encoder"] = str(paraling_encoder)
+
+
 def save_frozen_part(module, target: Path, source: str | None, link: bool) -> None:
     """Write a frozen part, or (`link`) symlink the local folder it was loaded from."""
     if link and source and os.path.isdir(source):
@@ -276,6 +296,12 @@ def save_frozen_part(module, target: Path, source: str | None, link: bool) -> No
 # 5. Loading the LLM
 
 
+def default_dtype(device) -> torch.dtype | str:
+    """LLM dtype when none is asked for: the checkpoint's own on GPU, float32 on CPU (half is slow
+    there)."""
+    return "auto" if torch.device(device or "cpu").type == "cuda" else torch.float32
+
+
 def gguf_source(name_or_path, gguf_file: str | None) -> tuple[str, str | None]:
     """(folder or hub id, GGUF file name or None): a path to a `.gguf` file is split into its
     folder and name, which is how transformers reads GGUF."""
@@ -283,6 +309,18 @@ def gguf_source(name_or_path, gguf_file: str | None) -> tuple[str, str | None]:
     if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
         path, gguf_file = os.path.split(os.path.abspath(path))
     return path, gguf_file
+
+
+def load_tokenizer(path, extra: dict, tokenizer_path=None):
+    """The LLM's tokenizer (`extra`: the GGUF file), or the one at `tokenizer_path`, with
+    transformers' logs quiet: a release's root config.json (where its tokenizer lives) says
+    "azeros", a model type transformers warns about."""
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        if tokenizer_path:
+            return AutoTokenizer.from_pretrained(str(tokenizer_path))
+        return AutoTokenizer.from_pretrained(path, **extra)
 
 
 def attention(name: str | None) -> str:
@@ -302,6 +340,37 @@ def forget_gguf_quantizer(model) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def fit_embeddings(model, tokenizer, token: str) -> bool:
+    """Resize the LLM's embeddings when `token`'s id falls outside them -> whether it did. We say
+    so: a resized model no longer matches the checkpoint on disk."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    rows = model.get_input_embeddings().num_embeddings
+    if token_id < rows:
+        return False
+    warnings.warn(f"{token} id {token_id} is outside the LLM's {rows} embedding rows: resizing "
+                  f"the embeddings to {len(tokenizer)}", stacklevel=3)
+    model.resize_token_embeddings(len(tokenizer))
+    return True
+
+
+def stop_token_ids(llm, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS, `<|im_end|>`, and the generation config's
+    EOS (an id or a list); unknown or negative ids left out."""
+    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    cfg_eos = llm.generation_config.eos_token_id
+    eos |= set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos}
+    return sorted(i for i in eos if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def quiet_libraries() -> None:
+    """Keep stdout for the answer (infer.py): no progress bars or informational warnings."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
 
 
 @contextlib.contextmanager
