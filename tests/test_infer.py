@@ -16,7 +16,7 @@ def release():
     return cached_tiny_release()
 
 
-def cli(*args, timeout=60):
+def cli(*args, timeout=600):  # a hang guard only: a loaded 2-core machine can take minutes
     return subprocess.run(
         [sys.executable, str(ROOT / "infer.py"), *map(str, args)],
         capture_output=True,
