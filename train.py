@@ -32,21 +32,17 @@ README's "Differences from the official code" lists where we deliberately differ
 
 Read it like nanoGPT's train.py: the command line, then `main` (data, model, resume, the loop),
 then what the loop calls (which parameters train, learning-rate schedules, one batch and its loss).
-Support (not the method): train_support.py (exact-resume checkpoints, weight average, encoder
-cache, DDP helpers, metrics log), spec_augment.py (Lhotse's SpecAugment), checks.py (errors).
+Support (not the method): train_support.py (checks before training, exact-resume checkpoints,
+weight average, encoder cache, DDP helpers, metrics log), spec_augment.py, checks.py (errors).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checks
@@ -66,38 +62,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument_group("model").add_argument
     a("--stage", type=lambda s: s if s == "both" else int(s), choices=[1, 2, "both"], required=True,
-      help="1: speech projector; 2: paralinguistic;\n"
-           "both: every projector at once (one stage, paper Table 6)")
+      help="1: speech projector; 2: paralinguistic; both: all at once (paper Table 6)")
     a("--llm", help="frozen LLM: HF folder, hub id or .gguf (stage 2: default the one in --init)")
     a("--gguf-file", help="GGUF file name inside --llm")
-    a("--speech-encoder", help="speech encoder folder: a Zipformer, or a transformers Whisper "
-      "folder\n(stages 1 and both; stage 2 uses the one in --init)")
+    a("--speech-encoder", help="speech encoder folder, Zipformer or Whisper (stage 2: from --init)")
     a("--paraling-encoder", help="paralinguistic Zipformer folder (stage 2; optional with both)")
     a("--init", help="stage 2: the stage-1 model folder (release layout, e.g. exp/stage1)")
     a = p.add_argument_group("data").add_argument
     a("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
-      help="training manifests with responses (generate_targets.py output);\n"
-           "WEIGHT 2 = each row twice per epoch, 0.5 = a random half (default 1)")
+      help="manifests with responses (generate_targets.py); WEIGHT 2: twice an epoch, 0.5: half")
     a("--valid", nargs="*", default=[], metavar="JSONL", help="validation manifests")
     a("--max-duration", type=float, default=200.0, help="padded seconds of audio per batch, rank")
     a("--max-batch", type=int, default=64, help="utterances per batch at most")
     a("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
-    a("--max-length", type=int, default=512,
-      help="truncate token sequences to this length (official: 512; 0 = no limit)")
+    a("--max-length", type=int, default=512, help="cut token sequences here (0: no limit)")
     a("--num-workers", type=int, default=2, help="DataLoader workers reading audio")
     a("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
       help=checks.MAX_AUDIO_HELP)
     a("--no-spec-augment", dest="spec_augment", action="store_false",
-      help="turn off SpecAugment (on by default, as the official recipe: Lhotse's\n"
-           "time warp and frequency/time masks on the fbank)")
+      help="turn off SpecAugment (Lhotse's warp and masks; on by default, as official)")
     a("--cache-encoders", metavar="DIR",
       help="store frozen encoder outputs here; later epochs reuse them (needs --no-spec-augment)")
     a = p.add_argument_group("optimisation").add_argument
     a("--lr", type=float, default=1e-3, help="base learning rate of Adam (official recipe: 1e-3)")
     a("--schedule", choices=["eden2", "linear"], default="eden2",
-      help="eden2 (official): lr * (1 + (step/--lr-batches)^2)^-0.5, warm-up from lr/2\n"
-           "over --warmup-steps; linear: warm-up from 0, then linear decay to --min-lr\n"
-           "at --decay-steps")
+      help="eden2 (official): lr * (1 + (step/--lr-batches)^2)^-0.5 after a warm-up from lr/2;\n"
+           "linear: warm-up from 0, then linear decay to --min-lr at --decay-steps")
     a("--lr-batches", type=float, default=7500, help="eden2: step where lr is down by 1/sqrt(2)")
     a("--warmup-steps", type=int, default=500, help="warm-up length (official eden2: 500)")
     a("--min-lr", type=float, default=1e-5, help="linear: learning rate at the end of the decay")
@@ -106,8 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--betas", type=float, nargs=2, default=(0.9, 0.999))
     a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off, as official)")
     a("--average-period", type=int, default=200,
-      help="every N steps fold the weights into a running uniform average, which is what the\n"
-           "final model holds (official use_averaged_model, average_period 200; 0: off)")
+      help="every N steps fold the weights into the running average the model exports (0: off)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the training data")
@@ -116,8 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--exp", required=True, help="output folder: checkpoints/, metrics.jsonl, the final model")
     a("--device", help="cuda / cpu (default: cuda if available)")
     a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-      help="autocast precision (auto: bf16 on CUDA, fp32 on CPU; bf16 pays off on CPUs with\n"
-           "AVX512-BF16/AMX, see demo.py)")
+      help="autocast (auto: bf16 on CUDA, fp32 on CPU; bf16 pays off on AVX512-BF16/AMX CPUs)")
     a("--log-every", type=int, default=10, help="steps between log lines")
     a("--valid-every", type=int, default=500, help="steps between validations (and one at the end)")
     a("--save-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
@@ -145,14 +133,8 @@ def main(argv=None) -> dict:
     exp = Path(args.exp)
     if rank == 0:
         exp.mkdir(parents=True, exist_ok=True)
-    # The same seed on every rank: the projector starts identical everywhere (DDP also broadcasts
-    # rank 0's weights, but identical construction keeps single- and multi-process runs
-    # comparable). SpecAugment gets its own per-rank stream so ranks do not mask their different
-    # utterances identically.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    specaug_gen = torch.Generator().manual_seed(args.seed + 1000 + rank)
+    # one seed for all ranks (identical projectors); SpecAugment draws from a stream per rank
+    specaug_gen = train_support.seed_everything(args.seed, rank)
 
     # -- data --------------------------------------------------------------------------------------
     specs = [parse_train_spec(s) for s in args.train]
@@ -161,12 +143,7 @@ def main(argv=None) -> dict:
     loader, sampler = make_loader(manifests, [w for _, w in specs], args, rank, world, shuffle=True)
     valid_loaders = [make_loader(train_support.load_manifests([v], "validation", limit), None,
                                  args, rank, world, shuffle=False) for v in args.valid]
-    steps_per_epoch = len(sampler) // args.grad_accum
-    if steps_per_epoch == 0 and args.max_steps is None:
-        raise TrainError(f"an epoch has {len(sampler)} batches per rank, fewer than --grad-accum "
-                         f"{args.grad_accum}")
-    total_steps = (args.max_steps if args.max_steps is not None
-                   else math.ceil(args.epochs * steps_per_epoch))
+    total_steps = train_support.count_steps(args, len(sampler))  # --max-steps or --epochs
     decay_steps = args.decay_steps or total_steps
 
     # -- model: everything frozen but this stage's projector(s) ------------------------------------
@@ -174,9 +151,7 @@ def main(argv=None) -> dict:
     model.eval()  # frozen LLM and encoders: no dropout, fixed norms (projectors have no dropout)
     names = trainable_names(model, args.stage)
     params = [p for n in names for p in getattr(model, n).parameters()]
-    net = train_support.TrainedPart(model, names)  # what DDP wraps
-    if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net = train_support.wrap(model, names, world, device)  # DDP sees the projectors only
     # Adam (the official optimizer) over the projector parameters only: its state is 2x the
     # projector, not 2x the LLM. The learning rate is set before every update from the step count
     # (learning_rate), so it needs no scheduler state.
@@ -189,13 +164,8 @@ def main(argv=None) -> dict:
     # -- resume: everything that makes step N+1 the step an uninterrupted run would take -----------
     step, epoch = 0, 0
     ckpt = train_support.resume(exp, args, rank, world, specaug_gen)  # also the random streams
-    if ckpt is not None:
-        for n in names:
-            getattr(model, n).load_state_dict(ckpt["projectors"][n])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        average.load_state_dict(ckpt["average"])
-        sampler.load_state_dict(ckpt["sampler"])  # the position inside the epoch
-        step, epoch = ckpt["step"], ckpt["sampler"]["epoch"]
+    if ckpt is not None:  # weights, Adam's moments, the average, the position in the epoch
+        step, epoch = train_support.restore(ckpt, model, names, optimizer, average, sampler)
 
     # -- the loop ----------------------------------------------------------------------------------
     log = train_support.MetricsLog(exp, rank, step, args.log_batches)
@@ -220,11 +190,7 @@ def main(argv=None) -> dict:
             with contextlib.nullcontext() if sync else net.no_sync():
                 window.add(run_batch(model, net, batch, args, device, cache,
                                      specaug_gen if args.spec_augment else None, train=True))
-        if args.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
-        else:
-            norms = torch.stack([p.grad.norm() for p in params])
-            grad_norm = float(torch.linalg.vector_norm(norms))
+        grad_norm = train_support.grad_norm(params, args.grad_clip)  # clips if --grad-clip > 0
         lr = learning_rate(step + 1, args, decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -243,13 +209,9 @@ def main(argv=None) -> dict:
             if rank == 0:
                 bar.write(f"step {step}: valid loss {v['valid_loss']:.4f} acc {v['valid_acc']:.3f}")
         if step % args.save_every == 0 or step == total_steps:
-            # what exact resume needs: weights, Adam's moments, the average, the sampler position
-            # and every random stream of every rank
-            state = {"step": step, "projectors": {n: getattr(model, n).state_dict() for n in names},
-                     "optimizer": optimizer.state_dict(), "average": average.state_dict(),
-                     "sampler": {"epoch": epoch, "batches_done": done},
-                     "rng": train_support.gather_objects(train_support.rng_state(specaug_gen)),
-                     "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+            # everything exact resume needs, down to every random stream of every rank
+            state = train_support.checkpoint_state(step, model, names, optimizer, average, epoch,
+                                                   done, specaug_gen, args)
             train_support.save_checkpoint(exp, state, args.keep_last, rank)
     bar.close()
     log.close()
@@ -257,10 +219,7 @@ def main(argv=None) -> dict:
         cache.flush()
 
     # -- the end: ranks agree, export in the release layout ----------------------------------------
-    spread = train_support.rank_weight_spread(params)  # DDP keeps ranks identical: check it
-    log({"step": step, "event": "end", "world_size": world, "rank_weight_max_diff": spread})
-    if spread != 0.0:
-        raise TrainError(f"ranks ended with different projector weights (max diff {spread:g})")
+    train_support.check_ranks_agree(params, log, step, world)  # DDP keeps them identical
     # The release holds the averaged weights, as the official export does (it prefers a
     # checkpoint's model_avg); the last raw weights stay in the last checkpoint. Too short a run has
     # no average yet.
@@ -337,53 +296,27 @@ def build_model(args, device):
     fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage)."""
     from model import AZeroS  # imported here so `python train.py --help` is instant
 
+    train_support.check_model_args(args)  # the folders this stage needs exist and fit together
     # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16
     # anyway). The projectors stay fp32: they are the master weights Adam updates.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for flag, path in (("--speech-encoder", args.speech_encoder),
-                       ("--paraling-encoder", args.paraling_encoder), ("--init", args.init)):
-        if path and not Path(path).is_dir():
-            raise TrainError(f"{flag} {path}: no such folder")
-        if path and flag != "--init":
-            checks.encoder_folder(path, flag)
     if args.stage in (1, "both"):
-        if not (args.llm and args.speech_encoder):
-            raise TrainError(f"stage {args.stage} needs --llm and --speech-encoder")
         paraling = args.paraling_encoder if args.stage == "both" else None
         model = AZeroS.from_components(args.llm, args.speech_encoder, paraling,
                                        gguf_file=args.gguf_file, device=device, dtype=dtype)
     else:
-        if not (args.init and args.paraling_encoder):
-            raise TrainError("stage 2 needs --init (the stage-1 model folder) and --paraling-encoder")
-        init = Path(args.init)
-        if not (init / "model.safetensors").exists():
-            raise TrainError(f"--init {init}: no model.safetensors; expected a stage-1 model folder "
-                             "(release layout)")
-        if args.speech_encoder:
-            raise TrainError("stage 2 takes the semantic encoder from --init: its projector was "
-                             "trained on it")
         try:  # an explicit --llm (e.g. the same one from another path) must fit the projector
-            model = AZeroS.from_stage1(init, args.paraling_encoder, llm_path=args.llm,
+            model = AZeroS.from_stage1(Path(args.init), args.paraling_encoder, llm_path=args.llm,
                                        gguf_file=args.gguf_file, device=device, dtype=dtype)
         except checks.CheckError as e:  # a stage-1 projector that does not fit --llm
             raise TrainError(str(e)) from None
     model.set_stage(args.stage)
-    check_frozen(model, args.stage)
+    train_support.check_frozen(model, trainable_names(model, args.stage), args.stage)
     return model
 
 
 def trainable_names(model, stage: int | str) -> list[str]:
     return [n for n in TRAINED[stage] if getattr(model, n, None) is not None]
-
-
-def check_frozen(model, stage: int | str):
-    """Exactly the projector(s) of this stage may require gradients: anything else would silently
-    train (and, for the LLM, cost an optimizer state the size of the model)."""
-    allowed = {id(p) for n in trainable_names(model, stage) for p in getattr(model, n).parameters()}
-    wrong = [n for n, p in model.named_parameters() if p.requires_grad != (id(p) in allowed)]
-    if wrong:
-        raise TrainError(f"stage {stage}: wrong requires_grad on {wrong[:5]} "
-                         f"({len(wrong)} parameters)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,19 +3,23 @@
 train.py keeps the method (which parameters train, the SIFT loss, the schedules, the loop); this
 file keeps the machinery beside it, so the loop can be read top to bottom:
 
-  1. Errors: TrainError, the manifest checks before training, the out-of-memory message.
+  1. Errors: TrainError, the flag, model-folder, frozen-parameter and manifest checks before
+     training, the step count, the out-of-memory message.
   2. Distributed helpers: torchrun set-up, barriers, sums and objects gathered over ranks, the
-     module DDP wraps (only the trained projectors), the autocast precision.
-  3. Exact resume: every random stream, atomic rotating checkpoints, the checkpoint to resume from.
+     module DDP wraps (only the trained projectors), the end-of-run rank check, autocast.
+  3. Exact resume: the seeds and every random stream, what a checkpoint holds and its restore,
+     atomic rotating checkpoints, the checkpoint to resume from.
   4. The running weight average that the exported model holds (official use_averaged_model).
   5. Encoder cache: frozen encoder outputs on disk, so later epochs skip the encoders.
-  6. Metrics: metrics.jsonl, throughput over the log window, the progress bar, --log-batches.
+  6. Metrics: the gradient norm (and --grad-clip), metrics.jsonl, throughput over the log
+     window, the progress bar, --log-batches.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -27,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checks
 import files
@@ -51,6 +56,49 @@ def check_args(args) -> None:
         raise TrainError("--cache-encoders stores encoder outputs of unaugmented fbank, but "
                          "SpecAugment (on by default) changes the fbank at every step: add "
                          "--no-spec-augment to use the cache")
+
+
+def check_model_args(args) -> None:
+    """The folders each stage needs exist and fit together, before anything is loaded."""
+    for flag, path in (("--speech-encoder", args.speech_encoder),
+                       ("--paraling-encoder", args.paraling_encoder), ("--init", args.init)):
+        if path and not Path(path).is_dir():
+            raise TrainError(f"{flag} {path}: no such folder")
+        if path and flag != "--init":
+            checks.encoder_folder(path, flag)
+    if args.stage in (1, "both"):
+        if not (args.llm and args.speech_encoder):
+            raise TrainError(f"stage {args.stage} needs --llm and --speech-encoder")
+        return
+    if not (args.init and args.paraling_encoder):
+        raise TrainError("stage 2 needs --init (the stage-1 model folder) and --paraling-encoder")
+    if not (Path(args.init) / "model.safetensors").exists():
+        raise TrainError(f"--init {Path(args.init)}: no model.safetensors; expected a stage-1 "
+                         "model folder (release layout)")
+    if args.speech_encoder:
+        raise TrainError("stage 2 takes the semantic encoder from --init: its projector was "
+                         "trained on it")
+
+
+def check_frozen(model, names: list[str], stage: int | str) -> None:
+    """Exactly the projector(s) of this stage may require gradients: anything else would silently
+    train (and, for the LLM, cost an optimizer state the size of the model)."""
+    allowed = {id(p) for n in names for p in getattr(model, n).parameters()}
+    wrong = [n for n, p in model.named_parameters() if p.requires_grad != (id(p) in allowed)]
+    if wrong:
+        raise TrainError(f"stage {stage}: wrong requires_grad on {wrong[:5]} "
+                         f"({len(wrong)} parameters)")
+
+
+def count_steps(args, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: --max-steps, else --epochs passes of grad_accum batches each."""
+    steps_per_epoch = batches_per_epoch // args.grad_accum
+    if steps_per_epoch == 0 and args.max_steps is None:
+        raise TrainError(f"an epoch has {batches_per_epoch} batches per rank, fewer than "
+                         f"--grad-accum {args.grad_accum}")
+    if args.max_steps is not None:
+        return args.max_steps
+    return math.ceil(args.epochs * steps_per_epoch)
 
 
 def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None = None) -> list:
@@ -181,6 +229,22 @@ class TrainedPart(nn.Module):
         return self.model(**kwargs)
 
 
+def wrap(model, names: list[str], world: int, device) -> nn.Module:
+    """The module the loop calls: TrainedPart, inside DistributedDataParallel if several ranks."""
+    net = TrainedPart(model, names)
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
+
+
+def check_ranks_agree(params, log, step: int, world: int) -> None:
+    """DDP keeps ranks identical by construction: check it once at the end, and log it."""
+    spread = rank_weight_spread(params)
+    log({"step": step, "event": "end", "world_size": world, "rank_weight_max_diff": spread})
+    if spread != 0.0:
+        raise TrainError(f"ranks ended with different projector weights (max diff {spread:g})")
+
+
 def resolve_precision(precision: str, device) -> str:
     """`auto` is bf16 on CUDA and fp32 on CPU: many CPUs have no bf16 arithmetic (it is emulated and
     slow), and the tests want exactness. Recent server CPUs (AVX512-BF16, AMX) run bf16 2-3x faster:
@@ -201,6 +265,38 @@ def autocast(device, precision: str):
 # --------------------------------------------------------------------------------------------------
 # 3. Exact resume: random streams and checkpoints
 # --------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, rank: int) -> torch.Generator:
+    """The same seed on every rank: the projectors start identical everywhere (DDP also broadcasts
+    rank 0's weights, but identical construction keeps single- and multi-process runs comparable).
+    SpecAugment gets its own per-rank stream (returned) so ranks do not mask their different
+    utterances identically."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed + 1000 + rank)
+
+
+def checkpoint_state(step: int, model, names: list[str], optimizer, average, epoch: int,
+                     batches_done: int, specaug_gen: torch.Generator, args) -> dict:
+    """What exact resume needs: the weights, Adam's moments, the average, the sampler position
+    and every random stream of every rank (a collective: every rank calls it)."""
+    return {"step": step, "projectors": {n: getattr(model, n).state_dict() for n in names},
+            "optimizer": optimizer.state_dict(), "average": average.state_dict(),
+            "sampler": {"epoch": epoch, "batches_done": batches_done},
+            "rng": gather_objects(rng_state(specaug_gen)),
+            "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+
+
+def restore(ckpt: dict, model, names: list[str], optimizer, average, sampler) -> tuple[int, int]:
+    """Load a checkpoint_state into the run; returns (step, epoch) to continue from."""
+    for n in names:
+        getattr(model, n).load_state_dict(ckpt["projectors"][n])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    average.load_state_dict(ckpt["average"])
+    sampler.load_state_dict(ckpt["sampler"])  # the position inside the epoch
+    return ckpt["step"], ckpt["sampler"]["epoch"]
 
 
 def rng_state(specaug_gen: torch.Generator) -> dict:
@@ -473,6 +569,13 @@ class EncoderCache:
 # --------------------------------------------------------------------------------------------------
 # 6. Metrics
 # --------------------------------------------------------------------------------------------------
+
+
+def grad_norm(params, clip: float) -> float:
+    """The gradient norm the log shows; with --grad-clip > 0 also clips to it (official: off)."""
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
 
 
 def batch_metrics(out: dict, wave_lens: torch.Tensor) -> dict:
