@@ -18,7 +18,8 @@ Modes (Sec. 5.3 stage 1, Sec. 5.4 stage 2, Sec. 5.7 dialog LLM; strings as in ap
     sift_sp   <audio><meta>k: v, ...</meta><text>transcript</text></audio>
     sit_ssp / sift_ssp   as sit_sp / sift_sp under the dialog system message of Sec. 5.7
 
-Support (not the method): targets_support.py loses no row (skips, shards, resume, input order).
+Support (not the method): targets_support.py loses no row (skips, shards, resume, input order)
+and holds the plumbing: the tsit_s and vLLM backends, backend choice, output rows, CLI checks.
 
 Usage (--model: a hub id, a local folder or a .gguf file; tsit_s needs none):
     python generate_targets.py --mode sift_sp --model Qwen/Qwen2.5-7B-Instruct \\
@@ -29,21 +30,17 @@ Usage (--model: a hub id, a local folder or a .gguf file; tsit_s needs none):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import importlib.util
-import os
 import random
 import re
 import sys
-import warnings
 from dataclasses import dataclass
 
 import checks
 import targets_support as support
 from files import append_jsonl
 from manifest import ManifestError, Record
-from targets_support import Row, Summary
+from targets_support import Generation, Row, Summary, TranscriptBackend, VLLMBackend
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
 
@@ -81,10 +78,6 @@ _CJK = re.compile(
 _BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]")  # <noise>, [laughter]: annotations, not words
 _NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
 
-ZHCONV_MISSING = ("zhconv is not installed: Chinese transcripts are NOT converted from Traditional "
-                  "to Simplified Chinese as the official pipeline does, so targets of Traditional "
-                  "text differ from the official ones (pip install zhconv)")
-
 # ------------------------------------------------------------------------------------------------
 # 1. The text stand-in: what the LLM reads in place of the audio
 
@@ -97,20 +90,9 @@ def normalize_text(text: str) -> str:
     text = _BRACKETED.sub("", text).lower()
     pieces = [p for p in _CJK.split(text) if p.strip()]
     text = "".join(p if _CJK.search(p) else f"{p} " for p in pieces).strip()
-    return _to_simplified(re.sub(r"\s+", " ", text))
-
-
-def _to_simplified(text: str) -> str:
-    """Traditional -> Simplified Chinese, as officially. zhconv is optional (CI and the English demo
-    do without); Chinese text without it gets a warning, never a silent difference."""
-    if not _CJK.search(text):
-        return text
-    try:
-        from zhconv import convert
-    except ImportError:
-        warnings.warn(ZHCONV_MISSING, stacklevel=3)
-        return text
-    return convert(text, "zh-cn")
+    text = re.sub(r"\s+", " ", text)
+    # Traditional -> Simplified, as officially (zhconv is optional: without it, a warning)
+    return support.to_simplified(text) if _CJK.search(text) else text
 
 
 def age_group(age: float) -> str | None:
@@ -206,14 +188,6 @@ def chat_prompt(tokenizer, prompt: Prompt) -> str:
     return text + llm.ASSISTANT_HEADER
 
 
-# The same template in Jinja, for vLLM's chat API (the official CHAT_TEMPLATE of
-# run_data_generation.py).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def plan(in_paths, mode: str, seed: int = 0) -> tuple[list[Row], int]:
     """Every input line -> a Row with its prompt, or with the reason it is skipped (unreadable,
     malformed, repeated id, filtered) -> (rows, blank lines). Same inputs, same plan."""
@@ -227,30 +201,8 @@ def plan(in_paths, mode: str, seed: int = 0) -> tuple[list[Row], int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Backends: prompts in, (response, truncated, generated tokens) out
-
-
-@dataclass
-class Generation:
-    response: str
-    truncated: bool   # hit max_new_tokens before the end-of-turn token: cut, not finished
-    n_tokens: int     # generated tokens, end-of-turn included
-
-
-def chunks(n: int, size: int) -> list[list[int]]:
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
-
-class TranscriptBackend:
-    """tsit_s: the target is the transcript, nothing runs. 1024 rows are one resume unit."""
-    name = "transcript"
-    model_label = ""
-
-    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
-        return chunks(len(prompts), 1024)
-
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
-        return [Generation(p.target, False, 0) for p in prompts]
+# 2. Backends: prompts in, (response, truncated, generated tokens) out. The same interface serves
+#    tsit_s (no LLM) and vLLM (GPU only): TranscriptBackend and VLLMBackend in targets_support.py.
 
 
 class HFBackend:
@@ -311,35 +263,6 @@ class HFBackend:
         return Generation(text, end is None, len(tokens) if end is None else end + 1)
 
 
-class VLLMBackend:
-    """vLLM offline generation (GPU only): its chat API with the training ChatML template, greedy,
-    and prefix caching (every row of a mode shares the chat header and, for *_ssp, the long system
-    message). vLLM schedules its own batches, so we hand it large chunks in input order; a chunk is
-    the resume unit."""
-    name = "vllm"
-
-    def __init__(self, model: str, *, model_label: str, gguf_file: str | None = None,
-                 max_new_tokens: int = 256, chunk: int = 4096):
-        from vllm import LLM, SamplingParams
-
-        path = os.path.join(model, gguf_file) if gguf_file else model
-        self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
-                       enable_prefix_caching=True)
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        self.model_label, self.chunk = model_label, chunk
-
-    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
-        return chunks(len(prompts), self.chunk)
-
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
-        conversations = [([{"role": "system", "content": p.system}] if p.system else [])
-                         + p.messages() for p in prompts]
-        outputs = self.llm.chat(conversations, self.params, chat_template=CHATML_TEMPLATE,
-                                add_generation_prompt=True, use_tqdm=False)
-        return [Generation(o.text, o.finish_reason == "length", len(o.token_ids))
-                for o in (out.outputs[0] for out in outputs)]
-
-
 def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto",
                  max_new_tokens=256, batch_tokens=16384, device=None):
     """tsit_s needs no model. `auto` picks vLLM only when it is installed and CUDA is present."""
@@ -347,19 +270,13 @@ def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto"
         return TranscriptBackend()
     if not model:
         raise SystemExit(f"--model is required for mode {mode}")
-    import torch
-
-    import llm
-
     label = f"{model}:{gguf_file}" if gguf_file else str(model)  # the `model` field
-    if backend == "auto":
-        has_vllm = importlib.util.find_spec("vllm") is not None
-        backend = "vllm" if has_vllm and torch.cuda.is_available() else "hf"
-    if backend == "vllm":
+    if support.use_vllm(backend):
         return VLLMBackend(model, model_label=label, gguf_file=gguf_file,
                            max_new_tokens=max_new_tokens)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm, tokenizer = llm.load_llm(model, gguf_file=gguf_file, device=device)
+    import llm
+
+    lm, tokenizer = llm.load_llm(model, gguf_file=gguf_file, device=support.hf_device(device))
     return HFBackend(lm, tokenizer, model_label=label, max_new_tokens=max_new_tokens,
                      batch_tokens=batch_tokens)
 
@@ -395,21 +312,11 @@ def generate(pending: list[Row], mode, backend, path, done: dict, summary: Summa
             prompts = [r.prompt for r in rows]
             for batch in backend.batches(prompts):
                 gens = backend.generate([prompts[i] for i in batch])
-                targets = [target_row(rows[i], mode, g, backend.model_label, path.parent)
+                targets = [support.target_row(rows[i], mode, g, backend.model_label, path.parent)
                            for i, g in zip(batch, gens)]
                 append_jsonl(path, targets)  # whole lines, fsynced: a kill costs at most this batch
                 done.update((t["id"], t) for t in targets)
                 meter.add(len(batch), sum(g.n_tokens for g in gens))
-
-
-def target_row(row: Row, mode: str, gen: Generation, label: str, folder) -> dict:
-    """The input record (our schema, audio relative to the output's folder) plus the fields that
-    train.py learns from: the prompt the LLM read and what it answered."""
-    p = row.prompt
-    rec = dataclasses.replace(row.record, mode=mode, system=p.system, instruction=p.instruction,
-                              input_text=p.input_text, response=gen.response,
-                              truncated=gen.truncated, model=label)
-    return rec.to_json(relative_to=folder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,10 +347,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the tsit_s instruction draw")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if not args.merge and args.mode is None:
-        p.error("--mode is required")
-    if args.max_new_tokens <= 0:  # checked before the LLM loads, not after
-        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    support.check_args(p, args)
     return args
 
 

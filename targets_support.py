@@ -8,13 +8,18 @@ Target generation runs for hours over millions of rows, so it promises:
   - the finished output is in input order (rewritten atomically by files.write_atomic);
   - `--shard i --nshards n` takes every n-th input line; `merge` joins finished shards and checks
     that each row is in exactly one of them.
+It also holds the plumbing around the method: the tsit_s and vLLM backends, the backend choice,
+the optional zhconv, the output row, and the command-line checks.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gzip
+import importlib.util
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,6 +125,117 @@ def budget_batches(lengths: list[int], max_new_tokens: int, batch_tokens: int,
         current.append(i)
         width = max(width, lengths[i])
     return batches + ([current] if current else [])
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing around the method: text, backends, the output row, the command line
+
+ZHCONV_MISSING = ("zhconv is not installed: Chinese transcripts are NOT converted from Traditional "
+                  "to Simplified Chinese as the official pipeline does, so targets of Traditional "
+                  "text differ from the official ones (pip install zhconv)")
+
+
+def to_simplified(text: str) -> str:
+    """Traditional -> Simplified Chinese, as officially. zhconv is optional (CI and the English demo
+    do without); Chinese text without it gets a warning, never a silent difference."""
+    try:
+        from zhconv import convert
+    except ImportError:
+        warnings.warn(ZHCONV_MISSING, stacklevel=3)  # names the caller of normalize_text
+        return text
+    return convert(text, "zh-cn")
+
+
+@dataclass
+class Generation:
+    response: str
+    truncated: bool   # hit max_new_tokens before the end-of-turn token: cut, not finished
+    n_tokens: int     # generated tokens, end-of-turn included
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+class TranscriptBackend:
+    """tsit_s: the target is the transcript, nothing runs. 1024 rows are one resume unit."""
+    name = "transcript"
+    model_label = ""
+
+    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+        return chunks(len(prompts), 1024)
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        return [Generation(p.target, False, 0) for p in prompts]
+
+
+# generate_targets.chat_prompt's template in Jinja, for vLLM's chat API (the official
+# CHAT_TEMPLATE of run_data_generation.py).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class VLLMBackend:
+    """vLLM offline generation (GPU only): its chat API with the training ChatML template, greedy,
+    and prefix caching (every row of a mode shares the chat header and, for *_ssp, the long system
+    message). vLLM schedules its own batches, so we hand it large chunks in input order; a chunk is
+    the resume unit."""
+    name = "vllm"
+
+    def __init__(self, model: str, *, model_label: str, gguf_file: str | None = None,
+                 max_new_tokens: int = 256, chunk: int = 4096):
+        from vllm import LLM, SamplingParams
+
+        path = os.path.join(model, gguf_file) if gguf_file else model
+        self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
+                       enable_prefix_caching=True)
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.model_label, self.chunk = model_label, chunk
+
+    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+        return chunks(len(prompts), self.chunk)
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        conversations = [([{"role": "system", "content": p.system}] if p.system else [])
+                         + p.messages() for p in prompts]
+        outputs = self.llm.chat(conversations, self.params, chat_template=CHATML_TEMPLATE,
+                                add_generation_prompt=True, use_tqdm=False)
+        return [Generation(o.text, o.finish_reason == "length", len(o.token_ids))
+                for o in (out.outputs[0] for out in outputs)]
+
+
+def use_vllm(backend: str) -> bool:
+    """--backend vllm, or auto with vLLM installed and CUDA present."""
+    if backend != "auto":
+        return backend == "vllm"
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def hf_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def target_row(row: Row, mode: str, gen: Generation, label: str, folder) -> dict:
+    """The input record (our schema, audio relative to the output's folder) plus the fields that
+    train.py learns from: the prompt the LLM read and what it answered."""
+    p = row.prompt
+    rec = dataclasses.replace(row.record, mode=mode, system=p.system, instruction=p.instruction,
+                              input_text=p.input_text, response=gen.response,
+                              truncated=gen.truncated, model=label)
+    return rec.to_json(relative_to=folder)
+
+
+def check_args(parser, args) -> None:
+    if not args.merge and args.mode is None:
+        parser.error("--mode is required")
+    if args.max_new_tokens <= 0:  # checked before the LLM loads, not after
+        parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
 
 
 # ------------------------------------------------------------------------------------------------

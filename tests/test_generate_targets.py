@@ -171,7 +171,7 @@ def test_full_chatml_prompt_and_vllm_template_agree():
         ) + p.messages()
         jinja = tok.apply_chat_template(
             conversation,
-            chat_template=gt.CHATML_TEMPLATE,
+            chat_template=support.CHATML_TEMPLATE,
             tokenize=False,
             add_generation_prompt=True,
         )
@@ -517,7 +517,7 @@ def test_vllm_backend_is_thin_and_greedy(monkeypatch):
     assert calls["init"]["enable_prefix_caching"] is True
     conversations, params, kw = calls["chat"]
     assert params.kw == {"temperature": 0.0, "max_tokens": 8}
-    assert kw["chat_template"] == gt.CHATML_TEMPLATE and kw["add_generation_prompt"] is True
+    assert kw["chat_template"] == support.CHATML_TEMPLATE and kw["add_generation_prompt"] is True
     assert (
         conversations[0][0] == {"role": "system", "content": PAPER_SYSTEM}
         and len(conversations[1]) == 1
