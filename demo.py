@@ -65,8 +65,7 @@ WAIT_POLICY = cpu_runtime.set_wait_policy()
 # a stronger stage 1 (about 45 minutes in fp32); `quick` is for the test suite. The budget
 # (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the frozen
 # LLM's forward and backward pass dominates every training step. The corpus itself is cheap, so the
-# encoders see all of its training split. README, "The CPU demo", has the measured tables of both
-# sizes.
+# encoders see all of its training split. README, "The CPU demo", has the measured tables.
 SIZES = {
     "default": dict(train_rows=256, test_rows=32, repeat_rows=12, max_new_tokens=32,
                     encoder_steps=260, paraling_steps=40, encoder_batch=12, stage1_steps=80,
@@ -160,8 +159,7 @@ def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -
 
 
 # --------------------------------------------------------------------------------------------------
-# The phases. Each calls an entry point's main(argv) (or its library function, to reuse a loaded
-# model).
+# The phases. Each calls an entry point's main(argv), or its library function to reuse a model.
 
 
 def export_llm(out: Path, source: str) -> dict:
@@ -284,8 +282,7 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
                  "--train", str(targets / "train_sift_s.jsonl")]
     else:
-        # sift_sp teaches the new paralinguistic branch; sift_s at half weight keeps plain speech
-        # in the mix
+        # sift_sp teaches the paraling branch; sift_s at half weight keeps plain speech in the mix
         extra = ["--init", str(out / "stage1"),
                  "--paraling-encoder", str(out / "encoders" / "paraling"),
                  "--train", str(targets / "train_sift_sp.jsonl"),

@@ -42,8 +42,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert first[0].startswith("CPU runtime: ") and "OMP_WAIT_POLICY=" in first[0]
     assert "estimated" in first[1]
 
-    # Every phase left its marker; the table has all rows (2 stages x silent/audio/oracle) with
-    # numbers.
+    # Every phase left its marker; the table has a row per stage x system, each with numbers.
     assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(PHASES)
     stage_rows = [line for line in result["table"].splitlines() if line.startswith("| stage")]
     rows = [line for line in stage_rows if "real speech" not in line]
@@ -68,8 +67,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
             # agreement with the oracle
             assert 0 <= float(cells[6]) <= 100 and 0 <= float(cells[8]) <= 100
 
-    # The gender question went through evaluate.py's likelihood scoring: 2 candidates per held-out
-    # clip.
+    # The gender question went through evaluate.py's likelihood scoring: 2 candidates per clip.
     choice_answers = out / "eval" / "stage2" / "choice_answers.jsonl"
     gender = [json.loads(x) for x in choice_answers.read_text().splitlines()]
     n_test = len((out / "corpus" / "test_subset.jsonl").read_text().splitlines())
