@@ -79,11 +79,12 @@ SIZES = {
 }
 # Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2, for the estimate printed at the
 # start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector step of
-# stage 1 and of stage 2 (batch 8), an evaluation row per system, a 24-token answer. Where bf16
+# stage 1 and of stage 2 (batch 8), an evaluation row per system (stage 2's rows carry two encoders
+# and longer prompts: eval_row2), a 24-token answer (BENCHMARKS.md has the table). Where bf16
 # arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run BF16_SPEEDUP
 # times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
-RATES = dict(whisper=20, llm_load=3, utterance=0.01, target_row=0.16, encoder_step=1.7,
-             train_step=4.2, stage2_step=5.7, eval_row=0.27, answer=0.6)
+RATES = dict(whisper=10, llm_load=3, utterance=0.015, target_row=0.26, encoder_step=1.8,
+             train_step=3.0, stage2_step=4.9, eval_row=0.31, eval_row2=0.51, answer=0.6)
 BF16_SPEEDUP = 2.3
 
 # The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py
@@ -153,7 +154,7 @@ def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -
             "stage2": r["llm_load"] + size["stage2_steps"] * r["stage2_step"] * batch / fast,
             "eval_stage1": r["llm_load"] + (n_eval[1] * r["eval_row"]
                                             + n_answers * r["answer"]) / fast,
-            "eval_stage2": r["llm_load"] + (n_eval[2] * r["eval_row"]
+            "eval_stage2": r["llm_load"] + (n_eval[2] * r["eval_row2"]
                                             + n_answers * r["answer"]) / fast,
             "report": r["llm_load"] + 10}
 
@@ -527,7 +528,7 @@ def main(argv=None):
     p.add_argument("--speech-encoder", choices=["whisper", "zipformer"], default="whisper",
                    help="frozen speech (semantic) encoder: Whisper tiny.en, pretrained on real "
                         "speech (default), or a small Zipformer trained here on the eSpeak corpus "
-                        "(the stand-in of earlier versions)")
+                        "(encoder choice, paper Table 6 in small)")
     p.add_argument("--llm",
                    help="the frozen instruct LLM: a local .gguf file or Hugging Face folder "
                         "(default: the bundled SmolLM2-135M-Instruct; see "
