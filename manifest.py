@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import checks
 from files import json_line, write_atomic
 
 
@@ -339,8 +340,6 @@ def check_manifest(path, out=sys.stdout, max_audio_seconds: float | None = None)
     (missing or unreadable file, offset or offset + duration past its end, too short, over
     `max_audio_seconds`; from the file headers, see checks.audio_problems) and EVERY field error
     (the file is read line by line and keeps going). Returns True when nothing is wrong."""
-    from checks import audio_problems
-
     print(f"== {path}", file=out)
     if not os.path.exists(path):
         print("  manifest file not found", file=out)
@@ -351,7 +350,7 @@ def check_manifest(path, out=sys.stdout, max_audio_seconds: float | None = None)
             (errors if isinstance(item, ManifestError) else records).append(item)
     except (OSError, UnicodeDecodeError, EOFError) as e:  # e.g. a corrupt .gz: report, don't crash
         errors.append(f"{path}: unreadable ({e})")
-    problems = audio_problems(records, max_audio_seconds)
+    problems = checks.audio_problems(records, max_audio_seconds)
     durs = np.array([r.duration for r in records])
     print(f"  utterances: {len(records)}" + ("  (empty manifest)" if not records else ""), file=out)
     if len(durs):
@@ -374,7 +373,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate manifests: counts, hours, audio, field errors")
     check.add_argument("manifests", nargs="+")
-    check.add_argument("--max-audio-seconds", type=float, default=50.0,
+    check.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                        help="flag rows longer than this (train.py's default limit; 0: no limit)")
     args = parser.parse_args(argv)
     ok = [check_manifest(m, max_audio_seconds=args.max_audio_seconds) for m in args.manifests]

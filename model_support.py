@@ -101,9 +101,9 @@ def check_zipformer_config(config) -> None:
 
 
 def check_fbank(x: torch.Tensor, x_lens: torch.Tensor, feature_dim: int,
-                min_frames: int) -> torch.Tensor:
-    """The encoder's input, checked with one clear line per mistake -> x_lens as long on x's
-    device."""
+                min_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's input, checked with one clear line per mistake -> (x cut to the longest row,
+    x_lens as long on x's device). Extra padding changes the tensor size, never the result."""
     if x.dim() != 3 or x.shape[-1] != feature_dim:
         raise ValueError(f"expected fbank of shape (B, T, {feature_dim}), got {tuple(x.shape)}")
     x_lens = x_lens.to(device=x.device, dtype=torch.long)
@@ -113,10 +113,10 @@ def check_fbank(x: torch.Tensor, x_lens: torch.Tensor, feature_dim: int,
         raise ValueError(f"input too short: the Zipformer front end needs at least "
                          f"{min_frames} fbank frames (90 ms at 100 Hz), got lengths "
                          f"{x_lens.tolist()}")
-    if int(x_lens.max()) > x.shape[1]:
-        raise ValueError(f"x_lens.max() = {int(x_lens.max())} exceeds the {x.shape[1]} frames "
-                         "of x")
-    return x_lens
+    max_len = int(x_lens.max())
+    if max_len > x.shape[1]:
+        raise ValueError(f"x_lens.max() = {max_len} exceeds the {x.shape[1]} frames of x")
+    return x[:, :max_len], x_lens
 
 
 def read_zipformer(path) -> tuple[dict, dict]:

@@ -533,8 +533,7 @@ class ZipformerEncoder(nn.Module):
 
         Returns encoder_out (B, T', D) and encoder_out_lens (B,) = output_lengths(x_lens).
         """
-        x_lens = model_support.check_fbank(x, x_lens, self.config.feature_dim, MIN_INPUT_FRAMES)
-        x = x[:, : int(x_lens.max())]  # extra padding changes the tensor size, never the result
+        x, x_lens = model_support.check_fbank(x, x_lens, self.config.feature_dim, MIN_INPUT_FRAMES)
         x, lens = self.encoder_embed(x, x_lens)
         x, lens = self.encoder(x, lens)
         x = x.masked_fill(make_pad_mask(lens, x.shape[1])[:, :, None], 0.0)
