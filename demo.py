@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "recipe"))
 import cpu_runtime  # noqa: E402
 
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning (cpu_runtime.py: why)
-WAIT_POLICY = cpu_runtime.set_wait_policy()
+cpu_runtime.set_wait_policy()
 
 # Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no
 # bf16 arithmetic: the slowest CPUs measured); `long` trains 2-4x more steps on more utterances for
@@ -200,7 +200,7 @@ def real_subset(corpus: Path, n: int) -> int:
     from data import write_manifest
 
     try:
-        records = [r for r in real_speech.records() if len(r.text.split()) >= 3]
+        records = real_speech.records(min_words=3)
     except real_speech.NotInstalled as e:
         print(f"no real-speech row: {e}")
         return 0
@@ -504,8 +504,10 @@ def check_same_run(out: Path, settings: dict) -> None:
     if path.exists() and json.loads(path.read_text()) != settings:
         sys.exit(f"{out} was started with {path.read_text().strip()}, not {json.dumps(settings)}: "
                  "use the same options or another --out")
+    from files import write_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings) + "\n")
+    write_atomic(path, [json.dumps(settings) + "\n"])  # a cut write must not break the resume
 
 
 def main(argv=None):

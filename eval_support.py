@@ -25,7 +25,6 @@ from tqdm import tqdm
 import data
 import files
 import generate_targets
-from generate_targets import normalize_meta
 
 # The paper's fixed option prompt, appended to every multiple-choice question (AIR-Bench style).
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
@@ -197,7 +196,7 @@ def match_label(answer: str, vocab: list[str]) -> str | None:
 def age_label(value) -> str | None:
     """An age as target generation writes it into `<meta>` (generate_targets.normalize_meta, the
     official age_to_group bands and quirks): numbers -> the four groups, names pass through."""
-    return normalize_meta({"age": value}).get("age")
+    return generate_targets.normalize_meta({"age": value}).get("age")
 
 
 def record_label(record: data.Record, attribute: str) -> str | None:

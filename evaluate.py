@@ -133,14 +133,16 @@ def run_align(model, records: list[data.Record], path: Path, model_name: str, sy
         todo = sorted([r for r in records if (r.id, system) not in done], key=lambda r: -r.duration)
         for chunk in tqdm(list(es.batches(todo, batch_size)), desc=system, unit="batch",
                           disable=not todo):
-            audio_messages = [model.training_messages(r) for r in chunk]
             if system == "oracle":
                 scores = target_nll(model, [oracle_training_messages(r) for r in chunk])
-            elif system == "audio" and segments_fn is not None:
-                scores = target_nll(model, audio_messages, segments=segments_fn(model, chunk))
             else:
-                waves = load_waves(chunk, silent=system == "silent")
-                scores = target_nll(model, audio_messages, waves=waves)
+                audio_messages = [model.training_messages(r) for r in chunk]
+                if system == "audio" and segments_fn is not None:
+                    segments = segments_fn(model, chunk)
+                    scores = target_nll(model, audio_messages, segments=segments)
+                else:
+                    waves = load_waves(chunk, silent=system == "silent")
+                    scores = target_nll(model, audio_messages, waves=waves)
             rows = [{"id": r.id, "system": system, "model": model_name, "mode": r.mode,
                      "nll": s, "tokens": n} for r, (s, n) in zip(chunk, scores)]
             files.append_jsonl(path, rows)

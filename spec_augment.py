@@ -67,7 +67,7 @@ class SpecAugment:
         return torch.cat([left, right], dim=2)[0, 0]
 
     def mask(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x, fill = x.clone(), x.mean()
+        fill = x.mean()  # x is already this utterance's own copy (__call__ cloned the batch)
         T, n_bins = x.shape
         for start, width in spans(self.freq_masks, self.freq_width, n_bins, gen):
             x[:, start:start + width] = fill

@@ -366,8 +366,6 @@ def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | No
     candidates = [find_checkpoint(exp, resume)] if resume != "latest" else \
         sorted((exp / "checkpoints").glob("step-*.pt"), reverse=True)
     for path in candidates:
-        if path is None:
-            break
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, bad pickle: torch raises several types

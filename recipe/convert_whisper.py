@@ -397,9 +397,7 @@ def check_clips(n_real: int = 3) -> list[tuple[str, torch.Tensor]]:
     try:
         import real_speech
 
-        sentences = [
-            r for r in real_speech.records() if len(r.text.split()) >= 3
-        ]  # not just "Activated."
+        sentences = real_speech.records(min_words=3)  # not just "Activated."
         clips += [(r.text, real_speech.load(r)) for r in sentences[:n_real]]
     except real_speech.NotInstalled:
         pass

@@ -224,11 +224,11 @@ def main(argv=None):
     valid_feats = load_features(valid) if valid else []
     # a resumed run keeps the report of an encoder it skips
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
-    for kind, folder in (("speech", "speech"), ("paraling", "paraling")):
+    for kind in ("speech", "paraling"):
         if kind not in args.kinds:
             continue
-        if (out / folder / "model.safetensors").exists():
-            print(f"skipping {kind} encoder: {out / folder} exists")
+        if (out / kind / "model.safetensors").exists():
+            print(f"skipping {kind} encoder: {out / kind} exists")
             continue
         t0 = time.time()
         steps = args.steps if kind == "speech" else (args.paraling_steps or args.steps)
@@ -245,7 +245,7 @@ def main(argv=None):
         print(f"{kind} encoder: {json.dumps(entry)}")
         report[kind] = entry
         # the frozen encoder; the head is only a training device
-        encoder.save_pretrained(out / folder)
+        encoder.save_pretrained(out / kind)
         write_atomic(out / "report.json", [json.dumps(report, indent=2) + "\n"])
 
 

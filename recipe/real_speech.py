@@ -64,8 +64,9 @@ def read_transcripts(path=TRANSCRIPTS) -> dict[str, str]:
     return out
 
 
-def records(sounds=SOUNDS, transcripts=TRANSCRIPTS) -> list[Record]:
-    """One Record per prompt that has both a wav and a spoken transcript, sorted by id."""
+def records(sounds=SOUNDS, transcripts=TRANSCRIPTS, min_words: int = 1) -> list[Record]:
+    """One Record per prompt that has both a wav and a spoken transcript of at least `min_words`
+    words, sorted by id."""
     import soundfile as sf
 
     sounds = Path(sounds)
@@ -88,7 +89,7 @@ def records(sounds=SOUNDS, transcripts=TRANSCRIPTS) -> list[Record]:
             )
     if not out:
         raise NotInstalled(f"no wav in {sounds} matches a transcript of {transcripts}: {INSTALL}")
-    return out
+    return [r for r in out if len(r.text.split()) >= min_words]
 
 
 def load(record: Record):
@@ -106,7 +107,7 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     try:
-        recs = [r for r in records() if len(r.text.split()) >= args.min_words]
+        recs = records(min_words=args.min_words)
     except NotInstalled as e:
         sys.exit(str(e))
     write_manifest(recs, args.out)
