@@ -44,12 +44,3 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path):
         files.write_atomic(path, lines(), what="writing the manifest")
     assert path.read_text() == '{"id": "old"}\n'
     assert os.listdir(tmp_path) == ["manifest.jsonl"]  # no temporary file left behind
-
-
-def test_write_atomic_gives_umask_permissions(tmp_path):
-    old = os.umask(0o027)
-    try:
-        files.write_atomic(tmp_path / "a.txt", ["x\n"])
-    finally:
-        os.umask(old)
-    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o640

@@ -511,7 +511,7 @@ def test_top_p_out_of_range(release, capsys):
     assert one_line_error(capsys.readouterr().err) == "--top-p must be in (0, 1], got 2"
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002, 0o027])
 def test_write_atomic_follows_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
