@@ -243,10 +243,14 @@ def checkpoint_stage(ckpt: dict, path, stage: int) -> None:
                          f"{stage} (use another --exp, or leave out --resume)")
 
 
+# where a composite (whole-model) config keeps its encoder's config: `<key>_config`
+ENCODER_CONFIG_KEYS = ("speech_encoder", "audio_encoder", "encoder")
+
+
 def encoder_folder(path, flag: str) -> None:
     """An encoder flag must name a Zipformer (or transformers Whisper) folder, not e.g. an LLM's."""
     config = json_file(Path(path) / "config.json")
-    composite = any(f"{k}_config" in config for k in ("speech_encoder", "audio_encoder", "encoder"))
+    composite = any(f"{k}_config" in config for k in ENCODER_CONFIG_KEYS)
     kind = config.get("model_type", "zipformer")
     if kind not in ("zipformer", "whisper") and not composite:
         raise CheckError(f"{flag} {path}: config.json describes a {kind!r} model, not a Zipformer "

@@ -128,8 +128,7 @@ def read_zipformer(path) -> tuple[dict, dict]:
     path = Path(path)
     weight_path, path = (find_weights(path), path) if path.is_dir() else (path, path.parent)
     config = json.loads((path / "config.json").read_text())
-    sub = next((k for k in ("speech_encoder", "audio_encoder", "encoder")
-                if f"{k}_config" in config), None)
+    sub = next((k for k in checks.ENCODER_CONFIG_KEYS if f"{k}_config" in config), None)
     prefixes = ([f"{sub}."] if sub else []) + ["speech_encoder.", "audio_encoder."]
     state = zipformer_state(load_state_dict(weight_path), prefixes)
     return (config[f"{sub}_config"] if sub else config), state
@@ -176,14 +175,16 @@ def require(path: Path) -> Path:
     return path
 
 
-def check_model_folder(root: Path, config: dict) -> None:
-    """Every part of a release folder is there and reads, before anything slow is loaded."""
+def check_model_folder(root: Path, config: dict) -> Path:
+    """Every part of a release folder is there and reads, before anything slow is loaded -> the
+    root weight file."""
     require(root / "speech_encoder"), require(root / "llm")
     if config.get("paraling_encoder_config") is not None:
         require(root / "paraling_encoder")
     checks.model_files(root)  # a corrupt weight or config file is named, no library traceback
-    find_weights(root)
+    weights = find_weights(root)
     require(root / "tokenizer_config.json")
+    return weights
 
 
 def read_model_folder(path_or_hub_id) -> tuple[Path, dict, dict]:
@@ -191,8 +192,7 @@ def read_model_folder(path_or_hub_id) -> tuple[Path, dict, dict]:
     root weights)."""
     root = resolve_model_dir(path_or_hub_id)
     config = checks.json_file(require(root / "config.json"))
-    check_model_folder(root, config)
-    return root, config, load_state_dict(find_weights(root))
+    return root, config, load_state_dict(check_model_folder(root, config))
 
 
 def projector_weights(state: dict, own: dict) -> dict:
