@@ -64,6 +64,15 @@ def positive(args, *names: str) -> None:
             raise CheckError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
 
 
+def positive_flags(parser, args, *names: str) -> None:
+    """`positive` for a command that checks its flags before loading anything: the same message,
+    as the parser's usage error (exit code 2)."""
+    try:
+        positive(args, *names)
+    except CheckError as e:
+        parser.error(str(e))
+
+
 def sampling(args) -> None:
     """--top-p is a probability mass in (0, 1]; a temperature cannot be negative (0: greedy)."""
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -259,21 +268,14 @@ def encoder_folder(path, flag: str) -> None:
 
 def truncate_metrics(path, step: int) -> None:
     """metrics.jsonl keeps only what was logged up to the checkpoint a run starts from (step N; 0
-    for a fresh run): the steps after it run again and would otherwise appear twice. Rewritten
-    atomically (files.write_atomic), so a kill here cannot lose the log."""
-    path = Path(path)
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            rec = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError:  # a line cut off by a kill
-            continue
-        # step N's records were logged before its checkpoint; a finished run's end event after it
-        if rec and (rec.get("step", 0) < step or (rec.get("step") == step and "event" not in rec)):
-            keep.append(line)
-    files.write_atomic(path, keep)
+    for a fresh run): the steps after it run again and would otherwise appear twice. A partial last
+    line (a kill during an append) is cut with a message; the file is rewritten atomically
+    (files.write_atomic), so a kill here cannot lose the log."""
+    # step N's records were logged before its checkpoint; a finished run's end event after it
+    keep = [rec for _, rec in files.read_jsonl(path, repair=True)
+            if rec.get("step", 0) < step or (rec.get("step") == step and "event" not in rec)]
+    if Path(path).exists():
+        files.write_atomic(path, map(files.json_line, keep))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -348,8 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                    help=checks.MAX_AUDIO_HELP)
     args = p.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    checks.positive_flags(p, args, "max_new_tokens")
     return args
 
 

@@ -234,8 +234,7 @@ def target_row(row: Row, mode: str, gen: Generation, label: str, folder) -> dict
 def check_args(parser, args) -> None:
     if not args.merge and args.mode is None:
         parser.error("--mode is required")
-    if args.max_new_tokens <= 0:  # checked before the LLM loads, not after
-        parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    checks.positive_flags(parser, args, "max_new_tokens")  # before the LLM loads, not after
 
 
 # ------------------------------------------------------------------------------------------------

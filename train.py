@@ -404,11 +404,13 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
         with train_support.autocast(device, args.precision):
             out = net(messages=messages, encoder_outputs=enc, max_length=args.max_length or None)
         if train:
-            checks.batch_tokens(float(out["num_tokens"]), batch["records"], args.max_length)
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if
             # the whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
-    return train_support.batch_metrics(out, batch["wave_lens"])
+    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # the step's one host sync
+    if train:  # after backward, not before it (no GPU wait); a batch without tokens has loss 0
+        checks.batch_tokens(metrics["tokens"], batch["records"], args.max_length)
+    return metrics
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import errno
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_train import build_setup, stage1_args
+from test_train import build_setup, stage1_args, stage2_args
 
 import checks
 import data
@@ -365,25 +366,7 @@ def test_stage2_resume_from_stage1_checkpoint(setup, tmp_path):
     with pytest.raises(
         CheckError, match="step-00000001.pt was written by a stage-1 run; this is stage 2"
     ):
-        train.main(
-            [
-                "--stage",
-                "2",
-                "--init",
-                str(exp / "s1"),
-                "--paraling-encoder",
-                setup["paraling"],
-                "--train",
-                setup["train8"],
-                "--exp",
-                str(exp / "s2"),
-                "--num-workers",
-                "0",
-                "--max-steps",
-                "2",
-                "--resume",
-            ]
-        )
+        train.main(stage2_args(setup, exp / "s1", exp / "s2", "--max-steps", "2", "--resume"))
 
 
 def test_paraling_encoder_pointing_at_an_llm(setup, tmp_path):
@@ -392,22 +375,7 @@ def test_paraling_encoder_pointing_at_an_llm(setup, tmp_path):
         match=f"--paraling-encoder {setup['llm']}: config.json describes a 'qwen2' "
         "model, not a Zipformer or Whisper encoder",
     ):
-        train.main(
-            [
-                "--stage",
-                "2",
-                "--init",
-                str(tmp_path),
-                "--paraling-encoder",
-                setup["llm"],
-                "--train",
-                setup["train8"],
-                "--exp",
-                str(tmp_path / "x"),
-                "--num-workers",
-                "0",
-            ]
-        )
+        train.main(stage2_args(setup, tmp_path, tmp_path / "x", paraling=setup["llm"]))
 
 
 @pytest.mark.skipif(
@@ -500,6 +468,20 @@ def test_metrics_after_resume_do_not_repeat_steps(setup, tmp_path):
     ]
     assert steps == [1, 2, 3, 4, 5]
 
+
+def test_metrics_partial_last_line_is_cut_on_resume(tmp_path, capsys):
+    """A kill during an append leaves half a line: the resumed run cuts it (with a message) and
+    keeps the whole records up to its checkpoint; a broken line elsewhere is an error, not
+    skipped."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    checks.truncate_metrics(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]
+    assert "dropping a partial last line (15 bytes)" in capsys.readouterr().err
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
+        checks.truncate_metrics(path, 2)
 
 def test_stage1_refuses_init(setup, tmp_path):
     with pytest.raises(CheckError, match="--init is for stage 2"):

@@ -108,6 +108,25 @@ def stage1_args(s, exp, *extra, train="train8"):
     ]
 
 
+def stage2_args(s, init, exp, *extra, paraling=None):
+    """A stage-2 run from the stage-1 model folder `init` on the 8-row manifest."""
+    return [
+        "--stage",
+        "2",
+        "--init",
+        str(init),
+        "--paraling-encoder",
+        paraling or s["paraling"],
+        "--train",
+        s["train8"],
+        "--exp",
+        str(exp),
+        "--num-workers",
+        "0",
+        *extra,
+    ]
+
+
 def losses(result):
     return [h["loss"] for h in result["history"] if "loss" in h]
 
@@ -569,28 +588,12 @@ def test_stage2_freezes_semantic_projector(setup, stage1_model, tmp_path, monkey
     monkeypatch.setattr(train, "build_model", spy)
     exp = tmp_path / "stage2"
     r = train.main(
-        [
-            "--stage",
-            "2",
-            "--init",
-            str(stage1_model),
-            "--paraling-encoder",
-            setup["paraling"],
-            "--train",
-            setup["train8"],
-            "--exp",
-            str(exp),
-            "--num-workers",
-            "0",
-            "--max-steps",
-            "3",
-            "--max-duration",
-            "3.2",
-            "--warmup-steps",
-            "1",
-            "--lr",
-            "1e-2",
-        ]
+        stage2_args(
+            setup,
+            stage1_model,
+            exp,
+            *("--max-steps", "3", "--max-duration", "3.2", "--warmup-steps", "1", "--lr", "1e-2"),
+        )
     )
     stage1 = projector_state(stage1_model)
     after = projector_state(exp)
@@ -609,24 +612,7 @@ def test_stage2_freezes_semantic_projector(setup, stage1_model, tmp_path, monkey
 def test_stage2_llm_width_mismatch_is_explained(setup, stage1_model, tmp_path):
     other = make_llm_dir(tmp_path / "llm48", hidden=48)
     with pytest.raises(train.TrainError, match="maps to width 64, but the LLM has hidden size 48"):
-        train.main(
-            [
-                "--stage",
-                "2",
-                "--init",
-                str(stage1_model),
-                "--llm",
-                str(other),
-                "--paraling-encoder",
-                setup["paraling"],
-                "--train",
-                setup["train8"],
-                "--exp",
-                str(tmp_path / "x"),
-                "--num-workers",
-                "0",
-            ]
-        )
+        train.main(stage2_args(setup, stage1_model, tmp_path / "x", "--llm", str(other)))
 
 
 def test_torchrun_two_cpu_ranks(setup, tmp_path):
