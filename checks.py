@@ -266,16 +266,14 @@ def encoder_folder(path, flag: str) -> None:
                          "or Whisper encoder")
 
 
-def truncate_metrics(path, step: int) -> None:
-    """metrics.jsonl keeps only what was logged up to the checkpoint a run starts from (step N; 0
-    for a fresh run): the steps after it run again and would otherwise appear twice. A partial last
-    line (a kill during an append) is cut with a message; the file is rewritten atomically
-    (files.write_atomic), so a kill here cannot lose the log."""
-    # step N's records were logged before its checkpoint; a finished run's end event after it
-    keep = [rec for _, rec in files.read_jsonl(path, repair=True)
-            if rec.get("step", 0) < step or (rec.get("step") == step and "event" not in rec)]
+def truncate_log(path, keep) -> None:
+    """A resumed run keeps only the records of a step log (metrics.jsonl, batches.rankN.jsonl) for
+    which keep(record) holds: the steps after its checkpoint run again and would otherwise appear
+    twice. A partial last line (a kill during an append) is cut with a message; the file is
+    rewritten atomically (files.write_atomic), so a kill here cannot lose the log."""
+    rows = files.read_jsonl(path, repair=True)
     if Path(path).exists():
-        files.write_atomic(path, map(files.json_line, keep))
+        files.write_atomic(path, (files.json_line(rec) for _, rec in rows if keep(rec)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -214,7 +214,6 @@ def main(argv=None) -> dict:
                                                    done, specaug_gen, args)
             train_support.save_checkpoint(exp, state, args.keep_last, rank)
     bar.close()
-    log.close()
     if cache is not None:
         cache.flush()
 

@@ -634,9 +634,12 @@ class MetricsLog:
 
     def __init__(self, exp: Path, rank: int, step: int, log_batches: bool):
         self.path, self.rank, self.history = exp / "metrics.jsonl", rank, []
-        if rank == 0:
-            checks.truncate_metrics(self.path, step)
-        self.batches = open(exp / f"batches.rank{rank}.jsonl", "a") if log_batches else None
+        self.batches = exp / f"batches.rank{rank}.jsonl" if log_batches else None
+        if rank == 0:  # step N's records come before its checkpoint, a finished run's end after it
+            checks.truncate_log(self.path, lambda r: r.get("step", 0) < step
+                                or (r.get("step") == step and "event" not in r))
+        if self.batches:  # logged with the step about to run: steps N, N+1, ... run again
+            checks.truncate_log(self.batches, lambda r: r["step"] < step)
 
     def __call__(self, record: dict):
         self.history.append(record)
@@ -644,11 +647,7 @@ class MetricsLog:
             files.append_jsonl(self.path, [record])
 
     def batch(self, step: int, epoch: int, records):
-        if self.batches is not None:
-            ids = [r.id for r in records]
-            self.batches.write(json.dumps({"step": step, "epoch": epoch, "ids": ids}) + "\n")
-
-    def close(self):
-        if self.batches is not None:
-            self.batches.close()
+        if self.batches:
+            files.append_jsonl(self.batches, [{"step": step, "epoch": epoch,
+                                               "ids": [r.id for r in records]}])
 

@@ -457,7 +457,7 @@ def test_evaluate_missing_manifest(release, tmp_path, capsys):
 
 def test_metrics_after_resume_do_not_repeat_steps(setup, tmp_path):
     exp = tmp_path / "exp"
-    common = ("--max-duration", "1.6", "--save-every", "2", "--decay-steps", "5")
+    common = ("--max-duration", "1.6", "--save-every", "2", "--decay-steps", "5", "--log-batches")
     train.main(stage1_args(setup, exp, "--max-steps", "3", *common))  # checkpoints at 2 and 3
     (exp / "checkpoints" / "step-00000003.pt").unlink()  # as if killed after step 3's log line
     train.main(stage1_args(setup, exp, "--max-steps", "5", "--resume", *common))
@@ -467,6 +467,9 @@ def test_metrics_after_resume_do_not_repeat_steps(setup, tmp_path):
         if "loss" in json.loads(x)
     ]
     assert steps == [1, 2, 3, 4, 5]
+    # the batch log names the step about to run (0-based): each once, in order
+    batches = [json.loads(x) for x in (exp / "batches.rank0.jsonl").read_text().splitlines()]
+    assert [b["step"] for b in batches] == [0, 1, 2, 3, 4]
 
 
 def test_metrics_partial_last_line_is_cut_on_resume(tmp_path, capsys):
@@ -476,12 +479,12 @@ def test_metrics_partial_last_line_is_cut_on_resume(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.2}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
-    checks.truncate_metrics(path, 2)
+    checks.truncate_log(path, lambda r: r["step"] <= 2)
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]
     assert "dropping a partial last line (15 bytes)" in capsys.readouterr().err
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
-        checks.truncate_metrics(path, 2)
+        checks.truncate_log(path, lambda r: True)
 
 def test_stage1_refuses_init(setup, tmp_path):
     with pytest.raises(CheckError, match="--init is for stage 2"):
