@@ -86,6 +86,13 @@ SIZES = {
 RATES = dict(whisper=10, llm_load=3, utterance=0.015, target_row=0.26, encoder_step=1.8,
              train_step=3.0, stage2_step=4.9, eval_row=0.31, eval_row2=0.51, answer=0.6)
 BF16_SPEEDUP = 2.3
+# Another --llm: the phases that run it take time ~ (its parameters / SmolLM2's) ** exponent, with
+# parameters counted as one token's matrix products use them (the input embedding is a lookup).
+# Fitted on the one larger LLM measured, Qwen2.5-Coder-0.5B (3.67x): training steps grew 3.0x
+# (exponent 0.85), decoding and evaluation 2.4x (0.67: per-token overheads do not grow).
+SMOLLM2_PARAMETERS = 134_515_008
+LLM_EXPONENTS = dict(llm=0.67, targets=0.67, stage1=0.85, stage2=0.85, eval_stage1=0.67,
+                     eval_stage2=0.67)
 
 # The zero-shot gender question, never seen in training, scored by likelihood (evaluate.py
 # `choice`): which of the two answers does the LLM find more probable after the audio? Chosen on
@@ -171,8 +178,16 @@ def export_llm(out: Path, source: str) -> dict:
     model, tokenizer = load_llm(source, device="cpu")
     model.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
-    return {"source": source}
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    tied = head.data_ptr() == embedding.data_ptr()
+    used = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
+    return {"source": source, "parameters": used}
 
+
+def scale_estimate(est: dict, parameters: int) -> dict:
+    """The SmolLM2 estimate for an LLM with `parameters` (see LLM_EXPONENTS)."""
+    ratio = parameters / SMOLLM2_PARAMETERS
+    return {k: v * ratio ** LLM_EXPONENTS.get(k, 0) for k, v in est.items()}
 
 
 def make_corpus(out: Path, size: dict, quick: bool) -> dict:
@@ -558,11 +573,15 @@ def main(argv=None):
     print(f"AZeroS demo -> {out}: estimated {sum(est.values()) / 60:.0f} min on a 2-core CPU "
           f"in {precision} ("
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items()) + ")"
-          + ("" if args.llm is None
-             else "; the estimate is for SmolLM2-135M, a larger --llm takes longer"))
+          + ("" if args.llm is None else "; for SmolLM2-135M: redone once --llm is loaded"))
     t0 = time.time()
     phases = Phases(out, est)
-    phases.run("llm", lambda: export_llm(out, llm))
+    exported = phases.run("llm", lambda: export_llm(out, llm))
+    if args.llm is not None and "parameters" in exported:
+        phases.estimates = scale_estimate(est, exported["parameters"])
+        print(f"estimate for --llm ({exported['parameters'] / 1e6:.0f}M parameters per token, "
+              f"{exported['parameters'] / SMOLLM2_PARAMETERS:.2f}x SmolLM2-135M): "
+              f"{sum(phases.estimates.values()) / 60:.0f} min")
     phases.run("corpus", lambda: make_corpus(out, size, args.quick))
     phases.run("targets", lambda: generate(out, size))
     if args.speech_encoder == "whisper":

@@ -75,6 +75,10 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert {r["question"] for r in gender} == {demo.GENDER_QUESTION}
     assert (out / "results.md").read_text().startswith(result["table"])
 
+    # The estimate's SmolLM2 parameter count is the bundled model's (tied embedding: counted once).
+    exported = json.loads((out / "done" / "llm.json").read_text())
+    assert exported["parameters"] == demo.SMOLLM2_PARAMETERS
+
     # The targets came from the real frozen LLM, the encoders from the train split only.
     line = json.loads((out / "targets" / "train_sift_sp.jsonl").read_text().splitlines()[0])
     assert line["mode"] == "sift_sp" and line["response"] and "<meta>" in line["input_text"]
@@ -109,3 +113,17 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(f"skipping {p}: done" in printed for p in PHASES)
     assert again["table"] == result["table"]
+
+
+def test_export_llm_counts_parameters_per_token(tmp_path):
+    """An untied LLM's input embedding is a table lookup, not a matrix product: not counted; its
+    output head is."""
+    import transformers
+    from test_train import make_llm_dir
+
+    src = make_llm_dir(tmp_path / "src")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() != embedding.data_ptr()
+    total = sum(p.numel() for p in model.parameters())
+    assert demo.export_llm(tmp_path / "out", str(src))["parameters"] == total - embedding.numel()
