@@ -271,7 +271,10 @@ def truncate_log(path, keep) -> None:
     which keep(record) holds: the steps after its checkpoint run again and would otherwise appear
     twice. A partial last line (a kill during an append) is cut with a message; the file is
     rewritten atomically (files.write_atomic), so a kill here cannot lose the log."""
-    rows = files.read_jsonl(path, repair=True)
+    try:
+        rows = files.read_jsonl(path, repair=True)
+    except ValueError as e:  # a line broken in the middle of the log: not ours to drop
+        raise CheckError(f"{e}; move the file away to start the log afresh") from None
     if Path(path).exists():
         files.write_atomic(path, (files.json_line(rec) for _, rec in rows if keep(rec)))
 

@@ -483,8 +483,9 @@ def test_metrics_partial_last_line_is_cut_on_resume(tmp_path, capsys):
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]
     assert "dropping a partial last line (15 bytes)" in capsys.readouterr().err
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
+    with pytest.raises(CheckError, match=re.escape(f"{path}:2: not valid JSON")):
         checks.truncate_log(path, lambda r: True)
+
 
 def test_stage1_refuses_init(setup, tmp_path):
     with pytest.raises(CheckError, match="--init is for stage 2"):
