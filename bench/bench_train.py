@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model_support import per_token_parameters  # noqa: E402
 from projector import Projector  # noqa: E402
 
 CONFIGS = {
@@ -64,10 +65,7 @@ def build_llm(name: str, dtype, device):
 
 def model_flops_per_token(llm, seq_len: int) -> float:
     c = llm.config
-    n = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
-    if c.tie_word_embeddings:
-        # the tied matrix is still the output projection
-        n += llm.get_input_embeddings().weight.numel()
+    n = per_token_parameters(llm)
     return 4 * n + 8 * c.num_hidden_layers * c.hidden_size * seq_len
 
 

@@ -72,24 +72,16 @@ def records(sounds=SOUNDS, transcripts=TRANSCRIPTS, min_words: int = 1) -> list[
     sounds = Path(sounds)
     if not sounds.is_dir():
         raise NotInstalled(f"{sounds} not found: {INSTALL}")
-    out = []
-    for name, text in sorted(read_transcripts(transcripts).items()):
-        wav = sounds / f"{name}.wav"
-        if wav.exists():
-            out.append(
-                Record(
-                    id="asterisk_" + name.replace("/", "_"),
-                    audio=str(wav),
-                    duration=round(sf.info(str(wav)).duration, 4),
-                    text=text,
-                    language="en",
-                    meta=dict(SPEAKER),
-                    extra={"speaker": "asterisk-allison"},
-                )
-            )
-    if not out:
+    found = [(name, text, sounds / f"{name}.wav")
+             for name, text in sorted(read_transcripts(transcripts).items())
+             if (sounds / f"{name}.wav").exists()]
+    if not found:
         raise NotInstalled(f"no wav in {sounds} matches a transcript of {transcripts}: {INSTALL}")
-    return [r for r in out if len(r.text.split()) >= min_words]
+    # the word filter before sf.info: a prompt too short to keep never has its header read
+    return [Record(id="asterisk_" + name.replace("/", "_"), audio=str(wav),
+                   duration=round(sf.info(str(wav)).duration, 4), text=text, language="en",
+                   meta=dict(SPEAKER), extra={"speaker": "asterisk-allison"})
+            for name, text, wav in found if len(text.split()) >= min_words]
 
 
 def load(record: Record):
