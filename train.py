@@ -128,6 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     train_support.check_args(args)  # e.g. --cache-encoders needs --no-spec-augment
+    train_support.check_model_args(args)  # the folders this stage needs exist and fit together
     rank, world, device = train_support.setup_distributed(args.device)
     args.precision = train_support.resolve_precision(args.precision, device)
     exp = Path(args.exp)
@@ -190,7 +191,9 @@ def main(argv=None) -> dict:
             with contextlib.nullcontext() if sync else net.no_sync():
                 window.add(run_batch(model, net, batch, args, device, cache,
                                      specaug_gen if args.spec_augment else None, train=True))
-        grad_norm = train_support.grad_norm(params, args.grad_clip)  # clips if --grad-clip > 0
+        logged = (step + 1) % args.log_every == 0 or step + 1 == total_steps
+        # clips if --grad-clip > 0; the norm is read to the host only for a step that is logged
+        grad_norm = train_support.grad_norm(params, args.grad_clip, logged)
         lr = learning_rate(step + 1, args, decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -200,9 +203,10 @@ def main(argv=None) -> dict:
         average.update(step)
         bar.update(1)
 
-        if step % args.log_every == 0 or step == total_steps:
-            log(window.record(step, epoch, lr, grad_norm))
-            train_support.show(bar, log.history[-1])
+        if logged:
+            record = window.record(step, epoch, lr, grad_norm)
+            log(record)
+            train_support.show(bar, record)
         if valid_loaders and (step % args.valid_every == 0 or step == total_steps):
             v = validate(model, valid_loaders, args, device, cache)
             log({"step": step, **v})
@@ -295,7 +299,6 @@ def build_model(args, device):
     fresh paralinguistic projector; the stage-1 projector is loaded (and frozen by set_stage)."""
     from model import AZeroS  # imported here so `python train.py --help` is instant
 
-    train_support.check_model_args(args)  # the folders this stage needs exist and fit together
     # bf16 weights for the frozen LLM on GPU (half the memory of fp32; autocast computes in bf16
     # anyway). The projectors stay fp32: they are the master weights Adam updates.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -354,7 +354,7 @@ def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator)
             print(f"resumed from {path} at step {ckpt['step']}")
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
-    elif rank == 0 and list((exp / "checkpoints").glob("step-*.pt")):
+    elif rank == 0 and find_checkpoint(exp, "latest") is not None:
         print(f"warning: {exp / 'checkpoints'} has checkpoints but --resume was not given: "
               "starting from scratch, they will be replaced")
     return ckpt
@@ -569,11 +569,16 @@ class EncoderCache:
 # --------------------------------------------------------------------------------------------------
 
 
-def grad_norm(params, clip: float) -> float:
-    """The gradient norm the log shows; with --grad-clip > 0 also clips to it (official: off)."""
+def grad_norm(params, clip: float, logged: bool) -> float | None:
+    """The gradient norm the log shows (None for a step that is not logged: no GPU sync); with
+    --grad-clip > 0 also clips to it, every step (official: off)."""
     if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    elif logged:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    else:
+        return None
+    return float(norm) if logged else None
 
 
 def batch_metrics(out: dict, wave_lens: torch.Tensor) -> dict:
