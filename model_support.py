@@ -127,9 +127,11 @@ def read_zipformer(path) -> tuple[dict, dict]:
     `encoder.` prefix."""
     path = Path(path)
     weight_path, path = (find_weights(path), path) if path.is_dir() else (path, path.parent)
-    config = json.loads((path / "config.json").read_text())
+    config = checks.json_file(path / "config.json")
     sub = next((k for k in checks.ENCODER_CONFIG_KEYS if f"{k}_config" in config), None)
-    prefixes = ([f"{sub}."] if sub else []) + ["speech_encoder.", "audio_encoder."]
+    # the config's own key first; "encoder." last: a bare encoder's keys start with it too
+    # (encoder.encoders...)
+    prefixes = [f"{k}." for k in ((sub,) if sub else ()) + checks.ENCODER_CONFIG_KEYS]
     state = zipformer_state(load_state_dict(weight_path), prefixes)
     return (config[f"{sub}_config"] if sub else config), state
 
@@ -141,14 +143,13 @@ def zipformer_state(state: dict, prefixes: list[str]) -> dict:
     if probe not in state and any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
     if probe not in state:
-        # "encoder." last: a bare encoder's own keys also start with it (encoder.encoders...).
-        for pfx in [*prefixes, "encoder."]:
+        for pfx in prefixes:
             if pfx + probe in state:
                 state = {k[len(pfx) :]: v for k, v in state.items() if k.startswith(pfx)}
                 break
         else:
             raise KeyError(f"no Zipformer encoder weights found (looked for '{probe}' under "
-                           f"{prefixes + ['encoder.']})")
+                           f"{prefixes})")
     state = dict(state)
     # old checkpoints lack it (the official loader adds it too)
     state.setdefault("model_batch_count", torch.tensor(100000.0))
