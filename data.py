@@ -148,6 +148,11 @@ def num_frames(num_samples: int) -> int:
     return (num_samples + FRAME_SHIFT // 2) // FRAME_SHIFT
 
 
+def duration_frames(durations) -> list[int]:
+    """num_frames of each duration in seconds (what a batch of them pads to: the max)."""
+    return [num_frames(int(round(d * SAMPLE_RATE))) for d in durations]
+
+
 @torch.no_grad()
 def fbank(waves, lengths=None, device=None,
           dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +169,7 @@ def fbank(waves, lengths=None, device=None,
     with the mel matrix, log. Per utterance this is Kaldi's ComputeFbank with the options above.
     """
     batch, lens = data_support.padded_batch(waves, lengths, device, dtype)  # (B, N), (B,)
-    frame_lens = (lens + FRAME_SHIFT // 2) // FRAME_SHIFT  # num_frames(), vectorised
+    frame_lens = num_frames(lens)  # the same integer arithmetic on a (B,) tensor
     bsz, max_t = batch.shape[0], int(frame_lens.max()) if len(frame_lens) else 0
     if max_t == 0:
         return torch.full((bsz, 0, NUM_MEL_BINS), LOG_ZERO, device=batch.device), frame_lens
@@ -377,7 +382,7 @@ class DurationBucketSampler(data_support.ResumableSampler):
         """Real frames / padded frames over this rank's batches of the current epoch."""
         real = padded = 0
         for batch in self.epoch_batches():
-            frames = [num_frames(int(round(self.all_durations[i] * SAMPLE_RATE))) for i in batch]
+            frames = duration_frames(self.all_durations[i] for i in batch)
             real, padded = real + sum(frames), padded + max(frames) * len(frames)
         return real / padded if padded else 1.0
 
@@ -412,7 +417,7 @@ def collate(items) -> dict:
 def padding_efficiency(durations) -> float:
     """Real frames / padded frames for one batch of utterance durations (1.0 = no padding at all).
     A batch is padded to its longest utterance, so this is sum(frames) / (max(frames) * count)."""
-    frames = [num_frames(int(round(d * SAMPLE_RATE))) for d in durations]
+    frames = duration_frames(durations)
     return sum(frames) / (max(frames) * len(frames)) if frames and max(frames) else 1.0
 
 
