@@ -188,10 +188,13 @@ def chat_prompt(tokenizer, prompt: Prompt) -> str:
     return text + llm.ASSISTANT_HEADER
 
 
-def plan(in_paths, mode: str, seed: int = 0) -> tuple[list[Row], int]:
-    """Every input line -> a Row with its prompt, or with the reason it is skipped (unreadable,
-    malformed, repeated id, filtered) -> (rows, blank lines). Same inputs, same plan."""
-    rows, blank = support.read_rows(in_paths)
+def plan(in_paths, mode: str, seed: int = 0, shard: int = 0,
+         nshards: int = 1) -> tuple[list[Row], int]:
+    """Every input line of this shard -> a Row with its prompt, or with the reason it is skipped
+    (unreadable, malformed, repeated id, filtered) -> (rows, blank lines of all the inputs). Same
+    inputs, same plan. Prompts are built for this shard's rows only."""
+    rows, blank = support.read_rows(in_paths)  # repeated ids are found across all of them here
+    rows = [r for r in rows if support.in_shard(r, shard, nshards)]
     for row in rows:
         if row.skip is None:
             row.prompt = build_prompt(row.record, mode, seed)
@@ -293,8 +296,7 @@ def run(in_paths, out, mode: str, backend, *, seed: int = 0, shard: int = 0, nsh
     row is done, the file is rewritten in input order. `id` is the key: resume skips ids already in
     the file."""
     with support.locked_output(out, shard, nshards) as path:
-        rows, blank = plan(in_paths, mode, seed)
-        rows = [r for r in rows if support.in_shard(r, shard, nshards)]
+        rows, blank = plan(in_paths, mode, seed, shard, nshards)
         done = support.resume(path, rows, mode, backend.model_label)
         summary = Summary(blank_lines=blank, resumed=len(done))
         pending = [r for r in rows if r.skip is None and r.record.id not in done]
