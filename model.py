@@ -300,7 +300,8 @@ class AZeroS(nn.Module):
                 max_length: int | None = None, segments: list[list[torch.Tensor]] | None = None):
         """Teacher-forced pass -> {"loss", "logits", "acc", "num_tokens", "labels", "row_nll",
         "row_tokens"}. loss: mean next-token cross entropy over the supervised tokens (the assistant
-        answers); row_nll[b]: the summed negative log-likelihood of row b's answer (evaluation).
+        answers); row_nll[b]: the summed negative log-likelihood of row b's answer (evaluation);
+        logits: (num_tokens, vocab), only at the positions that predict a supervised token.
 
         The audio comes as fbank features, cached encoder outputs, or ready-made `segments` (per
         row, LLM-width frames in placeholder order, as audio_segments returns; evaluation feeds the
@@ -309,13 +310,11 @@ class AZeroS(nn.Module):
             segments = self.audio_segments(feats, feat_lens, encoder_outputs)
         batch = llm.build_batch(self.llm, self.tokenizer, messages, segments, training=True,
                                 max_length=max_length)
-        logits = self.llm(inputs_embeds=batch.inputs_embeds,
-                          attention_mask=batch.attention_mask).logits
-        nll, mask = llm.token_losses(logits, batch.labels)
+        logits, targets, mask = llm.answer_logits(self.llm, batch)
+        nll = llm.token_losses(logits, targets, mask)
         num_tokens = mask.sum()
         with torch.no_grad():
-            hits = (logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) & mask
-            acc = hits.sum() / num_tokens.clamp(min=1)
+            acc = (logits.argmax(-1) == targets).sum() / num_tokens.clamp(min=1)
         return {"loss": nll.sum() / num_tokens.clamp(min=1), "logits": logits, "acc": acc,
                 "num_tokens": num_tokens, "labels": batch.labels, "row_nll": nll.sum(1),
                 "row_tokens": mask.sum(1)}

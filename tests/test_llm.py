@@ -210,11 +210,63 @@ def test_generation_is_greedy_unless_temperature(tiny_llm):
     )
 
 
-def test_token_losses_match_cross_entropy():
-    logits = torch.randn(2, 5, 11)
-    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
-    nll, mask = llm.token_losses(logits, labels)
+def two_answers(tok, model):
+    """A right-padded training batch of two rows with answers of different lengths."""
+    msgs = [
+        [{"role": "user", "content": "<|AUDIO|> hi"}, {"role": "assistant", "content": "yes"}],
+        [
+            {"role": "user", "content": "<|AUDIO|>"},
+            {"role": "assistant", "content": "a longer answer"},
+        ],
+    ]
+    width = model.get_input_embeddings().weight.shape[1]
+    return llm.build_batch(model, tok, msgs, [[torch.randn(3, width)], [torch.randn(5, width)]],
+                           training=True)
+
+
+def test_answer_logits_are_the_full_forward_at_answer_positions(tok, tiny_llm):
+    model, _ = tiny_llm
+    batch = two_answers(tok, model)
+    with torch.no_grad():
+        logits, targets, mask = llm.answer_logits(model, batch)
+        full = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask).last_hidden_state
+    assert torch.equal(mask, batch.labels[:, 1:] != llm.IGNORE_INDEX)
+    assert torch.equal(targets, batch.labels[:, 1:][mask]) and mask.sum(1).min() > 0
+    # the same products, only fewer rows: equal up to fp32 rounding of a length-H dot product
+    # (|error| <= H * u * |h|.|w|, Higham Sec. 3.1)
+    head = model.get_output_embeddings().weight
+    h = hidden[:, :-1][mask]
+    bound = head.shape[1] * 2.0**-24 * (h.abs() @ head.abs().T)
+    assert ((logits - full.logits[:, :-1][mask]).abs() <= bound).all()
+    nll = llm.token_losses(logits, targets, mask)
+    assert (nll[~mask] == 0).all()
     ref = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)
+        full.logits[:, :-1].reshape(-1, head.shape[0]), batch.labels[:, 1:].reshape(-1)
     )
-    assert torch.allclose(nll.sum() / mask.sum(), ref) and mask.sum() == 4
+    assert torch.allclose(nll.sum() / mask.sum(), ref, rtol=1e-5)
+
+
+def test_a_head_with_soft_capping_runs_its_own_forward(tok):
+    """Gemma-2 caps its logits after the output projection: projecting the hidden states alone
+    would score with uncapped logits, so such families take the model's own forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=608, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, final_logit_softcapping=2.0)
+    model = llm.freeze(Gemma2ForCausalLM(config))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(50.0)  # logits well past the cap
+    assert model.config.model_type not in llm.PLAIN_HEAD_FAMILIES
+    batch = two_answers(tok, model)
+    with torch.no_grad():
+        logits, _, mask = llm.answer_logits(model, batch)
+        full = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask).last_hidden_state
+        uncapped = model.get_output_embeddings()(hidden[:, :-1][mask])
+    assert torch.equal(logits, full.logits[:, :-1][mask])
+    assert logits.abs().max() <= 2.0 < uncapped.abs().max()
