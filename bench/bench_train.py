@@ -1,5 +1,9 @@
 """Speed of one AZeroS training step: projector -> frozen LLM forward + backward -> AdamW.
 
+Each configuration runs twice: `all` heads every position (the LLM's own forward with labels, as
+the official code and HF causal LMs compute the loss), `answer` heads only the positions that
+predict an answer token (llm.answer_logits, what train.py runs); the ratio column compares them.
+
 The LLM is built from a config with random weights, so nothing is downloaded: the step costs the
 same whatever the weights are. Encoders are left out (train.py --cache-encoders skips them after the
 first epoch; bench_zipformer.py measures them). Each row runs `--steps` timed steps after `--warmup`
@@ -9,10 +13,12 @@ untimed ones and reports:
             answer)
   MFU       model FLOPs utilisation on GPU: achieved model FLOP/s / the chip's peak bf16 FLOP/s.
             Model FLOPs per token = 4 N + 8 n_layer d L  (N: LLM parameters without the input
-            embedding, d: hidden size, L: sequence length). The usual "6 N" of LLM training counts
-            forward (2 N), gradients of activations (2 N) and of weights (2 N); the LLM here is
-            frozen, so its weight gradients are never computed and 4 N remains. The attention term
-            is 4 d L per layer forward, doubled for the backward pass, not halved for causality.
+            embedding, d: hidden size, L: sequence length), the output head counted only at the
+            answer positions (the loss needs no more: heading the others is waste, not work).
+            The usual "6 N" of LLM training counts forward (2 N), gradients of activations (2 N)
+            and of weights (2 N); the LLM here is frozen, so its weight gradients are never
+            computed and 4 N remains. The attention term is 4 d L per layer forward, doubled for
+            the backward pass, not halved for causality.
 
     python bench/bench_train.py              # CPU: tiny, small and SmolLM2-135M, fp32 and bf16
     python bench/bench_train.py --gpu-configs qwen2.5-7b   # on a GPU also Qwen2.5-7B in bf16
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import llm as llm_lib  # noqa: E402
 from model_support import per_token_parameters  # noqa: E402
 from projector import Projector  # noqa: E402
 
@@ -63,10 +70,13 @@ def build_llm(name: str, dtype, device):
     return llm
 
 
-def model_flops_per_token(llm, seq_len: int) -> float:
+def model_flops(llm, batch: int, seq_len: int, answer_tokens: int) -> float:
+    """FLOPs of one step: the body at every position, the output head at the answer positions."""
     c = llm.config
-    n = per_token_parameters(llm)
-    return 4 * n + 8 * c.num_hidden_layers * c.hidden_size * seq_len
+    head = c.vocab_size * c.hidden_size
+    attention = 8 * c.num_hidden_layers * c.hidden_size * seq_len
+    body = 4 * (per_token_parameters(llm) - head) + attention
+    return batch * (body * seq_len + 4 * head * answer_tokens)
 
 
 def peak_tflops(device) -> float | None:
@@ -77,9 +87,9 @@ def peak_tflops(device) -> float | None:
 
 
 def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, answer_tokens: int,
-          steps: int, warmup: int, precision: str = "bf16") -> dict:
+          steps: int, warmup: int, precision: str = "bf16", head: str = "answer") -> dict:
     """One row. precision bf16 = autocast (train.py --precision bf16); on CPU the LLM weights stay
-    fp32, as in train.py, and autocast casts them per matmul."""
+    fp32, as in train.py, and autocast casts them per matmul. head: "all" or "answer" positions."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     llm = build_llm(name, dtype, device)
@@ -101,7 +111,13 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
             x = torch.cat([embed(prompt), audio.to(dtype), embed(answer)], dim=1)
             labels = torch.full(x.shape[:2], -100, dtype=torch.long, device=device)
             labels[:, -answer_tokens:] = answer
-            loss = llm(inputs_embeds=x, labels=labels).loss
+            if head == "all":
+                loss = llm(inputs_embeds=x, labels=labels).loss
+            else:
+                mask = torch.ones(x.shape[:2], dtype=torch.long, device=device)
+                batch_in = llm_lib.Batch(None, x, mask, labels)
+                logits, targets, answer_mask = llm_lib.answer_logits(llm, batch_in)
+                loss = llm_lib.token_losses(logits, targets, answer_mask).sum() / targets.numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -123,10 +139,11 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
     where = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
     row = {"device": where,
            "config": name, "params": sum(p.numel() for p in llm.parameters()), "batch": batch,
-           "seq": seq_len, "dtype": precision, "step_ms": dt * 1e3, "tokens_s": tokens / dt,
+           "seq": seq_len, "dtype": precision, "head": head, "step_ms": dt * 1e3,
+           "tokens_s": tokens / dt,
            "mfu": None, "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
     # achieved model TFLOP/s
-    row["tflops"] = model_flops_per_token(llm, seq_len) * tokens / dt / 1e12
+    row["tflops"] = model_flops(llm, batch, seq_len, answer_tokens) / dt / 1e12
     peak = peak_tflops(device)
     if peak:
         row["mfu"] = row["tflops"] / peak
@@ -148,6 +165,8 @@ def main():
                    help="per utterance: 10 s = 62 audio positions")
     p.add_argument("--prompt-tokens", type=int, default=20, help="chat template around the audio")
     p.add_argument("--answer-tokens", type=int, default=80, help="supervised response tokens")
+    p.add_argument("--heads", nargs="*", default=["all", "answer"], choices=["all", "answer"],
+                   help="where the output head runs: every position (HF) or the answer (ours)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
@@ -155,33 +174,37 @@ def main():
     rows = []
     for name in args.cpu_configs:
         for precision in args.cpu_precisions:
-            rows.append(bench(name, torch.device("cpu"), args.batch, args.audio_seconds,
-                              args.prompt_tokens, args.answer_tokens, args.steps, args.warmup,
-                              precision))
-            print(rows[-1], flush=True)
+            for head in args.heads:
+                rows.append(bench(name, torch.device("cpu"), args.batch, args.audio_seconds,
+                                  args.prompt_tokens, args.answer_tokens, args.steps, args.warmup,
+                                  precision, head))
+                print(rows[-1], flush=True)
     if torch.cuda.is_available():
         for name in args.gpu_configs:
-            rows.append(bench(name, torch.device("cuda"), args.gpu_batch, args.audio_seconds,
-                              args.prompt_tokens, args.answer_tokens, args.steps, args.warmup))
-            print(rows[-1], flush=True)
-            torch.cuda.empty_cache()
+            for head in args.heads:
+                rows.append(bench(name, torch.device("cuda"), args.gpu_batch, args.audio_seconds,
+                                  args.prompt_tokens, args.answer_tokens, args.steps,
+                                  args.warmup, head=head))
+                print(rows[-1], flush=True)
+                torch.cuda.empty_cache()
     else:
         print("no CUDA device: GPU rows skipped")
 
-    # speed relative to the first row of the same device and config (fp32 on CPU), measured in
-    # this process
+    # speed relative to the first row of the same device and config (on CPU fp32 with the head at
+    # every position), measured in this process
     first = {}
     for r in rows:
         first.setdefault((r["device"], r["config"]), r["step_ms"])
-    print("\n| device | LLM config | LLM params | batch x seq | precision | step (ms) "
+    print("\n| device | LLM config | LLM params | batch x seq | precision | head | step (ms) "
           "| speed vs first row | tokens/s | model TFLOP/s | MFU | peak mem (GiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] is not None else "-"
         speed = first[r["device"], r["config"]] / r["step_ms"]
         print(f"| {r['device']} | {r['config']} | {r['params'] / 1e6:.1f}M "
-              f"| {r['batch']} x {r['seq']} | {r['dtype']} | {r['step_ms']:.1f} | {speed:.2f}x "
+              f"| {r['batch']} x {r['seq']} | {r['dtype']} | {r['head']} | {r['step_ms']:.1f} "
+              f"| {speed:.2f}x "
               f"| {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {mfu} | {mem} |")
 
 
