@@ -50,6 +50,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     real = [line for line in stage_rows if "real speech" in line]
     if (out / "corpus" / "real_subset.jsonl").exists():  # the Asterisk prompts are installed
         assert len(real) == 6
+        lines = (out / "corpus" / "real_subset.jsonl").read_text().splitlines()
+        assert all(0 < json.loads(x)["duration"] <= demo.REAL_MAX_SECONDS for x in lines)
         for row in real:
             cells = [c.strip() for c in row.strip("|").split("|")]
             assert float(cells[2]) > 0 and 0 <= float(cells[7]) <= 100  # sift_s CE, repeat recall
