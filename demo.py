@@ -27,10 +27,11 @@ points, in phases:
   6. eval      Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy
                of the self-generated target given audio vs the oracle text; `choice` = the
                zero-shot question "Is the speaker a man or a woman?" (never seen in training),
-               scored by the likelihood of the two answers; `open` with "Repeat what was said."
-               scored by word recall. Every task is run for the audio model, the oracle text
-               (upper bound) and silent audio (the floor). Stage 2 also measures how much the
-               self-generated targets depend on gender at all (`gender_signal`).
+               scored by the likelihood of the two answers, asked of stage 2 only; `open` with
+               "Repeat what was said." scored by word recall. Every task is run for the audio
+               model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also
+               measures how much the self-generated targets depend on gender at all
+               (`gender_signal`).
                With the Asterisk prompts installed (recipe/real_speech.py), held-out REAL human
                speech is scored too: sift_s loss and "Repeat what was said.".
   7. report    a Markdown table, one example conversation through infer.py, and the model folder
@@ -68,8 +69,8 @@ cpu_runtime.set_wait_policy()
 # encoders see all of its training split. README, "The CPU demo", has the measured tables.
 SIZES = {
     "default": dict(train_rows=256, test_rows=32, repeat_rows=12, max_new_tokens=32,
-                    encoder_steps=260, paraling_steps=40, encoder_batch=12, stage1_steps=80,
-                    stage2_steps=30, batch=8, lr=2e-3, eval_tokens=24, real_rows=24),
+                    encoder_steps=260, paraling_steps=32, encoder_batch=12, stage1_steps=80,
+                    stage2_steps=30, batch=8, lr=2e-3, eval_tokens=24, real_rows=16),
     "long": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32,
                  encoder_steps=260, paraling_steps=60, encoder_batch=12, stage1_steps=180,
                  stage2_steps=120, batch=8, lr=2e-3, eval_tokens=24, real_rows=48),
@@ -150,9 +151,10 @@ def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -
         encoder_steps += size["encoder_steps"]
     fast = BF16_SPEEDUP if precision == "bf16" else 1.0
     n_targets = 2 * (size["train_rows"] + size["test_rows"]) + size["real_rows"]
-    # per stage: align rows (1 or 2 modes) and 2 gender answers, x 3 systems, and the real clips'
-    # sift_s rows; repeat answers x 3 systems, on the test split and on the real clips
-    n_eval = {s: 3 * size["test_rows"] * (s + 2) + 3 * size["real_rows"] for s in (1, 2)}
+    # per stage: align rows (1 or 2 modes; stage 2 also 2 gender answers), x 3 systems, and the
+    # real clips' sift_s rows; repeat answers x 3 systems, on the test split and on the real clips
+    n_eval = {s: 3 * size["test_rows"] * (1 if s == 1 else 4) + 3 * size["real_rows"]
+              for s in (1, 2)}
     n_answers = 2 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
     batch = size["batch"] / 8
     phases = {"llm": 25, "corpus": corpus_utts * r["utterance"],
@@ -361,9 +363,10 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AZeroS.from_pretrained(out / f"stage{stage}", device="cpu", dtype=dtype).eval()
     folder, targets = out / "eval" / f"stage{stage}", out / "targets"
-    # Stage 1's prompt has no paralinguistic branch, so it is scored on sift_s targets only. One
-    # align run per mode: the two target files share utterance ids, and evaluate.py keys its
-    # resumable answers by id.
+    # Stage 1's prompt has no paralinguistic branch, so it is scored on sift_s targets only, and
+    # not asked the gender question (its oracle text has no <meta> either: 46% AUC, chance, when
+    # it was asked). One align run per mode: the two target files share utterance ids, and
+    # evaluate.py keys its resumable answers by id.
     modes = ["sift_s"] if stage == 1 else ["sift_s", "sift_sp"]
     kw = dict(model_name=str((out / f"stage{stage}").resolve()), batch_size=size["batch"])
     align = {"modes": {}}
@@ -371,8 +374,9 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
         scored = ev.evaluate(model, "align", targets / f"test_{m}.jsonl", folder / m, **kw)
         align["modes"].update(scored["modes"])
     gender, repeat = question_files(out, size)
-    results = {"align": align, "gender": ev.evaluate(model, "choice", gender, folder, **kw),
-               **repeat_scores(model, repeat, folder, size, kw)}
+    results = {"align": align, **repeat_scores(model, repeat, folder, size, kw)}
+    if stage == 2:
+        results["gender"] = ev.evaluate(model, "choice", gender, folder, **kw)
     real = out / "corpus" / "real_subset.jsonl"
     if real.exists():  # the held-out real recordings: sift_s loss and "Repeat what was said."
         from data import read_manifest
@@ -397,6 +401,8 @@ def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> di
     import evaluate as ev
     import files
 
+    # all repeat_rows in one batch: a decoding step costs about the same for 8 rows or 12
+    kw = {**kw, "batch_size": max(kw["batch_size"], size["repeat_rows"])}
     result = {"open": ev.evaluate(model, "open", repeat, folder,
                                   max_new_tokens=size["eval_tokens"], **kw)}
     answers = {s: {r["id"]: r["response"] for _, r in files.read_jsonl(folder / f"open_{s}.jsonl")}
@@ -462,10 +468,11 @@ def results_table(evals: dict) -> str:
         for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
                              ("oracle", "oracle text (upper bound)")):
             ce = {m: v["ce"].get(system) for m, v in e["align"]["modes"].items()}
-            g = e["gender"]["systems"][system]["gender"]
+            g = e["gender"]["systems"][system]["gender"] if "gender" in e else {}
             of_oracle = e["repeat_recall_of_oracle"].get(system, float("nan"))
             lines.append(f"| stage {stage} | {name} | {cell(ce.get('sift_s'), '{:.3f}')} | "
-                         f"{cell(ce.get('sift_sp'), '{:.3f}')} | {cell(g['accuracy'], '{:.1f}')} | "
+                         f"{cell(ce.get('sift_sp'), '{:.3f}')} | "
+                         f"{cell(g.get('accuracy'), '{:.1f}')} | "
                          f"{cell(g.get('auc'), '{:.1f}')} | "
                          f"{cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
                          f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
