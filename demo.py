@@ -70,7 +70,7 @@ cpu_runtime.set_wait_policy()
 SIZES = {
     "default": dict(train_rows=256, test_rows=32, repeat_rows=12, max_new_tokens=32,
                     encoder_steps=260, paraling_steps=32, encoder_batch=12, stage1_steps=80,
-                    stage2_steps=30, batch=8, lr=2e-3, eval_tokens=24, real_rows=16),
+                    stage2_steps=24, batch=8, lr=2e-3, eval_tokens=24, real_rows=16),
     "long": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32,
                  encoder_steps=260, paraling_steps=60, encoder_batch=12, stage1_steps=180,
                  stage2_steps=120, batch=8, lr=2e-3, eval_tokens=24, real_rows=48),
