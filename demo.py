@@ -62,11 +62,12 @@ import cpu_runtime  # noqa: E402
 cpu_runtime.set_wait_policy()
 
 # Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no
-# bf16 arithmetic: the slowest CPUs measured); `long` trains 2-4x more steps on more utterances for
-# a stronger stage 1 (about 45 minutes in fp32); `quick` is for the test suite. The budget
-# (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the frozen
-# LLM's forward and backward pass dominates every training step. The corpus itself is cheap, so the
-# encoders see all of its training split. README, "The CPU demo", has the measured tables.
+# bf16 arithmetic: the slowest CPUs measured) even with another process holding one of the cores
+# (measured: ~13.5 min quiet, ~19 beside a busy loop); `long` trains 2-5x more steps on more
+# utterances for a stronger stage 1 (about 30 minutes in fp32); `quick` is for the test suite. The
+# budget (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the
+# frozen LLM's forward and backward pass dominates every training step. The corpus itself is cheap,
+# so the encoders see all of its training split. README, "The CPU demo", has the measured tables.
 SIZES = {
     "default": dict(train_rows=256, test_rows=32, repeat_rows=12, max_new_tokens=32,
                     encoder_steps=260, paraling_steps=32, encoder_batch=12, stage1_steps=80,
@@ -84,8 +85,8 @@ SIZES = {
 # and longer prompts: eval_row2), a 24-token answer (BENCHMARKS.md has the table). Where bf16
 # arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run BF16_SPEEDUP
 # times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
-RATES = dict(whisper=10, llm_load=3, utterance=0.015, target_row=0.26, encoder_step=1.8,
-             train_step=3.0, stage2_step=4.9, eval_row=0.31, eval_row2=0.51, answer=0.6)
+RATES = dict(whisper=10, llm_load=3, utterance=0.015, target_row=0.23, encoder_step=1.8,
+             train_step=2.3, stage2_step=3.6, eval_row=0.22, eval_row2=0.30, answer=0.65)
 BF16_SPEEDUP = 2.3
 # Another --llm: the phases that run it take time ~ (its parameters / SmolLM2's) ** exponent, with
 # parameters counted as one token's matrix products use them (the input embedding is a lookup).
@@ -545,7 +546,7 @@ def main(argv=None):
     size_flag.add_argument("--quick", action="store_true",
                            help="tiny sizes, for the test suite (a few minutes)")
     size_flag.add_argument("--long", action="store_true",
-                           help="2-4x more training on more utterances (~45 min in fp32)")
+                           help="2-5x more training on more utterances (~30 min in fp32)")
     p.add_argument("--encoder-steps", type=int,
                    help="override the encoder pretraining steps of the chosen size")
     p.add_argument("--stage-steps", type=int,
