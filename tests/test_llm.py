@@ -224,14 +224,18 @@ def two_answers(tok, model):
                            training=True)
 
 
+@torch.no_grad()
+def three_ways(model, batch):
+    """answer_logits, the model's own logits at every position, and the decoder's hidden states."""
+    inputs = dict(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+    return (llm.answer_logits(model, batch), model(**inputs).logits,
+            model.base_model(**inputs).last_hidden_state)
+
+
 def test_answer_logits_are_the_full_forward_at_answer_positions(tok, tiny_llm):
     model, _ = tiny_llm
     batch = two_answers(tok, model)
-    with torch.no_grad():
-        logits, targets, mask = llm.answer_logits(model, batch)
-        full = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
-        hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask).last_hidden_state
+    (logits, targets, mask), full, hidden = three_ways(model, batch)
     assert torch.equal(mask, batch.labels[:, 1:] != llm.IGNORE_INDEX)
     assert torch.equal(targets, batch.labels[:, 1:][mask]) and mask.sum(1).min() > 0
     # the same products, only fewer rows: equal up to fp32 rounding of a length-H dot product
@@ -239,11 +243,11 @@ def test_answer_logits_are_the_full_forward_at_answer_positions(tok, tiny_llm):
     head = model.get_output_embeddings().weight
     h = hidden[:, :-1][mask]
     bound = head.shape[1] * 2.0**-24 * (h.abs() @ head.abs().T)
-    assert ((logits - full.logits[:, :-1][mask]).abs() <= bound).all()
+    assert ((logits - full[:, :-1][mask]).abs() <= bound).all()
     nll = llm.token_losses(logits, targets, mask)
     assert (nll[~mask] == 0).all()
     ref = torch.nn.functional.cross_entropy(
-        full.logits[:, :-1].reshape(-1, head.shape[0]), batch.labels[:, 1:].reshape(-1)
+        full[:, :-1].reshape(-1, head.shape[0]), batch.labels[:, 1:].reshape(-1)
     )
     assert torch.allclose(nll.sum() / mask.sum(), ref, rtol=1e-5)
 
@@ -262,11 +266,8 @@ def test_a_head_with_soft_capping_runs_its_own_forward(tok):
         model.model.norm.weight.fill_(50.0)  # logits well past the cap
     assert model.config.model_type not in llm.PLAIN_HEAD_FAMILIES
     batch = two_answers(tok, model)
+    (logits, _, mask), full, hidden = three_ways(model, batch)
     with torch.no_grad():
-        logits, _, mask = llm.answer_logits(model, batch)
-        full = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
-        hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask).last_hidden_state
         uncapped = model.get_output_embeddings()(hidden[:, :-1][mask])
-    assert torch.equal(logits, full.logits[:, :-1][mask])
+    assert torch.equal(logits, full[:, :-1][mask])
     assert logits.abs().max() <= 2.0 < uncapped.abs().max()
