@@ -366,8 +366,8 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
     folder, targets = out / "eval" / f"stage{stage}", out / "targets"
     # Each stage is scored on its own targets: stage 1 on sift_s (its prompt has no paralinguistic
     # branch, so it is not asked the gender question either: its oracle text, without <meta>, was
-    # at chance, 46% AUC, when it was), stage 2 on sift_sp (its sift_s loss on the test split was
-    # within 0.05 of stage 1's; the real-speech rows still score it on sift_s).
+    # at chance, 46% AUC, when it was), stage 2 on sift_sp (the real-speech rows still score it on
+    # sift_s).
     mode = "sift_s" if stage == 1 else "sift_sp"
     kw = dict(model_name=str((out / f"stage{stage}").resolve()), batch_size=size["batch"])
     align = ev.evaluate(model, "align", targets / f"test_{mode}.jsonl", folder / mode, **kw)
