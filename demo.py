@@ -63,7 +63,7 @@ cpu_runtime.set_wait_policy()
 
 # Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no
 # bf16 arithmetic: the slowest CPUs measured) even with another process holding one of the cores
-# (measured: ~13.5 min quiet, ~19 beside a busy loop); `long` trains 2-5x more steps on more
+# (measured: 13.6 min quiet, 18.2 beside a busy loop); `long` trains 2-5x more steps on more
 # utterances for a stronger stage 1 (about 30 minutes in fp32); `quick` is for the test suite. The
 # budget (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the
 # frozen LLM's forward and backward pass dominates every training step. The corpus itself is cheap,
@@ -86,7 +86,7 @@ SIZES = {
 # arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run BF16_SPEEDUP
 # times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
 RATES = dict(whisper=10, llm_load=3, utterance=0.015, target_row=0.23, encoder_step=1.8,
-             train_step=2.3, stage2_step=3.6, eval_row=0.22, eval_row2=0.30, answer=0.65)
+             train_step=2.3, stage2_step=3.6, eval_row=0.18, eval_row2=0.33, answer=0.65)
 BF16_SPEEDUP = 2.3
 # Another --llm: the phases that run it take time ~ (its parameters / SmolLM2's) ** exponent, with
 # parameters counted as one token's matrix products use them (the input embedding is a lookup).
