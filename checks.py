@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -55,30 +56,46 @@ def expected_failure(e: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def numbers(args, positive=(), non_negative=()) -> None:
+    """Numeric flags: finite (NaN passes every `<= 0` test, so `--lr nan` trained NaN and
+    `--max-audio-seconds nan` turned the limit off; inf overflowed the step count), and positive or
+    not negative where named (a 0 for --save-every divided by zero after the first step)."""
+    for name in (*positive, *non_negative):
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise CheckError(f"{flag} must be a finite number, got {value}")
+        if name in positive and value <= 0:
+            raise CheckError(f"{flag} must be positive, got {value:g}")
+        if value < 0:
+            raise CheckError(f"{flag} must not be negative, got {value:g}")
+
+
 def positive(args, *names: str) -> None:
     """Refuse zero or negative budgets (--max-steps 0 trained nothing and still exported a
     model)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise CheckError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    numbers(args, positive=names)
 
 
-def positive_flags(parser, args, *names: str) -> None:
-    """`positive` for a command that checks its flags before loading anything: the same message,
+def positive_flags(parser, args, *names: str, non_negative=()) -> None:
+    """`numbers` for a command that checks its flags before loading anything: the same message,
     as the parser's usage error (exit code 2)."""
     try:
-        positive(args, *names)
+        numbers(args, positive=names, non_negative=non_negative)
     except CheckError as e:
         parser.error(str(e))
 
 
 def sampling(args) -> None:
-    """--top-p is a probability mass in (0, 1]; a temperature cannot be negative (0: greedy)."""
+    """--top-p is a probability mass in (0, 1] and only means something when sampling; a
+    temperature cannot be negative (0: greedy)."""
+    numbers(args, non_negative=("temperature",))
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise CheckError(f"--top-p must be in (0, 1], got {args.top_p:g}")
-    if args.temperature is not None and args.temperature < 0:
-        raise CheckError(f"--temperature must not be negative, got {args.temperature:g}")
+    if args.top_p is not None and not args.temperature:
+        raise CheckError("--top-p applies only when sampling: add --temperature T (> 0); "
+                         "without it decoding is greedy")
 
 
 def device(name: str | None) -> str | None:
@@ -98,21 +115,39 @@ def device(name: str | None) -> str | None:
 def infer_args(args) -> None:
     """infer.py's command line: every audio file and option, before the slow imports and the model
     (a missing file or bad audio after a minute of loading is a poor way to learn of it)."""
+    numbers(args, positive=("max_new_tokens",), non_negative=("max_audio_seconds",))
     for path in args.audio:
         audio_file(path, args.max_audio_seconds)
-    positive(args, "max_new_tokens")
     sampling(args)
     device(args.device)
 
 
+# train.py's numeric flags: those that must be > 0, and those where 0 means "off" or "none"
+TRAIN_POSITIVE = ("max_steps", "epochs", "lr", "max_duration", "max_batch", "num_buckets",
+                  "lr_batches", "decay_steps", "grad_accum", "log_every", "valid_every",
+                  "save_every", "keep_last")
+TRAIN_NON_NEGATIVE = ("max_length", "num_workers", "max_audio_seconds", "warmup_steps", "min_lr",
+                      "weight_decay", "grad_clip", "average_period")
+
+
 def training_args(args) -> None:
     """train.py's command line, before anything is loaded."""
-    positive(args, "max_steps", "epochs")
+    numbers(args, positive=TRAIN_POSITIVE, non_negative=TRAIN_NON_NEGATIVE)
+    if not 0 <= args.betas[0] < 1 or not 0 <= args.betas[1] < 1:
+        raise CheckError(f"--betas must be two numbers in [0, 1), got {args.betas[0]:g} "
+                         f"{args.betas[1]:g}")
     device(args.device)
     if args.stage == 1 and args.init:
         raise CheckError("--init is for stage 2 (the stage-1 model to start from); stage 1 starts "
                          "from --llm and --speech-encoder")
     finished_model(args.exp, args.overwrite, args.resume)
+
+
+def manifest_weight(spec: str, weight: float) -> None:
+    """--train JSONL:WEIGHT repeats a manifest WEIGHT times an epoch: a positive, finite number."""
+    if not (math.isfinite(weight) and weight > 0):
+        raise CheckError(f"--train {spec}: the weight after ':' must be a positive number, got "
+                         f"{weight:g} (1: once an epoch, 0.5: a random half)")
 
 
 def files_exist(paths, flag: str) -> None:

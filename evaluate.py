@@ -348,7 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                    help=checks.MAX_AUDIO_HELP)
     args = p.parse_args(argv)
-    checks.positive_flags(p, args, "max_new_tokens")
+    checks.positive_flags(p, args, "max_new_tokens", "batch_size", "limit",
+                          non_negative=("max_audio_seconds",))
     return args
 
 

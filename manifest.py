@@ -376,6 +376,7 @@ def main(argv=None) -> int:
     check.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                        help="flag rows longer than this (train.py's default limit; 0: no limit)")
     args = parser.parse_args(argv)
+    checks.positive_flags(parser, args, non_negative=("max_audio_seconds",))
     ok = [check_manifest(m, max_audio_seconds=args.max_audio_seconds) for m in args.manifests]
     print("OK" if all(ok) else f"PROBLEMS in {ok.count(False)} of {len(ok)} manifest(s)")
     return 0 if all(ok) else 1

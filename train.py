@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--overwrite", action="store_true", help="replace a finished model in --exp")
     args = p.parse_args(argv)
     checks.training_args(args)  # positive budgets, a device that exists, no finished model replaced
+    for spec in args.train:  # the manifest weights, with the other flags
+        parse_train_spec(spec)
     return args
 
 
@@ -245,9 +247,11 @@ def parse_train_spec(spec: str) -> tuple[str, float]:
     path, sep, weight = spec.rpartition(":")
     if sep:
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            return spec, 1.0
+        checks.manifest_weight(spec, value)  # nan, inf, 0 or negative: one line
+        return path, value
     return spec, 1.0
 
 
