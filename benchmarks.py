@@ -249,16 +249,32 @@ def judge_call(opts: JudgeOptions, messages: list[dict], n: int = 1, **params) -
         for attempt in range(opts.retries):
             try:
                 with urllib.request.urlopen(request, timeout=opts.timeout) as response:
-                    choices = json.loads(response.read())["choices"]
+                    reply = json.loads(response.read())
                 break
-            except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError) as e:
+            except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
                 if attempt == opts.retries - 1:
                     raise RuntimeError(f"judge {opts.url}: {type(e).__name__}: {e}") from None
                 time.sleep(opts.retry_sleep)
-        if not choices:
-            raise RuntimeError(f"judge {opts.url}: an answer without choices")
-        outputs += [c["message"]["content"] for c in choices]
+        outputs += reply_texts(reply, opts.url)
     return outputs[:n]
+
+
+def reply_texts(reply, url: str) -> list[str]:
+    """The texts of a chat completion. Anything else (a list, `content: null`, a null message,
+    plain-string choices) fails the job, which the next run asks again: it is never kept as an
+    answer (a cached null made every later scoring crash)."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise RuntimeError(f"judge {url}: a reply without a list of choices "
+                           f"({json.dumps(reply)[:80]})")
+    texts = []
+    for c in choices:
+        message = c.get("message") if isinstance(c, dict) else None
+        texts.append(message.get("content") if isinstance(message, dict) else None)
+    if not all(isinstance(t, str) for t in texts):
+        raise RuntimeError(f"judge {url}: a choice without a text message.content "
+                           f"({json.dumps(choices)[:80]})")
+    return texts
 
 
 def judge_jobs_voicebench(rows: list[dict]) -> list[dict]:
@@ -324,7 +340,9 @@ def run_judge(jobs: list[dict], path: Path, opts: JudgeOptions) -> tuple[dict, i
     are appended as answers arrive, so a killed run loses at most the jobs in flight. -> (key ->
     row, number of jobs that still failed after the retries: they are retried by the next run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["key"]: row for _, row in files.read_jsonl(path, repair=True)}
+    params = {j["key"]: j["params"] for j in jobs}
+    done = {row["key"]: row for _, row in files.read_jsonl(path, repair=True)
+            if reusable(row, opts, params)}
     todo = [j for j in jobs if j["key"] not in done]
     errors = 0
     with ThreadPoolExecutor(max_workers=opts.workers) as pool:
@@ -346,6 +364,15 @@ def run_judge(jobs: list[dict], path: Path, opts: JudgeOptions) -> tuple[dict, i
             files.append_jsonl(path, [row])
             done[job["key"]] = row
     return done, errors
+
+
+def reusable(row: dict, opts: JudgeOptions, params: dict) -> bool:
+    """A kept judge output counts for this run when the same judge wrote it with the same request
+    parameters (judge name and parameters are part of the key: another --judge-model or
+    --chat-temperature asks afresh) and every output is a text (older files could hold a null)."""
+    outputs = row.get("outputs")
+    return (row.get("judge") == opts.model and row.get("params") == params.get(row.get("key"))
+            and isinstance(outputs, list) and all(isinstance(o, str) for o in outputs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +519,10 @@ def score_run(
     """Everything RUN holds -> summary dict (also written as summary.json / summary.md)."""
     summary, dev, settings = {"columns": {}}, [], {}
     vb, air, chat = out / "voicebench", out / "air_foundation", out / "air_chat"
+    if not any((folder / "run.json").exists() for folder in (vb, air, chat)):
+        what = "no such folder" if not out.is_dir() else "no answers in it"
+        raise ValueError(f"--out {out}: {what} (expected voicebench/, air_foundation/ or "
+                         "air_chat/ with a run.json); answer a benchmark into it first")
     for folder in (vb, air, chat):
         if (folder / "run.json").exists():
             run = json.loads((folder / "run.json").read_text())

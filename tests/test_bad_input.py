@@ -2,8 +2,13 @@
 inputs that used to end in a traceback or a silent wrong result. Each case ends in the right
 behaviour or one line naming the input and the fix. Everything runs in-process on tiny models."""
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
+import benchmarks as B
 import infer
 import train
 from checks import CheckError
@@ -75,3 +80,99 @@ def test_infer_max_audio_seconds_nan_does_not_lift_the_limit(release, tmp_path, 
     assert infer.main([str(wav), "hi", "--model", str(release), "--max-audio-seconds", "nan"]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         "--max-audio-seconds must be a finite number, got nan")
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Judge replies that are not texts are failed jobs, asked again by the next run; the judge's
+# name is part of the cache key; `score --out` with a typo is an error
+
+
+class OddJudge(BaseHTTPRequestHandler):
+    """Replies with `OddJudge.reply` (a JSON value) until `fixed`, then with a proper completion
+    whose text names the judge model it was asked for."""
+
+    reply, fixed, asked = None, False, []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        OddJudge.asked.append(body["model"])
+        reply = OddJudge.reply
+        if OddJudge.fixed:
+            reply = {"choices": [{"message": {"role": "assistant",
+                                              "content": f"5 from {body['model']}"}}]}
+        raw = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def odd_judge():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OddJudge)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    OddJudge.reply, OddJudge.fixed, OddJudge.asked = None, False, []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+JOB = [{"key": "k", "messages": [{"role": "user", "content": "rate"}], "params": {"n": 1}}]
+
+
+def judge(url, model="j"):
+    return B.JudgeOptions(url, model, workers=1, retries=1, retry_sleep=0.0)
+
+
+@pytest.mark.parametrize("reply", [
+    {"choices": [{"message": {"role": "assistant", "content": None}}]},  # content: null
+    [{"message": {"content": "5"}}],  # a JSON list
+    {"choices": [{"message": None}]},  # a null message
+    {"choices": ["5"]},  # string choices
+], ids=["content-null", "json-list", "null-message", "string-choices"])
+def test_judge_reply_without_text_is_a_failed_job(odd_judge, tmp_path, capsys, reply):
+    path = tmp_path / "judge.jsonl"
+    OddJudge.reply = reply
+    done, errors = B.run_judge(JOB, path, judge(odd_judge))
+    assert (done, errors) == ({}, 1) and not path.exists()  # nothing cached
+    assert f"judge failed on k: judge {odd_judge}: a " in capsys.readouterr().err
+    OddJudge.fixed = True  # the next run asks again and keeps the text
+    done, errors = B.run_judge(JOB, path, judge(odd_judge))
+    assert errors == 0 and done["k"]["outputs"] == ["5 from j"]
+
+
+def test_cached_null_judge_output_is_asked_again(odd_judge, tmp_path):
+    path = tmp_path / "judge.jsonl"  # what the old code cached from a `content: null` reply
+    path.write_text(json.dumps({"key": "k", "judge": "j", "params": {"n": 1},
+                                "outputs": [None]}) + "\n")
+    OddJudge.fixed = True
+    done, errors = B.run_judge(JOB, path, judge(odd_judge))
+    assert errors == 0 and done["k"]["outputs"] == ["5 from j"] and OddJudge.asked == ["j"]
+
+
+def test_another_judge_model_does_not_reuse_outputs(odd_judge, tmp_path):
+    path, OddJudge.fixed = tmp_path / "judge.jsonl", True
+    B.run_judge(JOB, path, judge(odd_judge, "judge-a"))
+    done, _ = B.run_judge(JOB, path, judge(odd_judge, "judge-b"))
+    assert done["k"]["outputs"] == ["5 from judge-b"]
+    done, _ = B.run_judge(JOB, path, judge(odd_judge, "judge-a"))  # its own outputs are kept
+    assert done["k"]["outputs"] == ["5 from judge-a"]
+    assert OddJudge.asked == ["judge-a", "judge-b"]
+
+
+def test_score_out_typo_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["score", "--out", str(tmp_path / "rnu")])
+    assert e.value.code == (f"error: --out {tmp_path / 'rnu'}: no such folder (expected "
+                            "voicebench/, air_foundation/ or air_chat/ with a run.json); answer "
+                            "a benchmark into it first")
+    assert not (tmp_path / "rnu").exists()
