@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import data
+import data_support
 from bench_scoring import AIR_DIRS, CHAT_SPEECH_TASKS, VOICEBENCH
 from eval_support import Item
 
@@ -100,8 +101,7 @@ def decode_audio(blob: bytes, name: str) -> torch.Tensor:
         wave, sr = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise data.AudioError(name, f"unreadable audio bytes ({e})") from e
-    if wave.shape[0] == 0:
-        raise data.AudioError(name, "empty audio")
+    data_support.check_samples(name, wave, 0.0, None)  # empty, NaN/Inf: skipped, not answered
     return data.resample(
         torch.from_numpy(wave.mean(axis=1, dtype=np.float32)), sr, data.SAMPLE_RATE
     )

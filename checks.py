@@ -18,6 +18,7 @@ import errno
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -150,6 +151,22 @@ def manifest_weight(spec: str, weight: float) -> None:
                          f"{weight:g} (1: once an epoch, 0.5: a random half)")
 
 
+def context(llm_config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Before generating: the prompt (text and audio frames) and the answer fit the LLM's context
+    (max_position_embeddings). A 100k-character prompt ran on past it, and --max-new-tokens
+    100000000 was still generating after 300 s; the context is the cap on both."""
+    limit = getattr(llm_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return  # the config does not say: nothing to check against
+    if prompt_tokens >= limit:
+        raise CheckError(f"a prompt of {prompt_tokens} tokens (text and audio frames) does not fit "
+                         f"the LLM's context of {limit} tokens: shorten the prompt or the audio")
+    if prompt_tokens + max_new_tokens > limit:
+        raise CheckError(f"--max-new-tokens {max_new_tokens} after a prompt of {prompt_tokens} "
+                         f"tokens runs past the LLM's context of {limit} tokens: use at most "
+                         f"{limit - prompt_tokens}")
+
+
 def files_exist(paths, flag: str) -> None:
     for path in paths:
         if not os.path.isfile(path):
@@ -175,12 +192,17 @@ def audio_seconds(path) -> float:
     import soundfile as sf
 
     if not os.path.isfile(path):
-        raise CheckError(f"{path}: audio file not found")
+        raise CheckError(f"{path}: {missing_audio(path)}")
     try:
         info = sf.info(str(path))
     except Exception as e:  # libsndfile's error types differ between versions
         raise CheckError(f"{path}: unreadable audio ({first_line(e)})") from None
     return info.frames / info.samplerate
+
+
+def missing_audio(path) -> str:
+    """Why `path` is no audio file: a folder named x.wav was reported as "not found"."""
+    return "a folder, not an audio file" if os.path.isdir(path) else "audio file not found"
 
 
 def audio_length(path, seconds: float, limit: float | None, where: str = "") -> None:
@@ -197,6 +219,8 @@ def audio_length(path, seconds: float, limit: float | None, where: str = "") -> 
 
 def audio_file(path, limit: float | None) -> None:
     """infer.py: the file exists, its header reads, its length is within the limits."""
+    if os.path.isdir(path):
+        raise CheckError(f"{path}: {missing_audio(path)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
     audio_length(path, audio_seconds(path), limit)
@@ -287,6 +311,22 @@ def checkpoint_stage(ckpt: dict, path, stage: int) -> None:
                          f"{stage} (use another --exp, or leave out --resume)")
 
 
+def checkpoint_shapes(ckpt: dict, model, names) -> None:
+    """A resumed checkpoint's projectors have this model's shapes: one trained with an LLM of
+    another hidden size (or another encoder) failed inside load_state_dict with a traceback."""
+    for name in names:
+        own, saved = getattr(model, name).state_dict(), ckpt["projectors"].get(name, {})
+        bad = [f"{name}.{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in saved.items()
+               if k in own and v.shape != own[k].shape]
+        if bad or not saved:
+            old = ckpt.get("args", {})
+            raise CheckError(
+                f"--resume: the checkpoint of step {ckpt['step']} does not fit this model "
+                f"({bad[0] if bad else f'no {name}'}): it was trained with --llm {old.get('llm')} "
+                f"and --speech-encoder {old.get('speech_encoder')}; resume with those, or start "
+                "afresh in another --exp")
+
+
 # where a composite (whole-model) config keeps its encoder's config: `<key>_config`
 ENCODER_CONFIG_KEYS = ("speech_encoder", "audio_encoder", "encoder")
 
@@ -329,7 +369,24 @@ def json_file(path) -> dict:
         raise CheckError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckError(f"{path}: not valid JSON for a config (expected an object)")
+    quoted_numbers(obj, path)
     return obj
+
+
+NUMBER = re.compile(r"[+-]?\d+(\.\d*)?([eE][+-]?\d+)?")
+
+
+def quoted_numbers(config: dict, path, where: str = "") -> None:
+    """A number written as a string ("ds_rate": "4", "vocab_size": "608") failed deep inside torch
+    with a traceback: name the field. Version strings and names are text, whatever they hold."""
+    for key, value in config.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            quoted_numbers(value, path, f"{name}.")
+        elif (isinstance(value, str) and NUMBER.fullmatch(value.strip())
+              and not key.endswith(("version", "name_or_path"))):
+            raise CheckError(f"{path}: field '{name}' is the string {value!r}, not a number; "
+                             f"write it without quotes")
 
 
 def weight_files(folder) -> None:

@@ -34,6 +34,8 @@ def audio_errors(path):
     """Around a libsndfile read: a missing or unreadable file raises AudioError naming it."""
     import soundfile as sf  # imported here: fbank and the sampler work without libsndfile
 
+    if os.path.isdir(path):
+        raise AudioError(path, "a folder, not an audio file")
     if not os.path.isfile(path):
         raise AudioError(path, "file not found")
     try:

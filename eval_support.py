@@ -22,9 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import checks
 import data
 import files
 import generate_targets
+from checks import CheckError
 
 # The paper's fixed option prompt, appended to every multiple-choice question (AIR-Bench style).
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
@@ -253,13 +255,16 @@ def read_rows(path) -> list[tuple[int, dict]]:
     (right for answer files); a missing task file is an error."""
     if not Path(path).exists():
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-    return files.read_jsonl(path)
+    try:
+        return files.read_jsonl(path)
+    except ValueError as e:  # e.g. a comment line: one line naming it, not a traceback
+        raise CheckError(f"{e}; a task file holds one JSON object per line (no comments)") from None
 
 
 def _row_record(obj: dict, path, lineno: int) -> data.Record:
     """The audio part of a task row as a Record; `text`/`meta`/`language` feed the oracle."""
     if not isinstance(obj.get("audio"), str) or not obj["audio"]:
-        raise ValueError(f"{path}:{lineno}: field 'audio' missing")
+        raise CheckError(f"{path}:{lineno}: field 'audio' missing")
     audio = Path(os.path.expanduser(obj["audio"]))
     audio = audio if audio.is_absolute() else Path(path).resolve().parent / audio
     rid = str(obj.get("id", obj.get("uniq_id", f"line{lineno}")))
@@ -280,7 +285,7 @@ def unique_ids(items: list[Item], path) -> list[Item]:
     seen = set()
     for it in items:
         if it.id in seen:
-            raise ValueError(f"{it.record.source}: duplicate id {it.id!r} in {path}")
+            raise CheckError(f"{it.record.source}: duplicate id {it.id!r} in {path}")
         seen.add(it.id)
     return items
 
@@ -297,13 +302,13 @@ def read_mcq(path) -> list[Item]:
                                                           "choice_d") if obj.get(k)]
         answer = obj.get("answer", obj.get("answer_gt"))
         if not choices or answer is None or not obj.get("question"):
-            raise ValueError(f"{path}:{lineno}: an mcq row needs question, choices and answer")
+            raise CheckError(f"{path}:{lineno}: an mcq row needs question, choices and answer")
         choices = [str(c) for c in choices]
         letter = str(answer).strip().upper()
         if letter not in LETTERS[: len(choices)]:
             match = [i for i, c in enumerate(choices) if _norm(c) == _norm(str(answer))]
             if len(match) != 1:
-                raise ValueError(f"{path}:{lineno}: answer {answer!r} is neither a letter nor "
+                raise CheckError(f"{path}:{lineno}: answer {answer!r} is neither a letter nor "
                                  "one of the choices")
             letter = LETTERS[match[0]]
         rec = _row_record(obj, path, lineno)
@@ -332,18 +337,18 @@ def read_choice(path) -> list[Item]:
         choices, answer = obj.get("choices"), obj.get("answer")
         if (not obj.get("question") or not isinstance(choices, list) or len(choices) < 2
                 or answer is None):
-            raise ValueError(f"{path}:{lineno}: a choice row needs question, choices (a list of 2 "
+            raise CheckError(f"{path}:{lineno}: a choice row needs question, choices (a list of 2 "
                              "or more answers) and answer")
         choices = [str(c) for c in choices]
         if isinstance(answer, int) and not isinstance(answer, bool):
             if not 0 <= answer < len(choices):
-                raise ValueError(f"{path}:{lineno}: answer index {answer} is out of range for "
+                raise CheckError(f"{path}:{lineno}: answer index {answer} is out of range for "
                                  f"{len(choices)} choices")
             index = answer
         elif str(answer) in choices:
             index = choices.index(str(answer))
         else:
-            raise ValueError(f"{path}:{lineno}: answer {answer!r} is neither an index nor one of "
+            raise CheckError(f"{path}:{lineno}: answer {answer!r} is neither an index nor one of "
                              "the choices")
         rec = _row_record(obj, path, lineno)
         items.append(Item(rec.id, rec, str(obj["question"]),
@@ -386,7 +391,7 @@ def load_done(path: Path, model_name: str) -> dict[tuple[str, str], dict]:
     done = {}
     for lineno, row in files.read_jsonl(path, repair=True):
         if row.get("model") != model_name:
-            raise ValueError(f"{path}:{lineno} holds answers of model {row.get('model')!r}, "
+            raise CheckError(f"{path}:{lineno} holds answers of model {row.get('model')!r}, "
                              f"not {model_name!r}; use another --out")
         done[(row["id"], row["system"])] = row
     return done
@@ -410,17 +415,19 @@ def run_items(items: list[Item], path: Path, model_name: str, systems, batch_siz
               answer) -> dict:
     """Put every item to every system, appending each batch's rows; returns all rows by
     (id, system). `answer(chunk, system)` returns one dict of result fields per item (a generated
-    response and its score, or the candidates' NLLs)."""
-    done = load_done(path, model_name)
-    for system in systems:
-        todo = todo_items(items, system, done)
-        for chunk in tqdm(list(batches(todo, batch_size)), desc=system, unit="batch",
-                          disable=not todo):
-            rows = [{"id": it.id, "system": system, "model": model_name,
-                     "question": it.question, **it.fields, **result}
-                    for it, result in zip(chunk, answer(chunk, system))]
-            files.append_jsonl(path, rows)
-            done.update({(r["id"], r["system"]): r for r in rows})
+    response and its score, or the candidates' NLLs). One run at a time per answer file (a
+    lock): two runs into one --out answered everything twice."""
+    with checks.exclusive_lock(path):
+        done = load_done(path, model_name)
+        for system in systems:
+            todo = todo_items(items, system, done)
+            for chunk in tqdm(list(batches(todo, batch_size)), desc=system, unit="batch",
+                              disable=not todo):
+                rows = [{"id": it.id, "system": system, "model": model_name,
+                         "question": it.question, **it.fields, **result}
+                        for it, result in zip(chunk, answer(chunk, system))]
+                files.append_jsonl(path, rows)
+                done.update({(r["id"], r["system"]): r for r in rows})
     return done
 
 

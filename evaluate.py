@@ -293,9 +293,10 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
     if task == "align":
         records = align_records(data.read_manifest(manifest))[:limit]
         if not records:
-            raise ValueError(f"{manifest}: no record has a self-generated target "
+            raise checks.CheckError(f"{manifest}: no record has a self-generated target "
                              "(mode + response); run generate_targets.py first")
-        done = run_align(model, records, path, model_name, systems, batch_size, segments_fn)
+        with checks.exclusive_lock(path):  # one run per answer file (es.run_items locks too)
+            done = run_align(model, records, path, model_name, systems, batch_size, segments_fn)
         results.update(systems=list(systems), modes=summarize_align(records, done, systems))
     elif task == "choice":
         items = es.read_choice(manifest)[:limit]
@@ -372,10 +373,13 @@ def run(args) -> None:
     systems = [s for s in args.systems.split(",") if s]
     if not set(systems) <= set(SYSTEMS):
         sys.exit(f"--systems: unknown system in {args.systems!r}; use {','.join(SYSTEMS)}")
+    out = Path(args.out or Path("eval") / args.task)
+    if out.is_dir():  # another run on this --out is named before the model loads, not after
+        with checks.exclusive_lock(out / f"{args.task}_answers.jsonl"):
+            pass
     dtype = getattr(torch, args.dtype) if args.dtype else None  # None: model.py's device default
     model = AZeroS.from_pretrained(args.model, device=args.device, dtype=dtype)
     model.eval()
-    out = Path(args.out or Path("eval") / args.task)
     results = evaluate(model, args.task, args.manifest, out,
                        model_name=str(Path(args.model).resolve()), batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, systems=systems, limit=args.limit)

@@ -252,6 +252,7 @@ class HFBackend:
         for p in prompts:  # done with these: keep the cache as small as the window being planned
             self._ids.pop(p, None)
         input_ids, attention_mask = llm.pad_rows(rows, self.gen_kwargs["pad_token_id"], "left")
+        checks.context(self.model.config, input_ids.shape[1], self.max_new_tokens)
         device = self.model.get_input_embeddings().weight.device
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids.to(device),

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, TextStreamer
 
+import checks
 import model_support
 
 AUDIO_TOKEN = "<|AUDIO|>"
@@ -46,8 +47,10 @@ def load_llm(name_or_path, gguf_file: str | None = None, dtype=None, device=None
     extra = {"gguf_file": gguf} if gguf else {}
     attn = model_support.attention(attn_implementation)
     tokenizer = model_support.load_tokenizer(path, extra, tokenizer_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
-                                                 attn_implementation=attn, **extra)
+    with model_support.no_remote_code(path):  # a config's auto_map never runs the folder's code
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype if dtype is not None else "auto", attn_implementation=attn,
+            trust_remote_code=False, **extra)
     if gguf:
         model_support.forget_gguf_quantizer(model)
     if device is not None:
@@ -280,6 +283,7 @@ def generate_ids(llm, tokenizer, batch: Batch, options: GenerationOptions) -> to
     With only inputs_embeds, HF returns just the new tokens and derives position ids from the
     attention mask (cumsum - 1): a left-padded row sees the positions it would see alone."""
     kw = generation_kwargs(llm, tokenizer, options)
+    checks.context(llm.config, batch.inputs_embeds.shape[1], kw["max_new_tokens"])  # the cap
     if options.stream:
         if batch.inputs_embeds.shape[0] != 1:
             raise ValueError("streaming needs a batch of one")

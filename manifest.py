@@ -84,6 +84,10 @@ _OPTIONAL_STR_FIELDS = ("language", "mode", "system", "instruction", "input_text
                         "model")
 _KNOWN_FIELDS = {"id", "audio", "duration", "text", "offset", "meta", "truncated", "channel",
                  *_OPTIONAL_STR_FIELDS}
+# Texts that become prompt or answer tokens, and the LLM's audio placeholder (llm.AUDIO_TOKEN,
+# repeated here so reading a manifest imports no model code): no text may contain it.
+_TEXT_FIELDS = ("text", "system", "instruction", "input_text", "response")
+AUDIO_TOKEN = "<|AUDIO|>"
 # Lhotse marks a generation that hit max_new_tokens by appending this to the response
 # (scripts/data_generation/run_data_generation.py); we turn it into `truncated=True`.
 _LHOTSE_TRUNCATED_TAG = "<|truncated|>"
@@ -158,6 +162,10 @@ def parse_line(line: str, file, lineno: int, folder: Path | None = None) -> Reco
     folder = Path(file).resolve().parent if folder is None else folder
     parse = _record_from_lhotse if _looks_like_lhotse(obj) else _record_from_ours
     rec = parse(obj, folder, check)
+    for name in _TEXT_FIELDS:  # the audio placeholder in a text would take a slot of the audio
+        if AUDIO_TOKEN in (getattr(rec, name) or ""):
+            check.fail(name, f"contains {AUDIO_TOKEN}, the token that marks where audio goes in a "
+                             "prompt; remove it from the text")
     rec.source = f"{file}:{lineno}"
     return rec
 

@@ -318,10 +318,25 @@ def load_tokenizer(path, extra: dict, tokenizer_path=None):
     "azeros", a model type transformers warns about."""
     from transformers import AutoTokenizer
 
-    with quiet_transformers():
+    with quiet_transformers(), no_remote_code(tokenizer_path or path):
         if tokenizer_path:
-            return AutoTokenizer.from_pretrained(str(tokenizer_path))
-        return AutoTokenizer.from_pretrained(path, **extra)
+            return AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **extra)
+
+
+@contextlib.contextmanager
+def no_remote_code(path):
+    """Around a transformers load with trust_remote_code=False (never None: with None, a config
+    whose `auto_map` names code in the folder made transformers ask "[y/N]" on stdout). A model
+    that exists only as such code is refused in one line."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise checks.CheckError(f"{path}: its config asks to run code from the model folder "
+                                "(auto_map), which AZeroS never does; use an LLM that transformers "
+                                "implements") from None
 
 
 def attention(name: str | None) -> str:

@@ -190,7 +190,7 @@ class VLLMBackend:
 
         path = os.path.join(model, gguf_file) if gguf_file else model
         self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
-                       enable_prefix_caching=True)
+                       enable_prefix_caching=True, trust_remote_code=False)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.model_label, self.chunk = model_label, chunk
 

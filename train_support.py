@@ -66,6 +66,8 @@ def check_model_args(args) -> None:
             raise TrainError(f"{flag} {path}: no such folder")
         if path and flag != "--init":
             checks.encoder_folder(path, flag)
+    if args.llm and (Path(args.llm) / "config.json").is_file():
+        checks.json_file(Path(args.llm) / "config.json")  # e.g. a number written as a string
     if args.stage in (1, "both"):
         if not (args.llm and args.speech_encoder):
             raise TrainError(f"stage {args.stage} needs --llm and --speech-encoder")
@@ -291,6 +293,7 @@ def checkpoint_state(step: int, model, names: list[str], optimizer, average, epo
 
 def restore(ckpt: dict, model, names: list[str], optimizer, average, sampler) -> tuple[int, int]:
     """Load a checkpoint_state into the run; returns (step, epoch) to continue from."""
+    checks.checkpoint_shapes(ckpt, model, names)  # e.g. another LLM's width: one line
     for n in names:
         getattr(model, n).load_state_dict(ckpt["projectors"][n])
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -360,11 +360,14 @@ def load(folder, dtype=torch.float32):
         WhisperTokenizer,
     )
 
-    model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    # trust_remote_code=False on every load: a folder's own code is never run
+    model = WhisperForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=False
+    ).eval()
     return (
         model,
-        WhisperFeatureExtractor.from_pretrained(folder),
-        WhisperTokenizer.from_pretrained(folder),
+        WhisperFeatureExtractor.from_pretrained(folder, trust_remote_code=False),
+        WhisperTokenizer.from_pretrained(folder, trust_remote_code=False),
     )
 
 

@@ -2,22 +2,39 @@
 inputs that used to end in a traceback or a silent wrong result. Each case ends in the right
 behaviour or one line naming the input and the fix. Everything runs in-process on tiny models."""
 
+import io
 import json
+import os
+import shutil
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
+import soundfile as sf
+import torch
+from test_train import build_setup, stage1_args
 
 import benchmarks as B
+import checks
+import evaluate
 import infer
+import manifest as manifest_module
 import train
 from checks import CheckError
-from tiny import cached_tiny_release, write_wav
+from manifest import ManifestError
+from tiny import cached_tiny_release, make_tiny_llm_dir, write_wav
 
 
 @pytest.fixture(scope="module")
 def release():
     return cached_tiny_release()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_setup(tmp_path_factory.mktemp("bad_input"), with_train16=False)
 
 
 def one_line_error(err: str) -> str:
@@ -176,3 +193,176 @@ def test_score_out_typo_is_one_line(tmp_path, capsys):
                             "voicebench/, air_foundation/ or air_chat/ with a run.json); answer "
                             "a benchmark into it first")
     assert not (tmp_path / "rnu").exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Generation is bounded by the LLM's context (the tiny LLM's: 4096 positions)
+
+
+def test_prompt_longer_than_the_context_is_refused(release, capsys):
+    prompt = "hello " * 20000  # 120k characters
+    assert infer.main([prompt, "--model", str(release)]) == 1
+    message = one_line_error(capsys.readouterr().err)
+    tokens = int(message.split()[3])  # "a prompt of N tokens ..."
+    assert tokens > 4096 and message == (
+        f"a prompt of {tokens} tokens (text and audio frames) does not fit the LLM's context of "
+        "4096 tokens: shorten the prompt or the audio")
+
+
+def test_max_new_tokens_past_the_context_is_refused(release, tmp_path, capsys):
+    wav = write_wav(tmp_path / "a.wav", 1.0)
+    assert infer.main([str(wav), "hi", "--model", str(release), "--max-new-tokens",
+                       "100000000"]) == 1
+    message = one_line_error(capsys.readouterr().err)
+    prompt = int(message.split()[6])  # "--max-new-tokens M after a prompt of N tokens ..."
+    assert message == (f"--max-new-tokens 100000000 after a prompt of {prompt} tokens runs past "
+                       f"the LLM's context of 4096 tokens: use at most {4096 - prompt}")
+
+
+# -------------------------------------------------------------------------------------------------
+# 8. Inputs that ended in a traceback or a silent wrong result
+
+
+@pytest.mark.parametrize("part, key, value", [
+    ("config.json", "speech_encoder_projector_ds_rate", "4"),
+    ("llm/config.json", "vocab_size", "608"),
+])
+def test_number_written_as_a_string_in_a_config(release, tmp_path, capsys, part, key, value):
+    folder = tmp_path / "release"
+    shutil.copytree(release, folder)
+    config = json.loads((folder / part).read_text())
+    config[key] = value
+    (folder / part).write_text(json.dumps(config))
+    assert infer.main(["hi", "--model", str(folder)]) == 1
+    assert one_line_error(capsys.readouterr().err) == (
+        f"{folder / part}: field '{key}' is the string '{value}', not a number; write it without "
+        "quotes")
+
+
+def test_comment_line_in_a_task_file(release, tmp_path, capsys):
+    wav = write_wav(tmp_path / "a.wav", 1.0)
+    task = tmp_path / "open.jsonl"
+    task.write_text("# open questions\n" + json.dumps({"audio": str(wav)}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(release), "--manifest", str(task), "--task", "open",
+                       "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert e.value.code == 1
+    assert one_line_error(capsys.readouterr().err) == (
+        f"{task}:1: not valid JSON (Expecting value); a task file holds one JSON object per line "
+        "(no comments)")
+
+
+def test_audio_token_inside_a_response(setup, tmp_path):
+    from llm import AUDIO_TOKEN
+
+    wav = write_wav(tmp_path / "a.wav", 1.0)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "u0", "audio": str(wav), "duration": 1.0,
+                                    "response": f"it says {AUDIO_TOKEN} twice"}) + "\n")
+    assert AUDIO_TOKEN == manifest_module.AUDIO_TOKEN  # the manifest reader's copy of the token
+    with pytest.raises(ManifestError) as e:
+        train.main(stage1_args(setup, tmp_path / "exp", "--max-steps", "1", train=str(manifest)))
+    assert str(e.value) == (f"{manifest}:1: field 'response': contains <|AUDIO|>, the token that "
+                            "marks where audio goes in a prompt; remove it from the text")
+
+
+def test_resume_with_an_llm_of_another_size(setup, tmp_path):
+    exp = tmp_path / "exp"
+    common = ("--max-duration", "1.6", "--save-every", "1")
+    train.main(stage1_args(setup, exp, "--max-steps", "1", *common))
+    ckpt = torch.load(exp / "checkpoints" / "step-00000001.pt", weights_only=True)
+    saved = tuple(ckpt["projectors"]["speech_encoder_projector"]["linear1.weight"].shape)
+    assert saved[0] == 64  # the setup's LLM width; the other LLM has 32
+    args = stage1_args(setup, exp, "--max-steps", "2", "--resume", *common)
+    args[args.index("--llm") + 1] = str(make_tiny_llm_dir(tmp_path / "llm32", hidden=32))
+    with pytest.raises(CheckError) as e:
+        train.main(args)
+    assert str(e.value) == (
+        "--resume: the checkpoint of step 1 does not fit this model (speech_encoder_projector."
+        f"linear1.weight {saved} vs {(32, saved[1])}): it was trained with --llm "
+        f"{setup['llm']} and --speech-encoder {setup['speech']}; resume with those, or start "
+        "afresh in another --exp")
+
+
+def test_nan_audio_in_a_voicebench_parquet_is_skipped(release, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    import bench_data as BD
+    from model import AZeroS
+
+    def wav(samples):
+        buf = io.BytesIO()
+        sf.write(buf, np.asarray(samples, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+        return buf.getvalue()
+
+    good = 0.3 * np.sin(np.arange(8000) / 5.0)
+    rows = [{"audio": {"bytes": wav(good), "path": "0.wav"}, "prompt": "q0", "reference": "A"},
+            {"audio": {"bytes": wav(np.where(np.arange(8000) == 100, np.nan, good)),
+                       "path": "1.wav"}, "prompt": "q1", "reference": "B"}]
+    (tmp_path / "vb" / "mmsu").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows),
+                   tmp_path / "vb" / "mmsu" / "law-00000-of-00001.parquet")
+    model = AZeroS.from_pretrained(str(release), device="cpu").eval()
+    opts = B.RunOptions(str(release), tmp_path / "run", batch_size=2, max_new_tokens=2)
+    bench = BD.read_voicebench(tmp_path / "vb", "mmsu", "law")
+    info = B.answer_benchmark(model, "voicebench", {"mmsu/law": bench}, opts)
+    assert (info["answered"], info["skipped"]) == (1, 1)
+    assert info["skipped_items"] == {
+        "mmsu/law/1": "unreadable audio: mmsu/law/1: contains NaN or Inf samples"}
+
+
+def test_two_evaluate_runs_into_one_out(release, tmp_path, capsys):
+    wav = write_wav(tmp_path / "a.wav", 1.0)
+    task = tmp_path / "open.jsonl"
+    task.write_text(json.dumps({"audio": str(wav), "question": "what?"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--model", str(release), "--manifest", str(task), "--task", "open", "--out", str(out),
+            "--device", "cpu", "--max-new-tokens", "2", "--systems", "audio"]
+    with checks.exclusive_lock(out / "open_answers.jsonl"):  # a first run, still answering
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+    assert e.value.code == 1
+    last = capsys.readouterr().err.split("\r")[-1].splitlines()[-1] + "\n"  # after the bars
+    assert one_line_error(last) == (
+        f"{out / 'open_answers.jsonl'} is being written by another run (pid {os.getpid()} on "
+        f"{socket.gethostname()}); wait for it to finish, or use another --out")
+    assert not (out / "open_answers.jsonl").exists()  # the second run answered nothing
+    evaluate.main(argv)  # once the first is done, a run goes ahead
+    assert len((out / "open_answers.jsonl").read_text().splitlines()) == 1
+
+
+def test_folder_named_like_an_audio_file(release, tmp_path, capsys):
+    folder = tmp_path / "x.wav"
+    folder.mkdir()
+    assert infer.main([str(folder), "hi", "--model", str(release)]) == 1
+    assert one_line_error(capsys.readouterr().err) == f"{folder}: a folder, not an audio file"
+
+
+def test_llm_config_with_auto_map_never_runs_folder_code(tmp_path, monkeypatch):
+    """trust_remote_code=False on every load: a known model type loads transformers' own class; a
+    type that exists only as the folder's code is one line. transformers never asks "[y/N]"."""
+    import llm
+
+    def no_prompt(*args):
+        raise AssertionError("transformers asked whether to run the folder's code")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    folder = make_tiny_llm_dir(tmp_path / "llm")
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
+                          "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = llm.load_llm(str(folder))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not marker.exists()
+    config["model_type"] = "evil"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckError) as e:
+        llm.load_llm(str(folder))
+    assert str(e.value) == (f"{folder}: its config asks to run code from the model folder "
+                            "(auto_map), which AZeroS never does; use an LLM that transformers "
+                            "implements")
+    assert not marker.exists()
