@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import checks
 import targets_support as support
 from files import append_jsonl
+from labels import age_group  # the official age bands live with the label table
 from manifest import ManifestError, Record
 from targets_support import Generation, Row, Summary, TranscriptBackend, VLLMBackend
 
@@ -93,22 +94,6 @@ def normalize_text(text: str) -> str:
     text = re.sub(r"\s+", " ", text)
     # Traditional -> Simplified, as officially (zhconv is optional: without it, a warning)
     return support.to_simplified(text) if _CJK.search(text) else text
-
-
-def age_group(age: float) -> str | None:
-    """A numeric age -> one of the four groups the datasets use, None if 200 or more.
-
-    The official `age_to_group` bands, quirks included so our targets match its data: the chain has
-    no lower bound, so "0" and negative ages land in "young adult". (A numeric 0 is falsy there and
-    never reaches the function: `normalize_meta` drops it.)"""
-    age = int(age)
-    if age >= 200:
-        return None
-    if 0 < age < 18:
-        return "teenager"
-    if age < 40:
-        return "young adult"
-    return "middle-age adult" if age <= 60 else "senior"
 
 
 def normalize_meta(meta: dict) -> dict[str, str]:

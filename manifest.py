@@ -4,7 +4,9 @@ A manifest lists utterances, one JSON object a line (.jsonl, or .jsonl.gz). Two 
   - ours (README "Data"): {"id", "audio", "duration", "text", "offset", "meta", ...}, plus the
     fields generate_targets.py adds (mode, system, instruction, input_text, response, truncated,
     model);
-  - the official Lhotse MonoCut lines the released AZeroS manifests use.
+  - Lhotse MonoCut lines (`lhotse cut simple`, the released AZeroS manifests), read the way
+    Lhotse means them: relative paths against the working directory, one supervision per cut,
+    labels in the official vocabulary (labels.py).
 Both become a `Record`, the object data.py's DataLoader carries. Nothing is skipped silently: a bad
 line raises ManifestError naming file, line and field; `python data.py check m.jsonl ...` (the same
 as `python manifest.py check ...`) lists every problem of a manifest at once.
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import checks
+import labels
 from files import json_line, write_atomic
 
 
@@ -91,6 +94,9 @@ AUDIO_TOKEN = "<|AUDIO|>"
 # Lhotse marks a generation that hit max_new_tokens by appending this to the response
 # (scripts/data_generation/run_data_generation.py); we turn it into `truncated=True`.
 _LHOTSE_TRUNCATED_TAG = "<|truncated|>"
+# What fixes a cut this reader cannot take as it is (several supervisions, or a transform such as
+# speed perturbation): our preparation splits it, and writes transformed audio through Lhotse.
+_PREPARE_CUTS = "python prepare.py cuts {file} OUT_DIR"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,8 +177,9 @@ def parse_line(line: str, file, lineno: int, folder: Path | None = None) -> Reco
 
 
 def resolve_audio(audio: str, folder: Path) -> str:
-    """Relative audio paths are relative to the manifest's folder (not to the working directory),
-    so a dataset folder can be moved or mounted anywhere."""
+    """Relative audio paths of our JSONL are relative to the manifest's folder (not to the working
+    directory), so a dataset folder can be moved or mounted anywhere. (Lhotse cuts differ: Lhotse
+    opens a relative source from the working directory, and _record_from_lhotse does the same.)"""
     path = Path(os.path.expanduser(audio))
     return str(path if path.is_absolute() else (folder / path).resolve())
 
@@ -266,13 +273,16 @@ def _looks_like_lhotse(obj: dict) -> bool:
 
 
 def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
-    """An official Lhotse MonoCut line (the released AZeroS manifests) -> Record.
+    """A Lhotse MonoCut line (`lhotse cut simple`, the released AZeroS manifests) -> Record.
 
-    cut.id -> id; cut.start/duration -> offset/duration; recording.sources[0].source -> audio;
-    supervisions[0].text/language -> text/language; gender (a supervision field) and custom
-    age_group (or age)/emotion -> meta; custom response/instruction/input_text/from_model -> the
-    generate_targets fields. Only single-file MonoCuts are supported: MixedCut/PaddingCut or
-    URL/in-memory sources raise, because silently mis-reading them would train on the wrong audio.
+    cut.id -> id; cut.start/duration -> offset/duration; recording.sources[0].source -> audio
+    (relative: from the working directory, as Lhotse opens it); the supervision's
+    text/language -> text/language (names such as "Chinese" -> "zh"); gender (a supervision field)
+    and custom age_group (or age)/emotion -> meta, in the official vocabulary (labels.py); custom
+    response/instruction/input_text/from_model -> the generate_targets fields. What would be
+    mis-read silently raises: MixedCut/PaddingCut, URL/in-memory sources, recording transforms
+    (speed perturbation), several supervisions or one that leaves part of the cut without text;
+    the message names the command that rewrites such cuts.
     """
     kind = obj.get("type", "MonoCut")
     if kind != "MonoCut":
@@ -291,11 +301,21 @@ def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
         check.fail("recording.sources[0].type",
                    f"only 'file' sources are supported, got {sources[0].get('type')!r}")
     audio = check.string(sources[0], "source", required=True, label="recording.sources[0].source")
+    fix = _PREPARE_CUTS.format(file=check.file)
+    if recording.get("transforms"):
+        transforms = recording["transforms"]
+        names = [t.get("name", "?") if isinstance(t, dict) else "?" for t in transforms]
+        check.fail("recording.transforms", f"{', '.join(names)} not applied by this reader; "
+                   f"write the transformed audio with `{fix}`")
 
     sups = obj.get("supervisions")
     if not isinstance(sups, list) or not sups or not isinstance(sups[0], dict):
         check.fail("supervisions", "must be a non-empty list of supervision objects")
-    sup = sups[0]  # like the official data module, only the first supervision is used
+    if len(sups) > 1:
+        check.fail("supervisions", f"{len(sups)} supervisions in one cut (its text would be the "
+                   f"first one's for all the audio); split them with `{fix}`")
+    sup = sups[0]
+    _check_coverage(sup, duration, check, fix)
     custom = sup.get("custom") or {}
     if not isinstance(custom, dict):
         check.fail("supervisions[0].custom", f"must be an object, got {type(custom).__name__}")
@@ -303,16 +323,28 @@ def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
     def sup_str(d, name, where):
         return check.string(d, name, label=f"supervisions[0].{where}{name}")
 
+    def label(attribute, value, where):
+        if value is None or _is_number(value):  # numeric ages: generate_targets maps them
+            return value
+        try:
+            return labels.normalise(attribute, value)
+        except labels.LabelError as e:
+            check.fail(f"supervisions[0].{where}", str(e))
+
     meta = {}
-    age = custom.get("age_group", custom.get("age"))
+    age_field = "age_group" if custom.get("age_group") is not None else "age"
+    age = label("age", custom.get(age_field), f"custom.{age_field}")
     if age is not None:
         meta["age"] = age
+    gender_field = "gender" if sup.get("gender") is not None else "custom.gender"
     gender = sup_str(sup, "gender", "") or sup_str(custom, "gender", "custom.")
+    gender = label("gender", gender, gender_field)
     if gender is not None:
         meta["gender"] = gender
-    emotion = sup_str(custom, "emotion", "custom.")
+    emotion = label("emotion", sup_str(custom, "emotion", "custom."), "custom.emotion")
     if emotion is not None:
         meta["emotion"] = emotion
+    language = label("language", sup_str(sup, "language", ""), "language")
 
     response = sup_str(custom, "response", "custom.")
     truncated = response is not None and response.endswith(_LHOTSE_TRUNCATED_TAG)
@@ -322,10 +354,10 @@ def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
     n_channels = len(recording.get("channel_ids") or [0])
     return Record(
         id=cut_id,
-        audio=resolve_audio(audio, folder),
+        audio=resolve_audio(audio, Path.cwd()),
         duration=duration,
         text=sup_str(sup, "text", "") or "",
-        language=sup_str(sup, "language", ""),
+        language=language,
         offset=start,
         meta=meta,
         instruction=sup_str(custom, "instruction", "custom."),
@@ -336,6 +368,18 @@ def _record_from_lhotse(obj: dict, folder: Path, check: _LineChecker) -> Record:
         # a MonoCut names the channel it uses; only meaningful when the file has several
         channel=channel if isinstance(channel, int) and n_channels > 1 else None,
     )
+
+
+def _check_coverage(sup: dict, duration: float, check: _LineChecker, fix: str) -> None:
+    """The supervision must span the cut (within one fbank frame, checks.END_TOLERANCE_SECONDS):
+    `lhotse cut simple` on a long recording gives one cut for all of it, whose text is a part."""
+    start = check.seconds(sup, "start", label="supervisions[0].start") or 0.0
+    length = check.seconds(sup, "duration", label="supervisions[0].duration")
+    end = start + (duration if length is None else length)
+    tol = checks.END_TOLERANCE_SECONDS
+    if start > tol or end < duration - tol:
+        check.fail("supervisions[0]", f"covers {start:g}-{end:g} s of a {duration:g} s cut (the "
+                   f"rest has no text); trim the cut to it with `{fix}`")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def test_our_jsonl_resolves_relative_paths_and_round_trips(tmp_path):
     assert not list(tmp_path.glob("**/*.tmp"))  # the atomic writer cleaned up
 
 
-def test_lhotse_monocut_lines_map_to_records(tmp_path):
+def test_lhotse_monocut_lines_map_to_records(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # Lhotse opens relative sources from here
     path = write_lines(tmp_path / "cuts.jsonl.gz", [
         lhotse_cut(age_group="middle-age adult", emotion="happy", response="你好！<|truncated|>",
                    instruction="", input_text="<audio>...</audio>",
@@ -75,7 +77,7 @@ def test_lhotse_monocut_lines_map_to_records(tmp_path):
     first, second = manifest.read_manifest(path)
     assert (first.id, first.offset, first.duration) == ("cut1", 1.5, 3.21)
     assert (first.text, first.language) == ("你好，世界！", "zh")
-    assert first.audio == str((tmp_path / "audio" / "rec.wav").resolve())
+    assert first.audio == str((tmp_path / "work" / "audio" / "rec.wav").resolve())
     assert first.meta == {"age": "middle-age adult", "gender": "female", "emotion": "happy"}
     assert (first.response, first.truncated, first.instruction) == ("你好！", True, "")
     assert (first.input_text, first.model, first.channel) == (
@@ -120,6 +122,63 @@ BROKEN = [  # (lines, line number, field, what the message says)
     ([_mutate(lambda c: c.update(duration="3.2"))], 1, "duration",
      "must be a number of seconds, got str"),
 ]
+
+
+def two_supervisions(cut):
+    second = dict(cut["supervisions"][0], id="s2", start=2.0, duration=1.21, text="再见")
+    cut["supervisions"][0]["duration"] = 2.0
+    cut["supervisions"].append(second)
+
+
+FIX = "python prepare.py cuts {path} OUT_DIR"  # the command each refusal names
+REFUSED_CUTS = [  # (mutation, field, what the message says)
+    (lambda c: c["recording"].update(transforms=[{"name": "Speed", "kwargs": {"factor": 1.1}}]),
+     "recording.transforms", "Speed not applied by this reader; write the transformed audio with "
+     f"`{FIX}`"),
+    (two_supervisions, "supervisions", "2 supervisions in one cut (its text would be the first "
+     f"one's for all the audio); split them with `{FIX}`"),
+    (lambda c: c["supervisions"][0].update(start=0.5, duration=1.0), "supervisions[0]",
+     f"covers 0.5-1.5 s of a 3.21 s cut (the rest has no text); trim the cut to it with `{FIX}`"),
+    (lambda c: c["supervisions"][0].update(gender="x"), "supervisions[0].gender",
+     "unknown gender label 'x' (the official vocabulary: female, male; add its spelling to "
+     "labels.TABLE)"),
+    (lambda c: c["supervisions"][0].update(language="Klingon"), "supervisions[0].language",
+     "unknown language label 'Klingon'"),
+    (lambda c: c["supervisions"][0]["custom"].update(emotion="bored"),
+     "supervisions[0].custom.emotion", "unknown emotion label 'bored'"),
+    (lambda c: c["supervisions"][0]["custom"].update(age_group="old"),
+     "supervisions[0].custom.age_group", "unknown age label 'old'"),
+]
+
+
+@pytest.mark.parametrize("mutation,field,what", REFUSED_CUTS,
+                         ids=[r[1] for r in REFUSED_CUTS])
+def test_lhotse_cuts_that_would_be_misread_are_refused(tmp_path, mutation, field, what):
+    path = write_lines(tmp_path / "cuts.jsonl", [_mutate(mutation)])
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.read_manifest(path)
+    assert str(err.value).startswith(f"{path}:1: field '{field}': {what.format(path=path)}")
+    assert "\n" not in str(err.value)
+
+
+def test_lhotse_labels_and_language_names_become_the_official_vocabulary(tmp_path):
+    """What `lhotse prepare commonvoice` / `voxceleb` / `daily_talk` / `aishell` write."""
+    cuts = []
+    for lang, gender, custom in [
+        ("Chinese", "male_masculine", {"age": "twenties"}),
+        ("English", "f", {"emotion": "no emotion"}),
+        ("zh-CN", "F", {"age_group": "Senior", "emotion": "happiness"}),
+        ("en", "do_not_wish_to_say", {"age": "fourties"})]:
+        cut = lhotse_cut(f"cut{len(cuts)}")
+        cut["supervisions"][0].update(language=lang, gender=gender, custom=custom)
+        cuts.append(cut)
+    recs = manifest.read_manifest(write_lines(tmp_path / "cuts.jsonl", cuts))
+    assert [(r.language, r.meta) for r in recs] == [
+        ("zh", {"age": "young adult", "gender": "male"}),
+        ("en", {"gender": "female", "emotion": "neutral"}),
+        ("zh", {"age": "senior", "gender": "female", "emotion": "happy"}),
+        ("en", {"age": "middle-age adult"}),
+    ]
 
 
 def test_invalid_utf8_line_is_reported_with_its_line_number(tmp_path):
