@@ -1,0 +1,324 @@
+"""Data preparation: the paper's corpora (Sec. 5.1, Table 2) -> our JSONL manifests.
+
+Corpora that Lhotse has a recipe for (LibriSpeech, GigaSpeech, WenetSpeech, CommonVoice, AISHELL-1,
+VoxCeleb2, DailyTalk, ...) go through that recipe; we only turn its recordings and supervisions
+into manifest rows: one row per supervision (long recordings are trimmed to their supervisions,
+as the official manifests are), labels in the official vocabulary (labels.py), audio that Lhotse
+transforms (speed perturbation) written out through Lhotse. The emotion corpora Lhotse lacks get a
+small reader each, written from their documented layouts (file-name conventions). Corpora without
+transcripts get ASR pseudo-transcripts (`transcribe`), marked as such.
+
+    lhotse prepare librispeech /data/LibriSpeech data/lhotse          # Lhotse's own recipe
+    python prepare.py lhotse data/lhotse/librispeech_recordings_train-clean-100.jsonl.gz \\
+        data/lhotse/librispeech_supervisions_train-clean-100.jsonl.gz data/librispeech_100.jsonl
+    python prepare.py cuts cuts.jsonl.gz data/cuts.jsonl               # any Lhotse CutSet
+    python prepare.py crema-d /data/CREMA-D data/crema.jsonl   # also ravdess, tess, iemocap, meld
+    python prepare.py transcribe data/voxceleb2.jsonl data/voxceleb2_asr.jsonl --whisper DIR
+
+Needs Lhotse (`pip install -r requirements-data.txt`) for `lhotse` and `cuts` only.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+import checks
+import labels
+from manifest import Record, read_manifest, write_manifest
+
+# CREMA-D (github.com/CheyneyComputerScience/CREMA-D, README): 1079_WSI_SAD_XX.wav is
+# actor_sentence_emotion_intensity; the twelve sentences are fixed, so the text is known.
+CREMA_SENTENCES = {
+    "IEO": "It's eleven o'clock.", "TIE": "That is exactly what happened.",
+    "IOM": "I'm on my way to the meeting.", "IWW": "I wonder what this is about.",
+    "TAI": "The airplane is almost full.", "MTI": "Maybe tomorrow it will be cold.",
+    "IWL": "I would like a new alarm clock.", "ITH": "I think I have a doctor's appointment.",
+    "DFA": "Don't forget a jacket.", "ITS": "I think I've seen this before.",
+    "TSI": "The surface is slick.", "WSI": "We'll stop in a couple of minutes.",
+}
+# RAVDESS (zenodo.org/records/1188976): 03-01-06-01-02-01-12.wav is modality-channel-emotion-
+# intensity-statement-repetition-actor; odd actors are male, even female.
+RAVDESS_EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
+                    "06": "fearful", "07": "disgust", "08": "surprised"}
+RAVDESS_STATEMENTS = {"01": "Kids are talking by the door.", "02": "Dogs are sitting by the door."}
+# TESS (Toronto emotional speech set): OAF_back_angry.wav, "Say the word back" spoken by the
+# older (64) or the younger (26) actress.
+TESS_AGES = {"OAF": 64, "YAF": 26}
+# IEMOCAP: SessionN/dialog/EmoEvaluation/<dialog>.txt lines "[start - end]\tutt\temo\t[v, a, d]";
+# the speaker's gender is the letter before the utterance number (Ses01F_impro01_M013: male).
+IEMOCAP_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
+
+
+# --------------------------------------------------------------------------------------------------
+# Through Lhotse: recordings + supervisions (or a CutSet) -> rows
+
+
+def from_lhotse(cuts, audio_dir: Path) -> list[Record]:
+    """A Lhotse CutSet -> one Record per supervision. Cuts are trimmed to their supervisions (a
+    long recording with many segments becomes many rows, each with its own text); a cut whose
+    recording Lhotse transforms is loaded through Lhotse and written to `audio_dir`."""
+    import soundfile as sf
+
+    records = []
+    for cut in cuts.trim_to_supervisions(keep_overlapping=False):
+        sup = cut.supervisions[0]
+        custom = sup.custom or {}
+        where = f"{cut.id}: "
+        try:
+            meta = labels.meta(gender=sup.gender or custom.get("gender"),
+                               age=custom.get("age_group", custom.get("age")),
+                               emotion=custom.get("emotion"))
+            language = labels.normalise("language", sup.language)
+        except labels.LabelError as e:
+            raise checks.CheckError(where + str(e)) from e
+        if cut.recording.transforms:  # e.g. perturb_speed: only Lhotse knows how to apply them
+            audio_dir.mkdir(parents=True, exist_ok=True)
+            path = audio_dir / f"{cut.id}.wav"
+            sf.write(path, cut.load_audio().mean(axis=0), cut.sampling_rate)
+            audio, offset = str(path.resolve()), 0.0
+        else:
+            source = cut.recording.sources[0]
+            if source.type != "file":
+                raise checks.CheckError(f"{where}only file sources can be read, got "
+                                        f"{source.type!r}")
+            audio, offset = str(Path(source.source).resolve()), cut.start
+        records.append(Record(id=cut.id, audio=audio, duration=round(cut.duration, 4),
+                              text=(sup.text or "").strip(), language=language,
+                              offset=round(offset, 4), meta=meta))
+    return records
+
+
+def lhotse_manifests(recordings, supervisions):
+    from lhotse import CutSet, load_manifest
+
+    return CutSet.from_manifests(recordings=load_manifest(recordings),
+                                 supervisions=load_manifest(supervisions))
+
+
+def lhotse_cuts(path):
+    from lhotse import CutSet
+
+    return CutSet.from_file(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers for the emotion corpora Lhotse lacks (each from its documented layout)
+
+
+def wav_files(root: Path, pattern: str = "*.wav") -> list[Path]:
+    files = sorted(root.rglob(pattern))
+    if not files:
+        raise checks.CheckError(f"{root}: no {pattern} files found (is it the corpus folder?)")
+    return files
+
+
+def row(path: Path, corpus: str, text: str = "", language: str = "en", **meta) -> Record:
+    return Record(id=f"{corpus}_{path.stem}", audio=str(path.resolve()),
+                  duration=round(checks.audio_seconds(path), 4), text=text, language=language,
+                  meta=labels.meta(**meta))
+
+
+def crema_d(root: Path) -> list[Record]:
+    """AudioWAV/<actor>_<sentence>_<emotion>_<intensity>.wav; VideoDemographics.csv gives each
+    actor's Age and Sex."""
+    demographics = root / "VideoDemographics.csv"
+    checks.files_exist([demographics], "CORPUS_DIR (CREMA-D's VideoDemographics.csv)")
+    with open(demographics, newline="") as f:
+        actors = {r["ActorID"]: r for r in csv.DictReader(f)}
+    records = []
+    for path in wav_files(root / "AudioWAV"):
+        actor, sentence, emotion, _ = _fields(path, 4)
+        if actor not in actors or sentence not in CREMA_SENTENCES:
+            raise checks.CheckError(f"{path}: unknown actor {actor!r} or sentence {sentence!r}")
+        records.append(row(path, "crema", CREMA_SENTENCES[sentence], emotion=emotion,
+                           gender=actors[actor]["Sex"], age=int(actors[actor]["Age"])))
+    return records
+
+
+def ravdess(root: Path) -> list[Record]:
+    """Actor_NN/03-01-EE-II-SS-RR-NN.wav (audio-only speech files, modality 03, channel 01)."""
+    records = []
+    for path in wav_files(root, "03-01-*.wav"):
+        _, _, emotion, _, statement, _, actor = _fields(path, 7, sep="-")
+        if emotion not in RAVDESS_EMOTIONS or statement not in RAVDESS_STATEMENTS:
+            raise checks.CheckError(f"{path}: unknown emotion {emotion!r} or statement "
+                                    f"{statement!r}")
+        records.append(row(path, "ravdess", RAVDESS_STATEMENTS[statement],
+                           emotion=RAVDESS_EMOTIONS[emotion],
+                           gender="male" if int(actor) % 2 else "female"))
+    return records
+
+
+def tess(root: Path) -> list[Record]:
+    """<speaker>_<word>_<emotion>.wav (speaker OAF or YAF, both female)."""
+    records = []
+    for path in wav_files(root):
+        speaker, word, emotion = path.stem.split("_", 2)
+        if speaker.upper() not in TESS_AGES:
+            raise checks.CheckError(f"{path}: unknown speaker {speaker!r} (OAF or YAF)")
+        records.append(row(path, "tess", f"Say the word {word}.", emotion=emotion,
+                           gender="female", age=TESS_AGES[speaker.upper()]))
+    return records
+
+
+def iemocap(root: Path) -> list[Record]:
+    """SessionN/sentences/wav/<dialog>/<utt>.wav, labels from SessionN/dialog/EmoEvaluation,
+    text from SessionN/dialog/transcriptions/<dialog>.txt ("<utt> [start-end]: text")."""
+    records = []
+    for evaluation in sorted(root.glob("Session*/dialog/EmoEvaluation/*.txt")):
+        session, dialog = evaluation.parents[2], evaluation.stem
+        texts = {}
+        transcript = session / "dialog" / "transcriptions" / f"{dialog}.txt"
+        if transcript.is_file():
+            for line in transcript.read_text(errors="replace").splitlines():
+                utt, _, text = line.partition(":")
+                texts[utt.split(" ")[0]] = text.strip()
+        for line in evaluation.read_text(errors="replace").splitlines():
+            match = IEMOCAP_LINE.match(line)
+            if not match:
+                continue
+            utt, emotion = match.groups()
+            path = session / "sentences" / "wav" / dialog / f"{utt}.wav"
+            gender = utt.rsplit("_", 1)[1][0]
+            records.append(row(path, "iemocap", texts.get(utt, ""), emotion=emotion,
+                               gender=gender))
+    if not records:
+        raise checks.CheckError(f"{root}: no Session*/dialog/EmoEvaluation/*.txt found")
+    return records
+
+
+def meld(root: Path, split: str = "train") -> list[Record]:
+    """<split>_sent_emo.csv (Utterance, Emotion, Dialogue_ID, Utterance_ID) and the audio as
+    <split>/dia<D>_utt<U>.wav (MELD ships .mp4: convert them to wav first, e.g. with ffmpeg)."""
+    table = root / f"{split}_sent_emo.csv"
+    checks.files_exist([table], f"CORPUS_DIR (MELD's {split}_sent_emo.csv)")
+    records = []
+    with open(table, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            path = root / split / f"dia{r['Dialogue_ID']}_utt{r['Utterance_ID']}.wav"
+            records.append(row(path, f"meld_{split}", r["Utterance"].strip(),
+                               emotion=r["Emotion"]))
+    return records
+
+
+def _fields(path: Path, n: int, sep: str = "_") -> list[str]:
+    parts = path.stem.split(sep)
+    if len(parts) != n:
+        raise checks.CheckError(f"{path}: expected {n} {sep!r}-separated fields in the name")
+    return parts
+
+
+READERS = {"crema-d": crema_d, "ravdess": ravdess, "tess": tess, "iemocap": iemocap,
+           "meld": meld}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pseudo-transcripts: an ASR pass for the corpora without text (paper Sec. 5.1)
+
+
+def whisper_recogniser(folder, device: str = "cpu"):
+    """A local transformers Whisper checkpoint (e.g. recipe/convert_whisper.py's tiny.en) ->
+    a function from a 16 kHz waveform to text. Greedy, as a pseudo-label should be repeatable."""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    checks.model_files(folder)
+    processor = WhisperProcessor.from_pretrained(folder, local_files_only=True,
+                                                 trust_remote_code=False)
+    model = WhisperForConditionalGeneration.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False).to(device).eval()
+
+    @torch.no_grad()
+    def recognise(wave) -> str:
+        feats = processor(wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+        ids = model.generate(feats.to(device), do_sample=False, num_beams=1)
+        return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+    return recognise
+
+
+def transcribe(records: list[Record], recognise, name: str, every: bool = False) -> int:
+    """Fill the text of rows that have none (every row with `every`) from `recognise`, and mark
+    it: `pseudo_text` names the model, so a reader can tell labels from guesses."""
+    import data
+
+    done = 0
+    for rec in records:
+        if rec.text and not every:
+            continue
+        wave = data.load_audio(rec.audio, rec.offset, rec.duration, channel=rec.channel)
+        rec.text = recognise(wave)
+        rec.extra["pseudo_text"] = name
+        done += 1
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("lhotse", help="a Lhotse recipe's recordings + supervisions -> manifest")
+    s.add_argument("recordings")
+    s.add_argument("supervisions")
+    s.add_argument("out")
+    s = sub.add_parser("cuts", help="a Lhotse CutSet (any cuts) -> manifest")
+    s.add_argument("cuts")
+    s.add_argument("out", help="the manifest, or a folder (then <folder>/cuts.jsonl)")
+    for name in READERS:
+        s = sub.add_parser(name, help=f"the {name} corpus folder -> manifest")
+        s.add_argument("corpus_dir", type=Path)
+        s.add_argument("out")
+    s = sub.add_parser("transcribe", help="ASR pseudo-transcripts for rows without text")
+    s.add_argument("manifest")
+    s.add_argument("out")
+    s.add_argument("--whisper", required=True, help="a local transformers Whisper folder")
+    s.add_argument("--all", action="store_true", help="replace every text (the paper's choice "
+                   "for IEMOCAP, CREMA-D, MELD, RAVDESS, TESS and VoxCeleb2)")
+    s.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Record]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.command == "cuts" and (out.is_dir() or not out.suffix):
+        out = out / "cuts.jsonl"
+    audio_dir = out.parent / f"{out.name.split('.')[0]}_audio"
+    if args.command == "lhotse":
+        records = from_lhotse(lhotse_manifests(args.recordings, args.supervisions), audio_dir)
+    elif args.command == "cuts":
+        records = from_lhotse(lhotse_cuts(args.cuts), audio_dir)
+    elif args.command == "transcribe":
+        records = read_manifest(args.manifest)
+        recognise = whisper_recogniser(args.whisper, args.device)
+        n = transcribe(records, recognise, Path(args.whisper).name, every=args.all)
+        print(f"{n} of {len(records)} rows transcribed by {args.whisper}", file=sys.stderr)
+    else:
+        records = READERS[args.command](args.corpus_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(records, out)
+    hours = sum(r.duration for r in records) / 3600
+    print(f"{out}: {len(records)} rows, {hours:.2f} h", file=sys.stderr)
+    return records
+
+
+def cli(argv=None) -> int:
+    try:
+        main(argv)
+    except Exception as e:
+        if not (checks.expected_failure(e) or type(e).__name__ == "LabelError"):
+            raise
+        print(f"error: {checks.first_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,253 @@
+"""prepare.py: corpora -> manifests. A fake LibriSpeech spoken by eSpeak goes through the real
+`lhotse prepare librispeech`, our conversion, generate_targets, stage-1 training and evaluate;
+the emotion readers read their documented file names; Lhotse cuts with several supervisions and
+speed perturbation are split and written through Lhotse; pseudo-transcripts are marked."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import prepare
+from conftest import ROOT
+from tiny import make_tiny_encoder_dir
+from tiny import write_wav as _write_wav
+
+sys.path.insert(0, str(ROOT / "recipe"))  # tts.py (eSpeak NG)
+lhotse = pytest.importorskip("lhotse", reason="pip install -r requirements-data.txt (Lhotse)")
+
+SENTENCES = ["THE CAT SAT ON THE MAT", "A DOG RAN HOME", "THE SUN IS UP",
+             "WE WALK TO THE TREE", "SHE READS A BOOK", "HE OPENS THE DOOR"]
+
+
+def write_wav(path: Path, seconds: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_wav(path, seconds)
+
+
+def fake_librispeech(root: Path) -> Path:
+    """LibriSpeech's layout: <part>/<speaker>/<chapter>/<speaker>-<chapter>-NNNN.flac and one
+    <speaker>-<chapter>.trans.txt per chapter; a train and a dev part, different speakers."""
+    from tts import Speaker
+
+    speaker = Speaker()
+    for part, spk, voice, lines in [("train-clean-5", "19", "en+m3", SENTENCES[:4]),
+                                    ("dev-clean-2", "84", "en+f3", SENTENCES[4:])]:
+        chapter = root / "LibriSpeech" / part / spk / "121"
+        chapter.mkdir(parents=True)
+        trans = []
+        for i, text in enumerate(lines):
+            utt = f"{spk}-121-{i:04d}"
+            # slow enough for >= 1 s: generate_targets keeps 1-30 s
+            wave = speaker.say(text.lower(), voice=voice, rate=110).numpy()
+            sf.write(chapter / f"{utt}.flac", wave, 16000)
+            trans.append(f"{utt} {text}\n")
+        (chapter / f"{spk}-121.trans.txt").write_text("".join(trans))
+    return root / "LibriSpeech"
+
+
+def test_fake_librispeech_end_to_end(tmp_path, capsys):
+    pytest.importorskip("espeakng_loader")
+    from test_train import make_llm_dir
+
+    import evaluate
+    import generate_targets
+    import train
+
+    corpus = fake_librispeech(tmp_path / "corpus")
+    lhotse_bin = shutil.which("lhotse", path=str(Path(sys.executable).parent))
+    subprocess.run([lhotse_bin, "prepare", "librispeech", str(corpus), str(tmp_path / "lhotse")],
+                   check=True, capture_output=True)
+    manifests = {}
+    for part in ("train-clean-5", "dev-clean-2"):
+        out = tmp_path / "data" / f"{part}.jsonl"
+        lhotse_dir = tmp_path / "lhotse"
+        records = prepare.main(["lhotse",
+                                str(lhotse_dir / f"librispeech_recordings_{part}.jsonl.gz"),
+                                str(lhotse_dir / f"librispeech_supervisions_{part}.jsonl.gz"),
+                                str(out)])
+        manifests[part] = out
+        assert sorted(r.text for r in records) == sorted(
+            SENTENCES[:4] if part.startswith("train") else SENTENCES[4:])
+        assert {r.language for r in records} == {"en"}  # Lhotse writes "English"
+        for r in records:
+            assert r.duration == pytest.approx(sf.info(r.audio).duration, abs=1e-4)
+
+    llm = make_llm_dir(tmp_path / "llm")
+    targets = {}
+    for part, path in manifests.items():
+        targets[part] = tmp_path / "data" / f"{part}.sift_s.jsonl"
+        summary = generate_targets.main(["--mode", "sift_s", "--model", str(llm), "--backend", "hf",
+                               "--device", "cpu", "--max-new-tokens", "4", "--in", str(path),
+                               "--out", str(targets[part]), "--no-progress"])
+        assert summary.rows_out == (4 if part.startswith("train") else 2)  # none filtered out
+    speech = make_tiny_encoder_dir(tmp_path / "speech_encoder", seed=1)
+    exp = tmp_path / "exp"
+    result = train.main(["--stage", "1", "--llm", str(llm), "--speech-encoder", str(speech),
+                         "--train", str(targets["train-clean-5"]), "--exp", str(exp),
+                         "--num-workers", "0", "--max-steps", "2", "--warmup-steps", "1",
+                         "--log-every", "1", "--device", "cpu"])
+    assert (exp / "model.safetensors").is_file() and result
+    evaluate.main(["--model", str(exp), "--manifest", str(targets["dev-clean-2"]),
+                   "--task", "align", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    results = json.loads((tmp_path / "eval" / "align_results.json").read_text())
+    print(json.dumps(results, indent=1)[:1500], file=sys.__stderr__)
+    assert results["modes"]["sift_s"]["n"] == 2  # both held-out utterances (unseen speaker)
+    assert all(np.isfinite(v) for v in results["modes"]["sift_s"]["ce"].values())
+
+
+def crema_tree(root: Path) -> Path:
+    (root / "AudioWAV").mkdir(parents=True)
+    with open(root / "VideoDemographics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ActorID", "Age", "Sex", "Race", "Ethnicity"])
+        w.writerows([["1001", "51", "Male", "Caucasian", "Not Hispanic"],
+                     ["1002", "21", "Female", "Caucasian", "Not Hispanic"]])
+    for name in ("1001_DFA_ANG_XX", "1002_WSI_SAD_HI", "1002_IEO_NEU_XX"):
+        write_wav(root / "AudioWAV" / f"{name}.wav", 0.5)
+    return root
+
+
+def test_crema_d_reader_labels_and_sentences(tmp_path):
+    recs = prepare.main(["crema-d", str(crema_tree(tmp_path / "CREMA-D")),
+                         str(tmp_path / "crema.jsonl")])
+    got = {r.id: (r.text, r.meta, r.duration) for r in recs}
+    assert got == {
+        "crema_1001_DFA_ANG_XX": ("Don't forget a jacket.",
+                                  {"age": "middle-age adult", "gender": "male",
+                                   "emotion": "angry"}, 0.5),
+        "crema_1002_IEO_NEU_XX": ("It's eleven o'clock.",
+                                  {"age": "young adult", "gender": "female",
+                                   "emotion": "neutral"}, 0.5),
+        "crema_1002_WSI_SAD_HI": ("We'll stop in a couple of minutes.",
+                                  {"age": "young adult", "gender": "female", "emotion": "sad"},
+                                  0.5),
+    }
+
+
+def test_ravdess_tess_iemocap_meld_readers(tmp_path):
+    write_wav(tmp_path / "ravdess" / "Actor_12" / "03-01-06-01-02-01-12.wav", 0.3)
+    write_wav(tmp_path / "ravdess" / "Actor_07" / "03-01-02-02-01-02-07.wav", 0.3)
+    write_wav(tmp_path / "ravdess" / "Actor_07" / "03-02-02-02-01-02-07.wav", 0.3)  # song: no
+    write_wav(tmp_path / "tess" / "OAF_angry" / "OAF_back_angry.wav", 0.3)
+    write_wav(tmp_path / "tess" / "YAF_pleasant_surprised" / "YAF_dog_ps.wav", 0.3)
+    session = tmp_path / "iemocap" / "Session1"
+    (session / "dialog" / "EmoEvaluation").mkdir(parents=True)
+    (session / "dialog" / "transcriptions").mkdir(parents=True)
+    (session / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt").write_text(
+        "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
+        "[6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]\n"
+        "C-E2:\tNeutral;\t()\n"
+        "[10.0 - 11.5]\tSes01F_impro01_M001\tfru\t[2.0, 3.5, 3.0]\n")
+    (session / "dialog" / "transcriptions" / "Ses01F_impro01.txt").write_text(
+        "Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.\n"
+        "Ses01F_impro01_M001 [010.0000-011.5000]: Do you have your forms?\n")
+    for utt in ("Ses01F_impro01_F000", "Ses01F_impro01_M001"):
+        write_wav(session / "sentences" / "wav" / "Ses01F_impro01" / f"{utt}.wav", 0.3)
+    (tmp_path / "meld").mkdir()
+    (tmp_path / "meld" / "train_sent_emo.csv").write_text(
+        "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\n"
+        '1,"Oh my God, hi!",Rachel,joy,positive,3,0\n')
+    write_wav(tmp_path / "meld" / "train" / "dia3_utt0.wav", 0.3)
+
+    def read(name):
+        recs = prepare.READERS[name](tmp_path / name)
+        return {r.id: (r.text, r.meta) for r in recs}
+
+    assert read("ravdess") == {
+        "ravdess_03-01-02-02-01-02-07": ("Kids are talking by the door.",
+                                         {"gender": "male", "emotion": "calm"}),
+        "ravdess_03-01-06-01-02-01-12": ("Dogs are sitting by the door.",
+                                         {"gender": "female", "emotion": "fear"}),
+    }
+    assert read("tess") == {
+        "tess_OAF_back_angry": ("Say the word back.",
+                                {"age": "senior", "gender": "female", "emotion": "angry"}),
+        "tess_YAF_dog_ps": ("Say the word dog.",
+                            {"age": "young adult", "gender": "female", "emotion": "surprised"}),
+    }
+    assert read("iemocap") == {
+        "iemocap_Ses01F_impro01_F000": ("Excuse me.", {"gender": "female", "emotion": "neutral"}),
+        "iemocap_Ses01F_impro01_M001": ("Do you have your forms?",
+                                        {"gender": "male", "emotion": "frustrated"}),
+    }
+    assert read("meld") == {"meld_train_dia3_utt0": ("Oh my God, hi!", {"emotion": "happy"})}
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    root = crema_tree(tmp_path / "CREMA-D")
+    write_wav(root / "AudioWAV" / "1003_DFA_ANG_XX.wav", 0.3)
+    assert prepare.cli(["crema-d", str(root), str(tmp_path / "c.jsonl")]) == 1
+    write_wav(tmp_path / "tess" / "OAF_back_bored.wav", 0.3)
+    with pytest.raises(prepare.labels.LabelError, match="unknown emotion label 'bored'"):
+        prepare.tess(tmp_path / "tess")
+
+
+def test_cuts_are_split_per_supervision_and_transforms_applied_through_lhotse(tmp_path,
+                                                                              monkeypatch):
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    monkeypatch.chdir(tmp_path)
+    t = np.arange(4 * 16000) / 16000
+    sf.write(tmp_path / "long.wav", (0.1 * np.sin(2 * np.pi * 220 * t)).astype("float32"), 16000)
+    rec = Recording.from_file("long.wav")  # a relative source, as Lhotse keeps it
+    sups = [SupervisionSegment("s1", rec.id, 0.5, 1.0, text="first part", language="Chinese",
+                               gender="m"),
+            SupervisionSegment("s2", rec.id, 2.0, 1.5, text="second part", language="English",
+                               gender="F", custom={"emotion": "no emotion", "age": "twenties"})]
+    cuts = CutSet.from_manifests(recordings=lhotse.RecordingSet.from_recordings([rec]),
+                                 supervisions=lhotse.SupervisionSet.from_segments(sups))
+    cuts = cuts + cuts.perturb_speed(1.1)
+    cuts.to_file(tmp_path / "cuts.jsonl.gz")
+    import manifest
+    with pytest.raises(manifest.ManifestError, match="python prepare.py cuts"):
+        manifest.read_manifest(tmp_path / "cuts.jsonl.gz")
+
+    recs = prepare.main(["cuts", "cuts.jsonl.gz", "out"])
+    plain = [r for r in recs if "_sp" not in r.id]
+    fast = [r for r in recs if "_sp" in r.id]
+    assert [(r.text, r.offset, r.duration, r.language, r.meta) for r in plain] == [
+        ("first part", 0.5, 1.0, "zh", {"gender": "male"}),
+        ("second part", 2.0, 1.5, "en", {"age": "young adult", "gender": "female",
+                                         "emotion": "neutral"})]
+    assert all(r.audio == str(tmp_path / "long.wav") for r in plain)
+    # speed 1.1: each segment 1/1.1 as long, written out by Lhotse with offset 0
+    assert [(r.text, r.offset) for r in fast] == [("first part", 0.0), ("second part", 0.0)]
+    for r, src in zip(fast, plain):
+        assert r.duration == pytest.approx(src.duration / 1.1, abs=1e-3)
+        assert sf.info(r.audio).duration == pytest.approx(r.duration, abs=1e-3)
+    again = manifest.read_manifest(tmp_path / "out" / "cuts.jsonl")
+    assert [r.id for r in again] == [r.id for r in recs]
+
+
+def test_pseudo_transcripts_fill_empty_texts_and_are_marked(tmp_path):
+    import manifest
+
+    wav = write_wav(tmp_path / "a.wav", 0.5)
+    rows = [manifest.Record(id="a", audio=str(wav), duration=0.5),
+            manifest.Record(id="b", audio=str(wav), duration=0.25, offset=0.25, text="kept")]
+    heard = []
+
+    def recognise(wave):
+        heard.append(len(wave))
+        return f"heard {len(wave)} samples"
+
+    assert prepare.transcribe(rows, recognise, "whisper-tiny.en") == 1
+    assert heard == [8000]
+    manifest.write_manifest(rows, tmp_path / "m.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(x["text"], x.get("pseudo_text")) for x in lines] == [
+        ("heard 8000 samples", "whisper-tiny.en"), ("kept", None)]
+    assert prepare.transcribe(rows, recognise, "w", every=True) == 2
+    assert heard[-1] == 4000 and rows[1].extra["pseudo_text"] == "w"
+
+
+def test_readme_page_lists_every_prepare_command():
+    page = (ROOT / "docs" / "train-on-real-data.md").read_text()
+    for name in [*prepare.READERS, "lhotse", "cuts", "transcribe"]:
+        assert f"prepare.py {name}" in page, name
