@@ -29,6 +29,9 @@ import files
 # and memory"): longer audio is refused, never cut silently.
 MAX_AUDIO_SECONDS = 50.0
 MAX_AUDIO_HELP = f"refuse longer audio (default {MAX_AUDIO_SECONDS:g} s; 0: no limit)"
+# Models above this many parameters are refused on the CPU unless --device cpu is given (a 7B LLM
+# would run there in fp32 for days); SmolLM2-135M and the test models are far below.
+CPU_PARAMS = 500_000_000
 # The Zipformer front end needs 9 fbank frames (90 ms) for any output (zipformer.MIN_INPUT_FRAMES).
 MIN_AUDIO_SECONDS = 0.09
 # offset + duration may run past the end of the file by one fbank frame shift (10 ms) at most:
@@ -111,6 +114,39 @@ def device(name: str | None) -> str | None:
         if index >= torch.cuda.device_count():
             raise CheckError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def cuda_problem() -> str | None:
+    """None when CUDA works on this machine, else why not. `is_available()` alone is not enough:
+    a driver too old for the wheel, or a GPU in exclusive use, fails at the first allocation."""
+    import torch
+
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        return ("this torch is a CPU-only build" if built is None
+                else f"torch (built for CUDA {built}) finds no usable GPU")
+    try:
+        torch.zeros(1, device="cuda").add_(1).item()
+    except RuntimeError as e:
+        return f"CUDA fails at its first allocation ({first_line(e)})"
+    return None
+
+
+def pick_device(name: str | None) -> str:
+    """--device as given (checked), else "cuda" when CUDA works, else "cpu". Entry points call
+    cpu_fallback next, so that "else cpu" is never silent for a large model."""
+    if name:
+        return device(name)
+    return "cuda" if cuda_problem() is None else "cpu"
+
+
+def cpu_fallback(n_params: int | None, device_arg: str | None, chosen: str, flag: str) -> None:
+    """A model this large on the CPU is a mistake, not a choice, unless --device cpu says so: a 7B
+    LLM trains there in fp32 at minutes per step. `n_params` None: unknown, nothing refused."""
+    if device_arg or not chosen.startswith("cpu") or not n_params or n_params <= CPU_PARAMS:
+        return
+    raise CheckError(f"{flag} has {n_params / 1e9:.2f}B parameters and would run on the CPU "
+                     f"({cuda_problem()}); pass --device cpu to run it there anyway")
 
 
 def infer_args(args) -> None:

@@ -51,6 +51,7 @@ import checks
 import data
 import eval_support as es
 import files
+import model_support
 from eval_support import Item
 from generate_targets import build_prompt
 
@@ -91,10 +92,11 @@ def target_nll(model, messages: list[list[dict]], waves=None,
                segments=None) -> list[tuple[float, int]]:
     """(summed NLL, number of target tokens) per row: model.forward's row_nll / row_tokens, on
     waveforms, on ready-made frames (oracle_segments), or on a text-only prompt (the oracle)."""
-    if waves is not None:
-        out = model.forward(messages, *model.features(waves))
-    else:
-        out = model.forward(messages, segments=segments)
+    with model.autocast():  # the training precision (bf16 on CUDA)
+        if waves is not None:
+            out = model.forward(messages, *model.features(waves))
+        else:
+            out = model.forward(messages, segments=segments)
     return [(float(s), int(n)) for s, n in zip(out["row_nll"].tolist(), out["row_tokens"].tolist())]
 
 
@@ -233,14 +235,16 @@ def choice_nll(model, items: list[Item], system: str) -> list[list[float]]:
     counts = [len(it.fields["choices"]) for it in items]
     messages = [[user_turn(model, it, system), {"role": "assistant", "content": c}]
                 for it in items for c in it.fields["choices"]]
-    if system == "oracle":
-        out = model.forward(messages)
-    else:
-        waves = load_waves([it.record for it in items], silent=system == "silent")
-        enc = model.encode(*model.features(waves))
-        row = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])  # candidate -> clip
-        enc = {b: (x[row.to(x.device)], lens[row.to(lens.device)]) for b, (x, lens) in enc.items()}
-        out = model.forward(messages, encoder_outputs=enc)
+    with model.autocast():  # the training precision (bf16 on CUDA)
+        if system == "oracle":
+            out = model.forward(messages)
+        else:
+            waves = load_waves([it.record for it in items], silent=system == "silent")
+            enc = model.encode(*model.features(waves))
+            row = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])  # -> its clip
+            enc = {b: (x[row.to(x.device)], lens[row.to(lens.device)])
+                   for b, (x, lens) in enc.items()}
+            out = model.forward(messages, encoder_outputs=enc)
     nll, per_item, start = out["row_nll"].tolist(), [], 0
     for n in counts:
         per_item.append(nll[start: start + n])
@@ -343,7 +347,11 @@ def parse_args(argv=None):
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of audio,oracle,silent")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N questions (quick look)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when it works; a large "
+                   "model on a CPU needs --device cpu)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast of encoders and projectors, as in training (auto: bf16 on CUDA, "
+                        "fp32 on CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="LLM dtype (default: the checkpoint's on CUDA, float32 on CPU)")
     p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
@@ -365,7 +373,9 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     checks.files_exist([args.manifest], "--manifest")  # these three before the model loads
-    checks.device(args.device)
+    device = checks.pick_device(args.device)  # never a silent CPU run of a 7B model
+    checks.cpu_fallback(model_support.release_llm_parameters(args.model), args.device, device,
+                        f"--model {args.model}")
     checks.manifest_audio(es.task_audio(args.task, args.manifest), args.manifest,
                           args.max_audio_seconds)
     from model import AZeroS
@@ -378,7 +388,8 @@ def run(args) -> None:
         with checks.exclusive_lock(out / f"{args.task}_answers.jsonl"):
             pass
     dtype = getattr(torch, args.dtype) if args.dtype else None  # None: model.py's device default
-    model = AZeroS.from_pretrained(args.model, device=args.device, dtype=dtype)
+    model = AZeroS.from_pretrained(args.model, device=device, dtype=dtype,
+                                   precision=args.precision)
     model.eval()
     results = evaluate(model, args.task, args.manifest, out,
                        model_name=str(Path(args.model).resolve()), batch_size=args.batch_size,

@@ -30,6 +30,7 @@ Usage (--model: a hub id, a local folder or a .gguf file; tsit_s needs none):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import random
 import re
@@ -253,19 +254,26 @@ class HFBackend:
 
 
 def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto",
-                 max_new_tokens=256, batch_tokens=16384, device=None):
-    """tsit_s needs no model. `auto` picks vLLM only when it is installed and CUDA is present."""
+                 max_new_tokens=256, batch_tokens=16384, device=None, vllm=None):
+    """tsit_s needs no model. `auto` picks vLLM when it is installed and CUDA works; transformers
+    otherwise, on --device or on CUDA when it works, and never silently on the CPU for a large
+    model. `vllm`: VLLMOptions (device, tensor parallelism, memory share, max length)."""
     if mode == "tsit_s":
         return TranscriptBackend()
     if not model:
         raise SystemExit(f"--model is required for mode {mode}")
     label = f"{model}:{gguf_file}" if gguf_file else str(model)  # the `model` field
-    if support.use_vllm(backend):
+    if support.use_vllm(backend, device):
+        options = dataclasses.replace(vllm or support.VLLMOptions(), device=device)
         return VLLMBackend(model, model_label=label, gguf_file=gguf_file,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, options=options)
     import llm
+    import model_support
 
-    lm, tokenizer = llm.load_llm(model, gguf_file=gguf_file, device=support.hf_device(device))
+    chosen = checks.pick_device(device)
+    checks.cpu_fallback(model_support.llm_parameters(model, gguf_file), device, chosen,
+                        f"--model {model}")
+    lm, tokenizer = llm.load_llm(model, gguf_file=gguf_file, device=chosen)
     return HFBackend(lm, tokenizer, model_label=label, max_new_tokens=max_new_tokens,
                      batch_tokens=batch_tokens)
 
@@ -280,10 +288,13 @@ def run(in_paths, out, mode: str, backend, *, seed: int = 0, shard: int = 0, nsh
 
     Rows are appended in batch order while running (length-sorted, so not input order); when every
     row is done, the file is rewritten in input order. `id` is the key: resume skips ids already in
-    the file."""
+    the file, and only if the same backend wrote them. `backend` may also be a function that
+    builds one: it is called once the output is locked, so a second run on the same output stops
+    before it loads a 7B model."""
     with support.locked_output(out, shard, nshards) as path:
+        backend = backend() if callable(backend) else backend
         rows, blank = plan(in_paths, mode, seed, shard, nshards)
-        done = support.resume(path, rows, mode, backend.model_label)
+        done = support.resume(path, rows, mode, backend.model_label, backend.name)
         summary = Summary(blank_lines=blank, resumed=len(done))
         pending = [r for r in rows if r.skip is None and r.record.id not in done]
         generate(pending, mode, backend, path, done, summary, progress, window)
@@ -300,8 +311,8 @@ def generate(pending: list[Row], mode, backend, path, done: dict, summary: Summa
             prompts = [r.prompt for r in rows]
             for batch in backend.batches(prompts):
                 gens = backend.generate([prompts[i] for i in batch])
-                targets = [support.target_row(rows[i], mode, g, backend.model_label, path.parent)
-                           for i, g in zip(batch, gens)]
+                targets = [support.target_row(rows[i], mode, g, backend.model_label, path.parent,
+                                              backend.name) for i, g in zip(batch, gens)]
                 append_jsonl(path, targets)  # whole lines, fsynced: a kill costs at most this batch
                 done.update((t["id"], t) for t in targets)
                 meter.add(len(batch), sum(g.n_tokens for g in gens))
@@ -330,8 +341,13 @@ def parse_args(argv=None):
     p.add_argument("--nshards", type=int, default=1)
     p.add_argument("--merge", action="store_true", help="combine the finished shards of --out")
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
-    p.add_argument("--device",
-                   help="transformers backend device (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when it works; a large "
+                   "--model on a CPU needs --device cpu)")
+    v = p.add_argument_group("vLLM backend").add_argument
+    v("--tensor-parallel-size", type=int, default=1, help="GPUs one model is split over")
+    v("--gpu-memory-utilization", type=float, default=0.9,
+      help="share of each GPU's memory vLLM may take (weights + KV cache)")
+    v("--max-model-len", type=int, help="prompt + answer tokens (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="seeds the tsit_s instruction draw")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -349,9 +365,12 @@ def main(argv=None, backend=None) -> Summary:
         rows, blank = plan(args.inputs, args.mode or "sift_s", args.seed)
         summary = support.merge(rows, blank, args.out, args.nshards, args.mode)
     else:
-        backend = backend or make_backend(
+        vllm = support.VLLMOptions(None, args.tensor_parallel_size, args.gpu_memory_utilization,
+                                   args.max_model_len)
+        backend = backend or (lambda: make_backend(  # built once the output is locked (run)
             args.mode, args.model, gguf_file=args.gguf_file, backend=args.backend,
-            max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens, device=args.device)
+            max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens, device=args.device,
+            vllm=vllm))
         summary = run(args.inputs, args.out, args.mode, backend, seed=args.seed, shard=args.shard,
                       nshards=args.nshards, progress=not args.no_progress)
     print(summary.report(), file=sys.stderr)

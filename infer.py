@@ -32,9 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=200, help="answer length (official: 200)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when it works; a "
+                   "large model on a CPU needs --device cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="LLM dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast of front end, encoders and projectors, as in training (auto: "
+                        "bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                    help=checks.MAX_AUDIO_HELP)
     args = p.parse_args(argv)
@@ -64,9 +68,12 @@ def run(args) -> int:
     from model import AZeroS
 
     waves = [data.load_audio(path) for path in args.audio]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = checks.pick_device(args.device)  # never a silent CPU run of a 7B model
+    checks.cpu_fallback(model_support.release_llm_parameters(args.model), args.device, device,
+                        f"--model {args.model}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AZeroS.from_pretrained(args.model, device=device, dtype=dtype)
+    model = AZeroS.from_pretrained(args.model, device=device, dtype=dtype,
+                                   precision=args.precision)
 
     options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p)
     if not waves:  # a plain text question goes straight to the frozen LLM

@@ -32,6 +32,7 @@ Support (not the method): model_support.py finds, checks, reads and writes model
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def load_encoder(path, device=None) -> nn.Module:
     return ZipformerEncoder.from_pretrained(str(path), device=device)
 
 
+def round_to_fp16(y: torch.Tensor) -> torch.Tensor:
+    """The official forward_speech_encoder casts projector outputs to fp16 (module docstring): the
+    forward value is exactly that rounding, kept in y's dtype (fp32 and bf16 hold those values, and
+    CPU autocast has no fp16 rules). The gradient passes straight through: the official trainer
+    used fp16 with a loss scaler, we train in bf16 without one, and a differentiable cast would
+    round the gradient to fp16 too (1e-8 -> 0). y + (r - y) is exactly r: r - y is exact, as r and
+    y are within a factor 2 of each other (Sterbenz), and so is the sum."""
+    return y + (y.to(torch.float16).to(y.dtype) - y).detach()
+
+
 class AZeroS(nn.Module):
     def __init__(self, lm, tokenizer, speech_encoder, paraling_encoder=None, *,
                  config: dict | None = None, speech_ds_rate: int = 4, paraling_ds_rate: int = 4,
@@ -81,6 +92,7 @@ class AZeroS(nn.Module):
         self.config = config if config is not None else model_support.release_config(self)
         self.round_audio_to_fp16 = round_audio_to_fp16
         self.sources: dict[str, str] = {}  # local folders of the frozen parts (linked on save)
+        self.precision = "fp32"  # autocast of inference (train.py sets its own): see autocast()
         self.set_stage(None)
 
     # ----------------------------------------------------------------------------------------------
@@ -125,11 +137,12 @@ class AZeroS(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, device=None, dtype=None,
-                        round_audio_to_fp16: bool = True) -> AZeroS:
+                        round_audio_to_fp16: bool = True, precision: str = "auto") -> AZeroS:
         """Inference and evaluation: a model in the release layout (a local folder, or a hub id
-        such as "AudenAI/azeros"). dtype applies to the LLM; encoders and projectors stay float32
-        (they are small, and the projectors' weights are the trained fp32 values). Root weights
-        may hold only the projectors (what training saves) or a full state dict."""
+        such as "AudenAI/azeros"). dtype applies to the LLM; encoders and projectors keep float32
+        weights (they are small, and the projectors' weights are the trained fp32 values) and run
+        under `precision`'s autocast, as in training (auto: bf16 on CUDA, fp32 on CPU). Root
+        weights may hold only the projectors (what training saves) or a full state dict."""
         root, config, weights = model_support.read_model_folder(path_or_hub_id)
         attn = "flash_attention_2" if config.get("use_flash_attn") else None  # else sdpa
         lm, tokenizer = llm.load_llm(str(root / "llm"), tokenizer_path=str(root),
@@ -143,6 +156,8 @@ class AZeroS(nn.Module):
         projectors = model_support.projector_weights(weights, model.state_dict())
         model.load_state_dict(projectors, strict=False)
         model.sources = {k: str(root / k) for k in FROZEN if (root / k).is_dir()}
+        cuda = torch.device(device or "cpu").type == "cuda"
+        model.precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, out_dir, link_frozen: bool = True) -> None:
@@ -230,14 +245,23 @@ class AZeroS(nn.Module):
         return ({b: f for b, (f, _) in per_branch.items()},
                 {b: n for b, (_, n) in per_branch.items()})
 
+    def autocast(self):
+        """Inference in the precision training used: the front end, encoders and projectors ran
+        under bf16 autocast on CUDA there, so they do here (`precision`, from from_pretrained)."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        device = self.speech_encoder_projector.linear1.weight.device
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
     def features(self, audio) -> tuple:
         """Waveforms (list of 16 kHz float arrays) or a (feats, feat_lens) tuple -> the encoders'
-        input features (see front_end) on our device."""
+        input features (see front_end), computed on our device (the GPU's fbank, as training)."""
         device = self.speech_encoder_projector.linear1.weight.device
         if isinstance(audio, tuple) and len(audio) == 2:
             feats, lens = audio
         else:
-            feats, lens = self.front_end([torch.as_tensor(w, dtype=torch.float32) for w in audio])
+            waves = [torch.as_tensor(w, dtype=torch.float32) for w in audio]
+            feats, lens = self.front_end(waves, device=device)
         if isinstance(feats, dict):
             return ({b: f.to(device) for b, f in feats.items()},
                     {b: torch.as_tensor(n).to(device) for b, n in lens.items()})
@@ -264,10 +288,7 @@ class AZeroS(nn.Module):
             x, lens = encoder_outputs[name]
             y, y_lens = projector(x.to(projector.linear1.weight.dtype), lens)
             if self.round_audio_to_fp16:
-                # The official forward_speech_encoder casts to fp16 (module docstring). Going
-                # back to the projector dtype keeps exactly those values (fp32 holds every fp16)
-                # and keeps fp16 tensors away from CPU autocast, which has no fp16 rules.
-                y = y.to(torch.float16).to(y.dtype)
+                y = round_to_fp16(y)
             per_branch.append([y[b, :n] for b, n in enumerate(y_lens.tolist())])
         return [list(row) for row in zip(*per_branch)]
 
@@ -324,7 +345,8 @@ class AZeroS(nn.Module):
                  options: llm.GenerationOptions | None = None, *, system: str | None = None):
         """Answer each row. audio: list of waveforms, a (feats, feat_lens) tuple, or None (text
         only). options: decoding (default: greedy, at most 200 new tokens, as the official code)."""
-        segments = None if audio is None else self.audio_segments(*self.features(audio))
+        with self.autocast():  # the training precision for the audio side
+            segments = None if audio is None else self.audio_segments(*self.features(audio))
         batch = llm.build_batch(self.llm, self.tokenizer, messages, segments, training=False,
                                 system=system)
         return llm.generate(self.llm, self.tokenizer, batch, options or llm.GenerationOptions())

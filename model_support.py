@@ -388,6 +388,43 @@ def per_token_parameters(llm) -> int:
     return sum(p.numel() for p in llm.parameters()) - (0 if tied else embedding.numel())
 
 
+def estimate_parameters(config: dict) -> int:
+    """A decoder-only LLM's parameter count from its config alone (before loading 15 GB of weights
+    to find out): attention with grouped K/V, a gated MLP, embeddings (and an untied head).
+    Qwen2.5-7B: 7.6B; small biases and norms are left out (under 0.1%)."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    attention = h * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * h * config.get("intermediate_size", 4 * h)
+    embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def llm_parameters(name_or_path, gguf_file: str | None = None) -> int | None:
+    """estimate_parameters of an LLM folder, hub id or GGUF file (None if its config cannot be
+    read: the loader then says why, with its own error)."""
+    from transformers import AutoConfig
+
+    path, gguf = gguf_source(name_or_path, gguf_file)
+    try:
+        extra = {"gguf_file": gguf} if gguf else {}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, **extra)
+        return estimate_parameters(config.get_text_config().to_dict())
+    except Exception:  # offline hub id, odd config: not this check's business
+        return None
+
+
+def release_llm_parameters(path_or_hub_id) -> int | None:
+    """estimate_parameters of the LLM of a model in the release layout (its llm_config)."""
+    try:
+        config = checks.json_file(resolve_model_dir(path_or_hub_id) / "config.json")
+        return estimate_parameters(config["llm_config"])
+    except Exception:  # a missing folder or config is reported by the loader, in its own words
+        return None
+
+
 def quiet_libraries() -> None:
     """Keep stdout for the answer (infer.py): no progress bars or informational warnings."""
     import transformers

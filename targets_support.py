@@ -177,6 +177,16 @@ CHATML_TEMPLATE = (
 )
 
 
+@dataclass
+class VLLMOptions:
+    """What the vLLM engine is given (flags --device, --tensor-parallel-size,
+    --gpu-memory-utilization, --max-model-len)."""
+    device: str | None = None  # cuda:N -> that GPU only; None/cuda: what CUDA_VISIBLE_DEVICES lists
+    tensor_parallel_size: int = 1  # GPUs one model is split over (a 7B fits one 80 GB GPU)
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM may take (KV cache)
+    max_model_len: int | None = None  # prompt + answer tokens; None: the model's own (32k, Qwen2.5)
+
+
 class VLLMBackend:
     """vLLM offline generation (GPU only): its chat API with the training ChatML template, greedy,
     and prefix caching (every row of a mode shares the chat header and, for *_ssp, the long system
@@ -185,12 +195,19 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model: str, *, model_label: str, gguf_file: str | None = None,
-                 max_new_tokens: int = 256, chunk: int = 4096):
+                 max_new_tokens: int = 256, chunk: int = 4096, options: VLLMOptions | None = None):
+        options = options or VLLMOptions()
+        if options.device is not None and options.device.startswith("cuda:"):
+            # vLLM has no device argument: its workers (own processes) see the GPUs this lists
+            os.environ["CUDA_VISIBLE_DEVICES"] = options.device.split(":")[1]
         from vllm import LLM, SamplingParams
 
         path = os.path.join(model, gguf_file) if gguf_file else model
         self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
-                       enable_prefix_caching=True, trust_remote_code=False)
+                       enable_prefix_caching=True, trust_remote_code=False,
+                       tensor_parallel_size=options.tensor_parallel_size,
+                       gpu_memory_utilization=options.gpu_memory_utilization,
+                       max_model_len=options.max_model_len)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.model_label, self.chunk = model_label, chunk
 
@@ -206,35 +223,44 @@ class VLLMBackend:
                 for o in (out.outputs[0] for out in outputs)]
 
 
-def use_vllm(backend: str) -> bool:
-    """--backend vllm, or auto with vLLM installed and CUDA present."""
-    if backend != "auto":
-        return backend == "vllm"
-    import torch
+def use_vllm(backend: str, device: str | None = None) -> bool:
+    """--backend vllm (refused without vLLM or on the CPU), or auto: vLLM when it is installed,
+    CUDA works and no CPU device was asked for. Otherwise transformers, and checks.cpu_fallback
+    stops a large model from landing on the CPU silently."""
+    installed = importlib.util.find_spec("vllm") is not None
+    on_cpu = device is not None and device.startswith("cpu")
+    if backend == "vllm":
+        if not installed:
+            raise checks.CheckError("--backend vllm: vLLM is not installed (pip install vllm), or "
+                                    "use --backend hf")
+        if on_cpu:
+            raise checks.CheckError("--backend vllm runs on GPUs only; drop --device cpu or use "
+                                    "--backend hf")
+        return True
+    return backend == "auto" and installed and not on_cpu and checks.cuda_problem() is None
 
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
-
-def hf_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def target_row(row: Row, mode: str, gen: Generation, label: str, folder) -> dict:
+def target_row(row: Row, mode: str, gen: Generation, label: str, folder,
+               backend: str | None = None) -> dict:
     """The input record (our schema, audio relative to the output's folder) plus the fields that
-    train.py learns from: the prompt the LLM read and what it answered."""
+    train.py learns from: the prompt the LLM read and what it answered, and which backend
+    generated it (greedy vLLM and transformers can differ in a token: resume never mixes them)."""
     p = row.prompt
+    extra = {**row.record.extra, "backend": backend} if backend else row.record.extra
     rec = dataclasses.replace(row.record, mode=mode, system=p.system, instruction=p.instruction,
                               input_text=p.input_text, response=gen.response,
-                              truncated=gen.truncated, model=label)
+                              truncated=gen.truncated, model=label, extra=extra)
     return rec.to_json(relative_to=folder)
 
 
 def check_args(parser, args) -> None:
     if not args.merge and args.mode is None:
         parser.error("--mode is required")
-    checks.positive_flags(parser, args, "max_new_tokens")  # before the LLM loads, not after
+    # before the LLM loads, not after
+    checks.positive_flags(parser, args, "max_new_tokens", "tensor_parallel_size", "max_model_len")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization must be in (0, 1], got "
+                     f"{args.gpu_memory_utilization:g}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +308,8 @@ def skipped_line(row: Row) -> str:
 # Resume
 
 
-def resume(path: Path, rows: list[Row], mode: str, label: str) -> dict[str, dict]:
+def resume(path: Path, rows: list[Row], mode: str, label: str,
+           backend: str | None = None) -> dict[str, dict]:
     """id -> row already written to `path`, after checking it was made by this very job. A partial
     last line (a kill during an append) is cut off and will be generated again; any other line that
     is not a JSON object is corruption and stops the run."""
@@ -308,6 +335,10 @@ def resume(path: Path, rows: list[Row], mode: str, label: str) -> dict[str, dict
             raise SystemExit(f"{where}: written by mode={obj.get('mode')!r} "
                              f"model={obj.get('model')!r}, this run is mode={mode!r} "
                              f"model={label!r}; use another --out")
+        if backend and obj.get("backend") != backend:
+            raise SystemExit(f"{where}: written by the {obj.get('backend')!r} backend, this run "
+                             f"uses {backend!r}; resume with --backend {obj.get('backend')} or "
+                             "use another --out")
         done[obj["id"]], first[obj["id"]] = obj, n
     return done
 

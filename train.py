@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=42)
     a = p.add_argument_group("run").add_argument
     a("--exp", required=True, help="output folder: checkpoints/, metrics.jsonl, the final model")
-    a("--device", help="cuda / cpu (default: cuda if available)")
+    a("--device", help="cuda / cpu (default: cuda when it works; a large --llm on a CPU needs\n"
+                       "--device cpu). Under torchrun each rank takes cuda:LOCAL_RANK")
     a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
       help="autocast (auto: bf16 on CUDA, fp32 on CPU; bf16 pays off on AVX512-BF16/AMX CPUs)")
     a("--log-every", type=int, default=10, help="steps between log lines")
@@ -132,6 +133,7 @@ def main(argv=None) -> dict:
     train_support.check_args(args)  # e.g. --cache-encoders needs --no-spec-augment
     train_support.check_model_args(args)  # the folders this stage needs exist and fit together
     rank, world, device = train_support.setup_distributed(args.device)
+    train_support.check_device(args, device)  # a 7B --llm on a CPU nobody asked for: one line
     args.precision = train_support.resolve_precision(args.precision, device)
     exp = Path(args.exp)
     if rank == 0:

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checks
 import files
+import model_support
 from data import SAMPLE_RATE, padding_efficiency
 from manifest import read_manifest
 
@@ -154,16 +155,43 @@ def oom_message(batch, args) -> str:
 
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is rank 0 of 1.
-    NCCL is the backend for GPUs, gloo for CPUs (the test suite runs 2 CPU ranks with gloo)."""
+    NCCL is the backend for GPUs, gloo for CPUs (the test suite runs 2 CPU ranks with gloo).
+
+    The device: --device as given, else cuda when CUDA works (checks.pick_device; the caller
+    refuses a large LLM on a CPU it did not ask for). Under torchrun a rank's GPU is
+    cuda:LOCAL_RANK and nothing else: `--device cuda:1` would put every rank on one GPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    kind = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local_rank}") if kind == "cuda" else torch.device(kind)
+    kind = checks.pick_device(device_arg)
+    if "LOCAL_RANK" in os.environ and kind.startswith("cuda"):
+        if ":" in kind:
+            raise TrainError(f"--device {kind}: under torchrun each rank uses cuda:LOCAL_RANK; "
+                             "give --device cuda (or leave it out)")
+        if local_rank >= torch.cuda.device_count():
+            raise TrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
+                             "device(s): lower --nproc_per_node")
+        kind = f"cuda:{local_rank}"
+    device = torch.device(kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def check_device(args, device) -> None:
+    """No silent CPU run of a large LLM: without --device, a 7B --llm on a machine whose CUDA does
+    not work stops here, in one line, before 15 GB are loaded into host memory."""
+    if device.type != "cpu" or args.device:
+        return
+    if args.llm:
+        n, flag = model_support.llm_parameters(args.llm, args.gguf_file), f"--llm {args.llm}"
+    else:
+        n, flag = model_support.release_llm_parameters(args.init), f"the LLM of --init {args.init}"
+    try:
+        checks.cpu_fallback(n, args.device, device.type, flag)
+    except checks.CheckError as e:
+        raise TrainError(str(e)) from None
 
 
 def is_distributed() -> bool:

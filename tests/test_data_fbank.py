@@ -160,7 +160,7 @@ def test_batched_equals_one_at_a_time_and_pads_with_log_zero():
     assert torch.equal(lens2, lens) and torch.allclose(feats2, feats, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_fbank_on_cuda_matches_cpu():
     waves = [0.1 * torch.randn(n) for n in (16000, 12345)]
     cpu, cpu_lens = data.fbank(waves)

@@ -637,6 +637,8 @@ def test_torchrun_two_cpu_ranks(setup, tmp_path):
             "--grad-accum",
             "2",
             "--log-batches",
+            "--device",
+            "cpu",
         ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
