@@ -1,0 +1,174 @@
+"""Readiness for a first GPU run, checked on the CPU (issue 24): no silent CPU fallback, a rank's
+GPU from LOCAL_RANK only, the straight-through fp16 rounding, the vLLM flags and the backend a
+resumed output was written by. What needs a real GPU is in bench/ and docs, not here."""
+import sys
+import types
+
+import pytest
+import torch
+
+import checks
+import generate_targets as gt
+import model_support
+import targets_support as support
+import train_support
+from model import round_to_fp16
+
+QWEN7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+              tie_word_embeddings=False)
+
+
+def test_parameter_estimate_of_qwen7b():
+    # per layer: q,o 3584x3584 twice, k,v 3584x512 twice, gate/up/down 3 x 3584x18944; plus the
+    # untied embedding and head, 2 x 152064x3584
+    layer = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944
+    assert model_support.estimate_parameters(QWEN7B) == 28 * layer + 2 * 152064 * 3584
+
+
+def test_large_llm_on_an_unasked_cpu_is_one_line():
+    n = model_support.estimate_parameters(QWEN7B)
+    with pytest.raises(checks.CheckError, match=r"7\.62B parameters and would run on the CPU "
+                       r"\(.*\); pass --device cpu"):
+        checks.cpu_fallback(n, None, "cpu", "--llm Qwen/Qwen2.5-7B-Instruct")
+    checks.cpu_fallback(n, "cpu", "cpu", "--llm x")  # asked for: allowed
+    checks.cpu_fallback(100_000_000, None, "cpu", "--llm x")  # small: allowed
+    assert checks.pick_device(None) == "cpu"  # the conftest hides CUDA
+
+
+def test_train_refuses_a_large_llm_folder_on_cpu(tmp_path):
+    (tmp_path / "config.json").write_text(__import__("json").dumps(
+        {**QWEN7B, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    args = types.SimpleNamespace(device=None, llm=str(tmp_path), gguf_file=None, init=None)
+    with pytest.raises(train_support.TrainError, match="7.62B parameters"):
+        train_support.check_device(args, torch.device("cpu"))
+    args.device = "cpu"
+    train_support.check_device(args, torch.device("cpu"))
+
+
+def test_torchrun_rank_device_comes_from_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(train_support.TrainError, match="each rank uses cuda:LOCAL_RANK"):
+        train_support.setup_distributed("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(train_support.TrainError, match="LOCAL_RANK 1 but only 1 CUDA"):
+        train_support.setup_distributed("cuda")
+
+
+def test_fp16_rounding_keeps_the_value_and_passes_the_gradient():
+    y = torch.tensor([1e-3, 0.1234567, -3.3333333, 70000.0, 1e-9], requires_grad=True)
+    out = round_to_fp16(y)
+    # the forward value is exactly the fp16 rounding (70000 overflows fp16 to inf, as officially)
+    assert torch.equal(out.detach(), y.detach().to(torch.float16).to(torch.float32))
+    g = torch.tensor([1e-8, 1e-6, 3.0, 1.0, 1e-8])  # 1e-8 is below fp16's smallest subnormal
+    out.backward(g)
+    assert torch.equal(y.grad, g)  # unchanged: a differentiable cast gives 0 for 1e-8
+    z = y.detach().clone().requires_grad_(True)
+    z.to(torch.float16).to(torch.float32).backward(g)
+    assert z.grad[0] == 0 and z.grad[1] != g[1]  # what the old cast did
+
+
+def fake_vllm(monkeypatch, calls):
+    class LLM:
+        def __init__(self, **kw):
+            calls["init"] = kw
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+
+def test_vllm_flags_reach_the_engine(monkeypatch):
+    calls = {}
+    fake_vllm(monkeypatch, calls)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(support, "use_vllm", lambda backend, device: True)
+    options = support.VLLMOptions(None, 2, 0.5, 4096)
+    backend = gt.make_backend("sift_s", "Qwen/Qwen2.5-7B-Instruct", backend="vllm",
+                              device="cuda:3", vllm=options)
+    kw = calls["init"]
+    assert (kw["tensor_parallel_size"], kw["gpu_memory_utilization"], kw["max_model_len"]) == (
+        2, 0.5, 4096)
+    assert kw["trust_remote_code"] is False and backend.name == "vllm"
+    import os
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # vLLM's workers see that GPU only
+
+
+def test_vllm_backend_choice_is_explicit(monkeypatch):
+    monkeypatch.setattr(support.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(checks.CheckError, match="vLLM is not installed"):
+        support.use_vllm("vllm")
+    assert support.use_vllm("auto") is False
+    monkeypatch.setattr(support.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(checks.CheckError, match="runs on GPUs only"):
+        support.use_vllm("vllm", "cpu")
+    assert support.use_vllm("auto") is False  # installed, but CUDA does not work (conftest)
+
+
+def test_parser_checks_vllm_flags():
+    base = ["--mode", "sift_s", "--in", "a.jsonl", "--out", "o.jsonl"]
+    for flag, value in (("--gpu-memory-utilization", "1.5"), ("--tensor-parallel-size", "0")):
+        with pytest.raises(SystemExit):
+            gt.parse_args(base + [flag, value])
+
+
+def test_resume_refuses_another_backend(tmp_path):
+    import json
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"u{i}", "audio": "a.wav", "duration": 1.0,
+                                       "text": f"hello {i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    gt.run([str(src)], out, "tsit_s", support.TranscriptBackend(), progress=False)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["backend"] for r in rows] == ["transcript"] * 3
+    other = support.TranscriptBackend()
+    other.name = "hf"
+    with pytest.raises(SystemExit, match="written by the 'transcript' backend, this run uses 'hf'"):
+        gt.run([str(src)], out, "tsit_s", other, progress=False)
+    built = []  # a factory is called only once the output is locked
+    gt.run([str(src)], out, "tsit_s", lambda: built.append(1) or support.TranscriptBackend(),
+           progress=False)
+    assert built == [1]
+
+
+def test_inference_runs_the_audio_side_in_the_training_precision(monkeypatch):
+    """from_pretrained(precision="bf16"): fbank on the model's device, encoders and projectors
+    under bf16 autocast (what training ran on CUDA). On the CPU this checks the code path."""
+    import data
+    from model import AZeroS
+    from tiny import cached_tiny_release
+
+    model = AZeroS.from_pretrained(cached_tiny_release(paraling=False), device="cpu",
+                                   precision="bf16")
+    assert model.precision == "bf16"
+    seen, devices = [], []
+    fbank = data.fbank
+    monkeypatch.setattr(data, "fbank", lambda *a, **k: devices.append(k.get("device"))
+                        or fbank(*a, **k))
+    encode = model.speech_encoder.forward
+    monkeypatch.setattr(model.speech_encoder, "forward", lambda *a, **k: seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        or encode(*a, **k))
+    wave = 0.1 * torch.randn(16000)
+    model.generate([wave], [[model.user_message("hi")]],
+                   __import__("llm").GenerationOptions(max_new_tokens=2))
+    assert seen == [torch.bfloat16] and devices == [torch.device("cpu")]
+    fp32 = AZeroS.from_pretrained(cached_tiny_release(paraling=False), device="cpu")
+    assert fp32.precision == "fp32"  # auto on the CPU
+
+
+def test_gpu_smoke_dry_run_on_cpu():
+    """bench/gpu_smoke.py's checks run end to end on the CPU at tiny sizes: every row ok."""
+    import subprocess
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["cuda", "step_7b", "pipeline", "nccl", "encoders", "batching"]
+    assert all(r.split("|")[2].strip() in ("ok", "skipped (dry run)") for r in rows), rows
