@@ -294,11 +294,16 @@ def run(in_paths, out, mode: str, backend, *, seed: int = 0, shard: int = 0, nsh
     with support.locked_output(out, shard, nshards) as path:
         backend = backend() if callable(backend) else backend
         rows, blank = plan(in_paths, mode, seed, shard, nshards)
-        done = support.resume(path, rows, mode, backend.model_label, backend.name)
+        done = support.resume(path, rows, mode, backend.model_label, backend_name(backend))
         summary = Summary(blank_lines=blank, resumed=len(done))
         pending = [r for r in rows if r.skip is None and r.record.id not in done]
         generate(pending, mode, backend, path, done, summary, progress, window)
         return support.finish(rows, done, path, summary)
+
+
+def backend_name(backend) -> str | None:
+    """"hf", "vllm", "transcript": recorded per row (a caller's own backend may have no name)."""
+    return getattr(backend, "name", None)
 
 
 def generate(pending: list[Row], mode, backend, path, done: dict, summary: Summary,
@@ -312,7 +317,8 @@ def generate(pending: list[Row], mode, backend, path, done: dict, summary: Summa
             for batch in backend.batches(prompts):
                 gens = backend.generate([prompts[i] for i in batch])
                 targets = [support.target_row(rows[i], mode, g, backend.model_label, path.parent,
-                                              backend.name) for i, g in zip(batch, gens)]
+                                              backend_name(backend))
+                           for i, g in zip(batch, gens)]
                 append_jsonl(path, targets)  # whole lines, fsynced: a kill costs at most this batch
                 done.update((t["id"], t) for t in targets)
                 meter.add(len(batch), sum(g.n_tokens for g in gens))

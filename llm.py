@@ -65,6 +65,25 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def checkpoint_layers(model: nn.Module) -> int:
+    """Gradient checkpointing of a FROZEN, eval-mode LLM: each decoder layer keeps only its input
+    for the backward pass and recomputes the rest there (the activations of a 7B LLM are ~6.6 MB
+    per token otherwise, docs/gpu.md). transformers' own switch checkpoints only in train mode,
+    and the frozen LLM stays in eval mode (no dropout), so it would do nothing: each layer's
+    forward is wrapped here instead. Eval mode stays, so the recompute is the same computation
+    (no dropout to redraw). Returns the number of layers wrapped."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        plain = type(layer).forward.__get__(layer)  # the class's forward, bound to this layer
+        layer.forward = partial(checkpoint, plain, use_reentrant=False)
+    return len(layers)
+
+
 def add_audio_token(tokenizer, model=None) -> int:
     """Make `<|AUDIO|>` a special token and return its id.
 
@@ -230,7 +249,8 @@ def answer_logits(llm, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.
     more than the output projection (soft-capping, scaling) run their own forward instead."""
     targets = batch.labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    inputs = dict(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+    inputs = dict(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                  use_cache=False)  # no KV cache to keep (and none to write twice on recompute)
     if llm.config.model_type in PLAIN_HEAD_FAMILIES:
         hidden = llm.base_model(**inputs).last_hidden_state
         logits = llm.get_output_embeddings()(hidden[:, :-1][mask])

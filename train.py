@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--average-period", type=int, default=200,
       help="every N steps fold the weights into the running average the model exports (0: off)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad-checkpointing", action="store_true",
+      help="recompute the frozen LLM's layers in the backward pass: each keeps only its input\n"
+           "(~1/30 of its activations) for ~1.5x the LLM compute (docs/gpu.md)")
     a("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
     a("--epochs", type=float, default=1.0, help="passes over the training data")
     a("--seed", type=int, default=42)
@@ -319,6 +322,9 @@ def build_model(args, device):
         except checks.CheckError as e:  # a stage-1 projector that does not fit --llm
             raise TrainError(str(e)) from None
     model.set_stage(args.stage)
+    if args.grad_checkpointing:  # the frozen LLM stays in eval mode: llm.checkpoint_layers
+        import llm
+        llm.checkpoint_layers(model.llm)
     train_support.check_frozen(model, trainable_names(model, args.stage), args.stage)
     return model
 
