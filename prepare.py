@@ -12,7 +12,7 @@ transcripts get ASR pseudo-transcripts (`transcribe`), marked as such.
     python prepare.py lhotse data/lhotse/librispeech_recordings_train-clean-100.jsonl.gz \\
         data/lhotse/librispeech_supervisions_train-clean-100.jsonl.gz data/librispeech_100.jsonl
     python prepare.py cuts cuts.jsonl.gz data/cuts.jsonl               # any Lhotse CutSet
-    python prepare.py crema-d /data/CREMA-D data/crema.jsonl   # also ravdess, tess, iemocap, meld
+    python prepare.py crema-d /data/CREMA-D data/crema.jsonl  # or ravdess, ..., emotiontalk
     python prepare.py transcribe data/voxceleb2.jsonl data/voxceleb2_asr.jsonl --whisper DIR
 
 Needs Lhotse (`pip install -r requirements-data.txt`) for `lhotse` and `cuts` only.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import sys
 from pathlib import Path
@@ -50,6 +51,11 @@ TESS_AGES = {"OAF": 64, "YAF": 26}
 # IEMOCAP: SessionN/dialog/EmoEvaluation/<dialog>.txt lines "[start - end]\tutt\temo\t[v, a, d]";
 # the speaker's gender is the letter before the utterance number (Ses01F_impro01_M013: male).
 IEMOCAP_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
+# EmotionTalk (dataset card, huggingface.co/datasets/BAAI/Emotiontalk; github.com/NKU-HLT/
+# EmotionTalk): the audio modality's JSON annotations carry emotion_result, speaker_id,
+# file_name (the wav's path) and content (the transcription); the speech is Chinese. The card
+# does not say what file_name is relative to: we take the corpus folder and fail loudly if not.
+EMOTIONTALK_FIELDS = ("emotion_result", "speaker_id", "file_name", "content")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +210,24 @@ def meld(root: Path, split: str = "train") -> list[Record]:
     return records
 
 
+def emotiontalk(root: Path) -> list[Record]:
+    """Audio/**/*.json, each one utterance (or a list of them) with EMOTIONTALK_FIELDS."""
+    records = []
+    for ann in sorted((root / "Audio").rglob("*.json")):
+        items = json.loads(ann.read_text(encoding="utf-8"))
+        for item in items if isinstance(items, list) else [items]:
+            missing = [k for k in EMOTIONTALK_FIELDS if k not in item]
+            if missing:
+                raise checks.CheckError(f"{ann}: missing field(s) {', '.join(missing)}")
+            path = root / item["file_name"]
+            checks.files_exist([path], f"{ann}: file_name")
+            records.append(row(path, "emotiontalk", item["content"].strip(), language="zh",
+                               emotion=item["emotion_result"]))
+    if not records:
+        raise checks.CheckError(f"{root}: no Audio/**/*.json annotations found")
+    return records
+
+
 def _fields(path: Path, n: int, sep: str = "_") -> list[str]:
     parts = path.stem.split(sep)
     if len(parts) != n:
@@ -212,7 +236,7 @@ def _fields(path: Path, n: int, sep: str = "_") -> list[str]:
 
 
 READERS = {"crema-d": crema_d, "ravdess": ravdess, "tess": tess, "iemocap": iemocap,
-           "meld": meld}
+           "meld": meld, "emotiontalk": emotiontalk}
 
 
 # --------------------------------------------------------------------------------------------------

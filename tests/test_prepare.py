@@ -180,6 +180,39 @@ def test_ravdess_tess_iemocap_meld_readers(tmp_path):
     assert read("meld") == {"meld_train_dia3_utt0": ("Oh my God, hi!", {"emotion": "happy"})}
 
 
+def test_emotiontalk_reader_fields_labels_and_errors(tmp_path):
+    root = tmp_path / "EmotionTalk"
+    ann = root / "Audio" / "json" / "G00009"
+    ann.mkdir(parents=True)
+    utts = [("G00009_42_14_024", "neutral", "还给他点饭。"),
+            ("G00009_42_14_001", "fearful", "前两天我有一个朋友。")]
+    for stem, emotion, content in utts:
+        write_wav(root / "Audio" / "wav" / f"{stem}.wav", 0.3)
+        (ann / f"{stem}.json").write_text(json.dumps({
+            "data": [], "emotion_result": emotion, "speaker_id": "G00009",
+            "file_name": f"Audio/wav/{stem}.wav", "content": content}, ensure_ascii=False),
+            encoding="utf-8")
+    recs = prepare.READERS["emotiontalk"](root)
+    assert {r.id: (r.text, r.language, r.meta) for r in recs} == {
+        "emotiontalk_G00009_42_14_001": ("前两天我有一个朋友。", "zh", {"emotion": "fear"}),
+        "emotiontalk_G00009_42_14_024": ("还给他点饭。", "zh", {"emotion": "neutral"}),
+    }
+    (ann / "bad.json").write_text(json.dumps({"emotion_result": "bored", "speaker_id": "x",
+                                              "file_name": "Audio/wav/G00009_42_14_001.wav",
+                                              "content": "x"}))
+    with pytest.raises(prepare.labels.LabelError, match="unknown emotion label 'bored'"):
+        prepare.emotiontalk(root)
+    (ann / "bad.json").write_text(json.dumps({"emotion_result": "sad", "file_name": "a.wav"}))
+    with pytest.raises(prepare.checks.CheckError, match=r"bad.json: missing field\(s\) "
+                                                        "speaker_id, content"):
+        prepare.emotiontalk(root)
+    (ann / "bad.json").write_text(json.dumps({"emotion_result": "sad", "speaker_id": "x",
+                                              "file_name": "Audio/wav/gone.wav",
+                                              "content": "x"}))
+    with pytest.raises(prepare.checks.CheckError, match="bad.json: file_name .*gone.wav"):
+        prepare.emotiontalk(root)
+
+
 def test_reader_errors_name_the_file(tmp_path):
     root = crema_tree(tmp_path / "CREMA-D")
     write_wav(root / "AudioWAV" / "1003_DFA_ANG_XX.wav", 0.3)
