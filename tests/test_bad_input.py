@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ import manifest as manifest_module
 import train
 from checks import CheckError
 from manifest import ManifestError
-from tiny import cached_tiny_release, make_tiny_llm_dir, write_wav
+from tiny import JsonHandler, cached_tiny_release, make_tiny_llm_dir, serve, write_wav
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +102,7 @@ def test_infer_max_audio_seconds_nan_does_not_lift_the_limit(release, tmp_path, 
 # name is part of the cache key; `score --out` with a typo is an error
 
 
-class OddJudge(BaseHTTPRequestHandler):
+class OddJudge(JsonHandler):
     """Replies with `OddJudge.reply` (a JSON value) until `fixed`, then with a proper completion
     whose text names the judge model it was asked for."""
 
@@ -117,30 +115,14 @@ class OddJudge(BaseHTTPRequestHandler):
         if OddJudge.fixed:
             reply = {"choices": [{"message": {"role": "assistant",
                                               "content": f"5 from {body['model']}"}}]}
-        raw = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(reply)
 
 
 @pytest.fixture
 def odd_judge():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OddJudge)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
     OddJudge.reply, OddJudge.fixed, OddJudge.asked = None, False, []
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve(OddJudge) as url:
+        yield url
 
 
 JOB = [{"key": "k", "messages": [{"role": "user", "content": "rate"}], "params": {"n": 1}}]

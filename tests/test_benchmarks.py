@@ -6,8 +6,6 @@ the judge path against a local HTTP judge on 127.0.0.1."""
 import io
 import json
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import bench_scoring as S
 import benchmarks as B
 import eval_support as es
 import files
-from tiny import cached_tiny_release, write_wav
+from tiny import JsonHandler, cached_tiny_release, serve, write_wav
 
 # --------------------------------------------------------------------------------------------------
 # Scorers
@@ -693,7 +691,7 @@ def test_cli_bad_data_is_one_line(tmp_path):
 # Judged columns against a local HTTP judge
 
 
-class FakeJudge(BaseHTTPRequestHandler):
+class FakeJudge(JsonHandler):
     """Answers from the prompt text: 1-5 scores keyed on the response, Yes/No, and AIR pairs that
     give the reference 9 and the model 6 whatever the order."""
 
@@ -726,31 +724,14 @@ class FakeJudge(BaseHTTPRequestHandler):
                 for i in range(body.get("n", 1))
             ]
         }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(reply)
 
 
 @pytest.fixture
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
     FakeJudge.requests = []
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve(FakeJudge) as url:
+        yield url
 
 
 def write_run(folder, rows, model="m", items=None, skipped=0):

@@ -7,8 +7,12 @@ Each builder takes well under a second.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import shutil
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +160,33 @@ def write_wav(path, seconds: float, sr: int = 16000, seed: int = 0) -> Path:
     wave += 0.05 * rng.standard_normal(t.shape)
     sf.write(str(path), wave.astype(np.float32), sr, subtype="PCM_16")
     return Path(path)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A fake OpenAI-compatible judge's plumbing: subclasses answer `do_POST` with `send_json`."""
+
+    def send_json(self, value):
+        raw = json.dumps(value).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(handler: type[BaseHTTPRequestHandler]):
+    """Serve `handler` on a free loopback port for the duration of the block; yields its /v1 URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
