@@ -4,15 +4,16 @@ Corpora that Lhotse has a recipe for (LibriSpeech, GigaSpeech, WenetSpeech, Comm
 VoxCeleb2, DailyTalk, ...) go through that recipe; we only turn its recordings and supervisions
 into manifest rows: one row per supervision (long recordings are trimmed to their supervisions,
 as the official manifests are), labels in the official vocabulary (labels.py), audio that Lhotse
-transforms (speed perturbation) written out through Lhotse. The emotion corpora Lhotse lacks get a
-small reader each, written from their documented layouts (file-name conventions). Corpora without
-transcripts get ASR pseudo-transcripts (`transcribe`), marked as such.
+transforms (speed perturbation) written out through Lhotse. The corpora Lhotse lacks (the emotion
+corpora, CS-Dialogue) get a small reader each, written from their documented layouts (file-name
+conventions, index files). Corpora without transcripts get ASR pseudo-transcripts (`transcribe`),
+marked as such.
 
     lhotse prepare librispeech /data/LibriSpeech data/lhotse          # Lhotse's own recipe
     python prepare.py lhotse data/lhotse/librispeech_recordings_train-clean-100.jsonl.gz \\
         data/lhotse/librispeech_supervisions_train-clean-100.jsonl.gz data/librispeech_100.jsonl
     python prepare.py cuts cuts.jsonl.gz data/cuts.jsonl               # any Lhotse CutSet
-    python prepare.py crema-d /data/CREMA-D data/crema.jsonl  # or ravdess, ..., emotiontalk
+    python prepare.py crema-d /data/CREMA-D data/crema.jsonl  # or ravdess, ..., cs-dialogue
     python prepare.py transcribe data/voxceleb2.jsonl data/voxceleb2_asr.jsonl --whisper DIR
 
 Needs Lhotse (`pip install -r requirements-data.txt`) for `lhotse` and `cuts` only.
@@ -56,6 +57,16 @@ IEMOCAP_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
 # file_name (the wav's path) and content (the transcription); the speech is Chinese. The card
 # does not say what file_name is relative to: we take the corpus folder and fail loudly if not.
 EMOTIONTALK_FIELDS = ("emotion_result", "speaker_id", "file_name", "content")
+# CS-Dialogue (huggingface.co/datasets/BAAI/CS-Dialogue, arXiv 2502.18913; the layout Auden's
+# examples/azeros/configs/README.md shows): under data/, a Kaldi-style index
+# index/short_wav/<split>/{text,wav.scp} (wav.scp paths relative to data/, e.g.
+# short_wav/WAVE/C0/ZH-CN_U0001_S0/ZH-CN_U0001_S0_2.wav, once short_wav/*.tar.gz is extracted) and
+# every utterance's speaker in index/total_information/Information_Index.txt, tab-separated under
+# a header of which we read CS_DIALOGUE_COLUMNS. A transcript may open with the utterance's
+# language tag, <CN>, <EN> or <MIX> (code-switched), the TAG column's value.
+CS_DIALOGUE_INFO = Path("index", "total_information", "Information_Index.txt")
+CS_DIALOGUE_COLUMNS = ("WAVE ID", "Gender", "Age")
+CS_DIALOGUE_TAG = re.compile(r"^\s*<(CN|EN|MIX)>\s*")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +239,103 @@ def emotiontalk(root: Path) -> list[Record]:
     return records
 
 
+def cs_dialogue(root: Path) -> list[Record]:
+    """index/short_wav/<split>/{text,wav.scp} (every split: the official 103 h are the whole
+    corpus), labels from Information_Index.txt. Every row's language is `zh`, as the official
+    train_stage2.yaml has it for this corpus: Mandarin dialogues with English switched in, and
+    generate_targets picks the instruction's language from the code. The corpus's own tag
+    (CN, EN, MIX) is kept as `cs_tag`, and the split as `split`, for whoever wants to filter."""
+    if (root / "data" / "index").is_dir():  # the Hugging Face snapshot's top folder
+        root = root / "data"
+    speakers = _cs_dialogue_speakers(root / CS_DIALOGUE_INFO)
+    splits = sorted(scp.parent for scp in (root / "index" / "short_wav").glob("*/wav.scp"))
+    if not splits:
+        raise checks.CheckError(f"{root}: no index/short_wav/*/wav.scp (is it CS-Dialogue's "
+                                "data folder?)")
+    records = []
+    for split in splits:
+        texts = _kaldi_table(split / "text")
+        audio = _kaldi_table(split / "wav.scp")
+        _report_unpaired(split, texts, audio)
+        for utt, (rel, lineno) in audio.items():
+            if utt not in texts:
+                continue
+            if utt not in speakers:
+                raise checks.CheckError(f"{root / CS_DIALOGUE_INFO}: no row for {utt}.wav "
+                                        f"(listed in {split / 'wav.scp'}:{lineno})")
+            path = root / rel
+            if not path.is_file():
+                raise checks.CheckError(
+                    f"{split / 'wav.scp'}:{lineno}: {path}: {checks.missing_audio(path)} (the "
+                    f"paths are relative to {root}: extract short_wav/*.tar.gz* there)")
+            text, _ = texts[utt]
+            tag = CS_DIALOGUE_TAG.match(text)
+            meta = speakers[utt]
+            rec = row(path, "cs_dialogue", text[tag.end():].strip() if tag else text.strip(),
+                      language="zh", gender=meta["gender"], age=meta["age"])
+            cs_tag = tag.group(1) if tag else meta["tag"]
+            rec.extra = {**({"cs_tag": cs_tag} if cs_tag else {}), "split": split.name}
+            records.append(rec)
+    return records
+
+
+def _cs_dialogue_speakers(path: Path) -> dict[str, dict]:
+    """Information_Index.txt -> {utterance id: {gender, age, tag}}, labels already normalised so
+    that an unknown one is reported with its line. QUOTE_NONE: a transcript column may hold '"'."""
+    checks.files_exist([path], "CORPUS_DIR (CS-Dialogue's index)")
+    speakers: dict[str, dict] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in CS_DIALOGUE_COLUMNS if name not in header]
+        if missing:
+            raise checks.CheckError(f"{path}:1: no column {', '.join(map(repr, missing))} in the "
+                                    f"header {header}")
+        column = {name: header.index(name) for name in (*CS_DIALOGUE_COLUMNS, "TAG")
+                  if name in header}
+        for lineno, fields in enumerate(reader, start=2):
+            if not any(field.strip() for field in fields):
+                continue
+            if len(fields) < len(header):
+                raise checks.CheckError(f"{path}:{lineno}: {len(fields)} fields, the header "
+                                        f"has {len(header)}")
+            value = {name: fields[i].strip() for name, i in column.items()}
+            try:
+                info = {"gender": labels.normalise("gender", value["Gender"]),
+                        "age": labels.normalise("age", value["Age"]),
+                        "tag": value.get("TAG", "").strip("<>")}
+            except labels.LabelError as e:
+                raise checks.CheckError(f"{path}:{lineno}: {e}") from None
+            utt = value["WAVE ID"].removesuffix(".wav")
+            if speakers.setdefault(utt, info) != info:
+                raise checks.CheckError(f"{path}:{lineno}: {utt} again, with other labels")
+    return speakers
+
+
+def _kaldi_table(path: Path) -> dict[str, tuple[str, int]]:
+    """A Kaldi `text` or `wav.scp`: "<id> <value>" a line -> {id: (value, line number)}."""
+    checks.files_exist([path], "CORPUS_DIR (CS-Dialogue's index)")
+    table: dict[str, tuple[str, int]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, *value = line.split(maxsplit=1)  # a space or a tab after the id
+        if key in table:
+            raise checks.CheckError(f"{path}:{lineno}: {key} again (first on line "
+                                    f"{table[key][1]})")
+        table[key] = (value[0].strip() if value else "", lineno)
+    return table
+
+
+def _report_unpaired(split: Path, texts: dict, audio: dict) -> None:
+    """Utterances with audio but no transcript (or the reverse) cannot become rows: say so."""
+    for have, lack, ids in (("wav.scp", "text", sorted(set(audio) - set(texts))),
+                            ("text", "wav.scp", sorted(set(texts) - set(audio)))):
+        if ids:
+            print(f"cs-dialogue: {split}: {len(ids)} id(s) of {have} not in {lack}, skipped "
+                  f"(first: {', '.join(ids[:3])})", file=sys.stderr)
+
+
 def _fields(path: Path, n: int, sep: str = "_") -> list[str]:
     parts = path.stem.split(sep)
     if len(parts) != n:
@@ -236,7 +344,7 @@ def _fields(path: Path, n: int, sep: str = "_") -> list[str]:
 
 
 READERS = {"crema-d": crema_d, "ravdess": ravdess, "tess": tess, "iemocap": iemocap,
-           "meld": meld, "emotiontalk": emotiontalk}
+           "meld": meld, "emotiontalk": emotiontalk, "cs-dialogue": cs_dialogue}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -213,6 +213,104 @@ def test_emotiontalk_reader_fields_labels_and_errors(tmp_path):
         prepare.emotiontalk(root)
 
 
+def cs_dialogue_tree(root: Path) -> Path:
+    """CS-Dialogue's Hugging Face layout (data/index/..., data/short_wav/WAVE/C0/...): two
+    speakers, a train and a dev split, Information_Index.txt with its header."""
+    data = root / "data"
+    index = data / "index"
+    utts = {"train": [("ZH-CN_U0001_S0_2", '<CN> "嗨。'),  # an unpaired '"' in a transcript
+                      ("ZH-CN_U0001_S0_4", "<MIX> 嗯，我是 Luna ，<FIL/> 你现在。")],
+            "dev": [("ZH-CN_U0002_S0_3", "<EN> Hi, \"Luna\".")]}
+    for split, lines in utts.items():
+        (index / "short_wav" / split).mkdir(parents=True)
+        scp, text = [], []
+        for utt, line in lines:
+            rel = f"short_wav/WAVE/C0/{utt.rsplit('_', 1)[0]}/{utt}.wav"
+            write_wav(data / rel, 0.4)
+            scp.append(f"{utt} {rel}\n")
+            text.append(f"{utt}\t{line}\n")
+        (index / "short_wav" / split / "wav.scp").write_text("".join(scp))
+        (index / "short_wav" / split / "text").write_text("".join(text), encoding="utf-8")
+    info = ["Speaker ID\tGender\tAge\tRegion\tDevice\tTopic\tWAVE ID\tTAG\tSCRIPT"]
+    for (speaker, gender, age), split in ((("0001", "F", "24"), "train"),
+                                          (("0002", "M", "41"), "dev")):
+        for utt, line in utts[split]:
+            tag, _, script = line.partition(" ")
+            info.append(f"{speaker}\t{gender}\t{age}\tFujian\tiphone\tpersonal\t{utt}.wav\t"
+                        f"{tag}\t{script}")
+    (index / "total_information").mkdir()
+    (index / "total_information" / "Information_Index.txt").write_text("\n".join(info) + "\n",
+                                                                        encoding="utf-8")
+    return root
+
+
+def test_cs_dialogue_reader_index_labels_and_tags(tmp_path):
+    root = cs_dialogue_tree(tmp_path / "CS-Dialogue")
+    recs = prepare.main(["cs-dialogue", str(root), str(tmp_path / "cs.jsonl")])
+    got = {r.id: (r.text, r.language, r.meta, r.extra, r.duration) for r in recs}
+    young_f, middle_m = {"age": "young adult", "gender": "female"}, {"age": "middle-age adult",
+                                                                     "gender": "male"}
+    assert got == {
+        "cs_dialogue_ZH-CN_U0001_S0_2": ('"嗨。', "zh", young_f,
+                                         {"cs_tag": "CN", "split": "train"}, 0.4),
+        "cs_dialogue_ZH-CN_U0001_S0_4": ("嗯，我是 Luna ，<FIL/> 你现在。", "zh", young_f,
+                                         {"cs_tag": "MIX", "split": "train"}, 0.4),
+        "cs_dialogue_ZH-CN_U0002_S0_3": ('Hi, "Luna".', "zh", middle_m,
+                                         {"cs_tag": "EN", "split": "dev"}, 0.4),
+    }
+    wav = root / "data" / "short_wav" / "WAVE" / "C0" / "ZH-CN_U0002_S0" / "ZH-CN_U0002_S0_3.wav"
+    assert recs[0].audio == str(wav.resolve())  # dev sorts first
+    # the data folder itself works too, and a tag missing from the text comes from TAG
+    text = root / "data" / "index" / "short_wav" / "dev" / "text"
+    text.write_text('ZH-CN_U0002_S0_3 Hi, "Luna".\n', encoding="utf-8")
+    assert prepare.cs_dialogue(root / "data")[0].extra == {"cs_tag": "EN", "split": "dev"}
+
+
+def test_cs_dialogue_reader_errors_and_unpaired_ids(tmp_path, capsys):
+    root = cs_dialogue_tree(tmp_path / "CS-Dialogue")
+    index = root / "data" / "index"
+    scp = index / "short_wav" / "train" / "wav.scp"
+    scp.write_text(scp.read_text() + "ZH-CN_U0001_S0_6 short_wav/WAVE/C0/ZH-CN_U0001_S0/"
+                   "ZH-CN_U0001_S0_6.wav\n")
+    recs = prepare.cs_dialogue(root)
+    assert len(recs) == 3
+    assert capsys.readouterr().err == (f"cs-dialogue: {index / 'short_wav' / 'train'}: 1 id(s) "
+                                       "of wav.scp not in text, skipped (first: "
+                                       "ZH-CN_U0001_S0_6)\n")
+    text = index / "short_wav" / "train" / "text"
+    text.write_text(text.read_text(encoding="utf-8") + "ZH-CN_U0001_S0_6 <CN> 好。\n",
+                    encoding="utf-8")
+    with pytest.raises(prepare.checks.CheckError,
+                       match=r"Information_Index.txt: no row for ZH-CN_U0001_S0_6.wav \(listed "
+                             r"in .*train/wav.scp:3\)"):
+        prepare.cs_dialogue(root)
+    info = index / "total_information" / "Information_Index.txt"
+    info.write_text(info.read_text(encoding="utf-8") + "0001\tF\t24\tFujian\tiphone\t"
+                    "personal\tZH-CN_U0001_S0_6.wav\t<CN>\t好。\n", encoding="utf-8")
+    with pytest.raises(prepare.checks.CheckError,
+                       match=r"train/wav.scp:3: .*ZH-CN_U0001_S0_6.wav: audio file not found"):
+        prepare.cs_dialogue(root)
+    info.write_text(info.read_text(encoding="utf-8").replace("0001\tF\t24\tFujian\tiphone\t"
+                                                             "personal\tZH-CN_U0001_S0_6",
+                                                             "0001\tX\t24\tFujian\tiphone\t"
+                                                             "personal\tZH-CN_U0001_S0_6"),
+                    encoding="utf-8")
+    with pytest.raises(prepare.checks.CheckError,
+                       match=r"Information_Index.txt:5: unknown gender label 'X'"):
+        prepare.cs_dialogue(root)
+    info.write_text(info.read_text(encoding="utf-8").replace("\tX\t", "\tF\t"),
+                    encoding="utf-8")
+    scp.write_text(scp.read_text() + scp.read_text().splitlines()[0] + "\n")
+    with pytest.raises(prepare.checks.CheckError,
+                       match=r"wav.scp:4: ZH-CN_U0001_S0_2 again \(first on line 1\)"):
+        prepare.cs_dialogue(root)
+    info.write_text("Speaker ID\tSex\tAge\tWAVE ID\n", encoding="utf-8")
+    capsys.readouterr()
+    assert prepare.cli(["cs-dialogue", str(root), str(tmp_path / "c.jsonl")]) == 1
+    assert capsys.readouterr().err == (f"error: {info}:1: no column 'Gender' in the header "
+                                       "['Speaker ID', 'Sex', 'Age', 'WAVE ID']\n")
+
+
 def test_reader_errors_name_the_file(tmp_path):
     root = crema_tree(tmp_path / "CREMA-D")
     write_wav(root / "AudioWAV" / "1003_DFA_ANG_XX.wav", 0.3)
