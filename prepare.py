@@ -75,8 +75,9 @@ CS_DIALOGUE_TAG = re.compile(r"^\s*<(CN|EN|MIX)>\s*")
 
 def from_lhotse(cuts, audio_dir: Path) -> list[Record]:
     """A Lhotse CutSet -> one Record per supervision. Cuts are trimmed to their supervisions (a
-    long recording with many segments becomes many rows, each with its own text); a cut whose
-    recording Lhotse transforms is loaded through Lhotse and written to `audio_dir`."""
+    long recording with many segments becomes many rows, each with its own text; a supervision on
+    one channel of a multi-channel file keeps that channel); a cut whose recording Lhotse
+    transforms is loaded through Lhotse and written to `audio_dir`."""
     import soundfile as sf
 
     records = []
@@ -95,16 +96,19 @@ def from_lhotse(cuts, audio_dir: Path) -> list[Record]:
             audio_dir.mkdir(parents=True, exist_ok=True)
             path = audio_dir / f"{cut.id}.wav"
             sf.write(path, cut.load_audio().mean(axis=0), cut.sampling_rate)
-            audio, offset = str(path.resolve()), 0.0
+            audio, offset, channel = str(path.resolve()), 0.0, None
         else:
             source = cut.recording.sources[0]
             if source.type != "file":
                 raise checks.CheckError(f"{where}only file sources can be read, got "
                                         f"{source.type!r}")
             audio, offset = str(Path(source.source).resolve()), cut.start
+            # a MonoCut of a stereo call is one side: averaging the two would mix the speakers
+            several = len(cut.recording.channel_ids) > 1
+            channel = cut.channel if several and isinstance(cut.channel, int) else None
         records.append(Record(id=cut.id, audio=audio, duration=round(cut.duration, 4),
                               text=(sup.text or "").strip(), language=language,
-                              offset=round(offset, 4), meta=meta))
+                              offset=round(offset, 4), meta=meta, channel=channel))
     return records
 
 

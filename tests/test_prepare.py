@@ -357,6 +357,35 @@ def test_cuts_are_split_per_supervision_and_transforms_applied_through_lhotse(tm
     assert [r.id for r in again] == [r.id for r in recs]
 
 
+def test_cuts_of_a_stereo_recording_keep_their_channel(tmp_path, monkeypatch):
+    """A two-sided call: each supervision is on its own channel, and its row must read that
+    channel only (an average would put both speakers in each row)."""
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    import data
+
+    monkeypatch.chdir(tmp_path)
+    t = np.arange(2 * 16000) / 16000
+    sides = np.stack([0.1 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 440 * t)], 1)
+    sf.write(tmp_path / "call.wav", sides, 16000)
+    rec = Recording.from_file("call.wav")
+    sups = [SupervisionSegment("a", rec.id, 0.25, 0.5, channel=0, text="left side"),
+            SupervisionSegment("b", rec.id, 1.0, 0.5, channel=1, text="right side")]
+    CutSet.from_manifests(recordings=RecordingSet.from_recordings([rec]),
+                          supervisions=SupervisionSet.from_segments(sups)).to_file("c.jsonl.gz")
+    recs = prepare.main(["cuts", "c.jsonl.gz", "out"])
+    assert [(r.text, r.channel, r.offset) for r in recs] == [("left side", 0, 0.25),
+                                                           ("right side", 1, 1.0)]
+    stored, _ = sf.read(tmp_path / "call.wav", dtype="float32")  # 16-bit PCM, as written
+    for r, side in zip(recs, (0, 1)):
+        wave = data.load_audio(r.audio, r.offset, r.duration, channel=r.channel).numpy()
+        start = int(r.offset * 16000)
+        assert len(wave) == 8000
+        np.testing.assert_array_equal(wave, stored[start:start + 8000, side])
+    again = {r.id: r.channel for r in prepare.read_manifest(tmp_path / "out" / "cuts.jsonl")}
+    assert sorted(again.values()) == [0, 1]
+
+
 def test_pseudo_transcripts_fill_empty_texts_and_are_marked(tmp_path):
     import manifest
 
