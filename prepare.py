@@ -13,6 +13,8 @@ marked as such.
     python prepare.py lhotse data/lhotse/librispeech_recordings_train-clean-100.jsonl.gz \\
         data/lhotse/librispeech_supervisions_train-clean-100.jsonl.gz data/librispeech_100.jsonl
     python prepare.py cuts cuts.jsonl.gz data/cuts.jsonl               # any Lhotse CutSet
+    python prepare.py lhotse REC SUP data/aishell.jsonl \
+        --speaker-genders /data/aishell/resource_aishell/speaker.info   # genders Lhotse leaves out
     python prepare.py crema-d /data/CREMA-D data/crema.jsonl  # or ravdess, ..., cs-dialogue
     python prepare.py transcribe data/voxceleb2.jsonl data/voxceleb2_asr.jsonl --whisper DIR
 
@@ -73,11 +75,13 @@ CS_DIALOGUE_TAG = re.compile(r"^\s*<(CN|EN|MIX)>\s*")
 # Through Lhotse: recordings + supervisions (or a CutSet) -> rows
 
 
-def from_lhotse(cuts, audio_dir: Path) -> list[Record]:
+def from_lhotse(cuts, audio_dir: Path, genders: dict[str, str | None] | None = None
+                ) -> list[Record]:
     """A Lhotse CutSet -> one Record per supervision. Cuts are trimmed to their supervisions (a
     long recording with many segments becomes many rows, each with its own text; a supervision on
     one channel of a multi-channel file keeps that channel); a cut whose recording Lhotse
-    transforms is loaded through Lhotse and written to `audio_dir`."""
+    transforms is loaded through Lhotse and written to `audio_dir`. `genders` (speaker_genders)
+    gives the gender of supervisions whose corpus keeps it beside the recipe's output."""
     import soundfile as sf
 
     records = []
@@ -85,9 +89,12 @@ def from_lhotse(cuts, audio_dir: Path) -> list[Record]:
         sup = cut.supervisions[0]
         custom = sup.custom or {}
         where = f"{cut.id}: "
+        gender = sup.gender or custom.get("gender")
+        if gender is None and genders is not None:
+            gender = speaker_gender(genders, sup.speaker, where)
+        age = custom.get("age_group")  # the official cuts hold both; age is in years
         try:
-            meta = labels.meta(gender=sup.gender or custom.get("gender"),
-                               age=custom.get("age_group", custom.get("age")),
+            meta = labels.meta(gender=gender, age=custom.get("age") if age is None else age,
                                emotion=custom.get("emotion"))
             language = labels.normalise("language", sup.language)
         except labels.LabelError as e:
@@ -110,6 +117,35 @@ def from_lhotse(cuts, audio_dir: Path) -> list[Record]:
                               text=(sup.text or "").strip(), language=language,
                               offset=round(offset, 4), meta=meta, channel=channel))
     return records
+
+
+def speaker_genders(path: Path) -> dict[str, str | None]:
+    """"<speaker> <gender>" lines (Kaldi's spk2gender, AISHELL-1's resource_aishell/speaker.info:
+    the one Stage-2 corpus whose Lhotse recipe leaves the corpus's genders out) -> {speaker:
+    gender in the official vocabulary}."""
+    checks.files_exist([path], "--speaker-genders")
+    genders: dict[str, str | None] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2 or fields[0] in genders:
+            what = "no gender" if len(fields) < 2 else f"{fields[0]} again"
+            raise checks.CheckError(f"{path}:{lineno}: {what}")
+        try:
+            genders[fields[0]] = labels.normalise("gender", fields[1])
+        except labels.LabelError as e:
+            raise checks.CheckError(f"{path}:{lineno}: {e}") from None
+    return genders
+
+
+def speaker_gender(genders: dict, speaker: str | None, where: str) -> str | None:
+    """The speaker's line; AISHELL's speaker.info writes 0002 for the speaker Lhotse calls S0002,
+    so a speaker not found as it is is looked up without its leading letters too."""
+    for key in (speaker or "", re.sub(r"^\D+", "", speaker or "")):
+        if key in genders:
+            return genders[key]
+    raise checks.CheckError(f"{where}speaker {speaker!r} has no line in --speaker-genders")
 
 
 def lhotse_manifests(recordings, supervisions):
@@ -408,6 +444,10 @@ def parse_args(argv=None):
     s = sub.add_parser("cuts", help="a Lhotse CutSet (any cuts) -> manifest")
     s.add_argument("cuts")
     s.add_argument("out", help="the manifest, or a folder (then <folder>/cuts.jsonl)")
+    for name in ("lhotse", "cuts"):
+        sub.choices[name].add_argument(
+            "--speaker-genders", type=Path, help="'<speaker> <gender>' lines for supervisions "
+            "without a gender (AISHELL-1's resource_aishell/speaker.info)")
     for name in READERS:
         s = sub.add_parser(name, help=f"the {name} corpus folder -> manifest")
         s.add_argument("corpus_dir", type=Path)
@@ -428,10 +468,11 @@ def main(argv=None) -> list[Record]:
     if args.command == "cuts" and (out.is_dir() or not out.suffix):
         out = out / "cuts.jsonl"
     audio_dir = out.parent / f"{out.name.split('.')[0]}_audio"
-    if args.command == "lhotse":
-        records = from_lhotse(lhotse_manifests(args.recordings, args.supervisions), audio_dir)
-    elif args.command == "cuts":
-        records = from_lhotse(lhotse_cuts(args.cuts), audio_dir)
+    if args.command in ("lhotse", "cuts"):
+        genders = speaker_genders(args.speaker_genders) if args.speaker_genders else None
+        cuts = (lhotse_cuts(args.cuts) if args.command == "cuts"
+                else lhotse_manifests(args.recordings, args.supervisions))
+        records = from_lhotse(cuts, audio_dir, genders)
     elif args.command == "transcribe":
         records = read_manifest(args.manifest)
         recognise = whisper_recogniser(args.whisper, args.device)

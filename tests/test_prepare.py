@@ -386,6 +386,45 @@ def test_cuts_of_a_stereo_recording_keep_their_channel(tmp_path, monkeypatch):
     assert sorted(again.values()) == [0, 1]
 
 
+def test_aishell_through_lhotse_with_the_corpus_genders(tmp_path):
+    """Lhotse's AISHELL-1 recipe leaves out the genders of resource_aishell/speaker.info (the
+    official manifests have them): --speaker-genders puts them back, and a speaker the file
+    lacks is an error, not a row without gender."""
+    from lhotse.recipes import prepare_aishell
+
+    corpus = tmp_path / "aishell"
+    lines = []
+    for part, spk in (("train", "S0002"), ("dev", "S0724"), ("test", "S0764")):
+        utt = f"BAC009{spk}W0122"
+        write_wav(corpus / "data_aishell" / "wav" / part / spk / f"{utt}.wav", 0.3)
+        lines.append(f"{utt} 而 对 楼市 成交 抑制 作用 最 大 的 限 购\n")
+    (corpus / "data_aishell" / "transcript").mkdir()
+    (corpus / "data_aishell" / "transcript" / "aishell_transcript_v0.8.txt").write_text(
+        "".join(lines), encoding="utf-8")
+    info = corpus / "resource_aishell" / "speaker.info"
+    info.parent.mkdir()
+    info.write_text("0002 F\n0724 M\n")
+    prepare_aishell(corpus, tmp_path / "lhotse")
+    args = [str(tmp_path / "lhotse" / f"aishell_{kind}_train.jsonl.gz")
+            for kind in ("recordings", "supervisions")]
+    plain = prepare.main(["lhotse", *args, str(tmp_path / "plain.jsonl")])
+    assert [(r.text, r.language, r.meta) for r in plain] == [("而对楼市成交抑制作用最大的限购",
+                                                            "zh", {})]
+    (rec,) = prepare.main(["lhotse", *args, str(tmp_path / "a.jsonl"),
+                           "--speaker-genders", str(info)])
+    assert rec.meta == {"gender": "female"}
+    args = [a.replace("_train", "_test") for a in args]
+    assert prepare.cli(["lhotse", *args, str(tmp_path / "t.jsonl"),
+                        "--speaker-genders", str(info)]) == 1
+    with pytest.raises(prepare.checks.CheckError, match="speaker 'S0764' has no line in "
+                                                        "--speaker-genders"):
+        prepare.main(["lhotse", *args, str(tmp_path / "t.jsonl"), "--speaker-genders", str(info)])
+    info.write_text("0002 F\n0724 X\n")
+    with pytest.raises(prepare.checks.CheckError,
+                       match=r"speaker.info:2: unknown gender label 'X'"):
+        prepare.speaker_genders(info)
+
+
 def test_pseudo_transcripts_fill_empty_texts_and_are_marked(tmp_path):
     import manifest
 
