@@ -57,7 +57,10 @@ IEMOCAP_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\S+)\t")
 # EmotionTalk (dataset card, huggingface.co/datasets/BAAI/Emotiontalk; github.com/NKU-HLT/
 # EmotionTalk): the audio modality's JSON annotations carry emotion_result, speaker_id,
 # file_name (the wav's path) and content (the transcription); the speech is Chinese. The card
-# does not say what file_name is relative to: we take the corpus folder and fail loudly if not.
+# does not say what file_name is relative to. Auden's examples/azeros/configs/README.md shows the
+# audio as Audio/wav/G00001/G00001_02/G00001_02_01/G00001_02_01_002.wav: we look for file_name
+# under the corpus folder, then under Audio/wav, then as a name in its folder of that tree, and
+# fail naming all three if none holds it.
 EMOTIONTALK_FIELDS = ("emotion_result", "speaker_id", "file_name", "content")
 # CS-Dialogue (huggingface.co/datasets/BAAI/CS-Dialogue, arXiv 2502.18913; the layout Auden's
 # examples/azeros/configs/README.md shows): under data/, a Kaldi-style index
@@ -270,13 +273,26 @@ def emotiontalk(root: Path) -> list[Record]:
             missing = [k for k in EMOTIONTALK_FIELDS if k not in item]
             if missing:
                 raise checks.CheckError(f"{ann}: missing field(s) {', '.join(missing)}")
-            path = root / item["file_name"]
-            checks.files_exist([path], f"{ann}: file_name")
+            path = emotiontalk_audio(root, item["file_name"], ann)
             records.append(row(path, "emotiontalk", item["content"].strip(), language="zh",
                                emotion=item["emotion_result"]))
     if not records:
         raise checks.CheckError(f"{root}: no Audio/**/*.json annotations found")
     return records
+
+
+def emotiontalk_audio(root: Path, file_name: str, ann: Path) -> Path:
+    """The wav of `file_name` (see EMOTIONTALK_FIELDS): G00001_02_01_002.wav's folder in Auden's
+    tree is G00001/G00001_02/G00001_02_01, the name's prefixes."""
+    parts = Path(file_name).stem.split("_")
+    folder = Path(*["_".join(parts[:i]) for i in range(1, len(parts))])
+    wav = root / "Audio" / "wav"
+    tried = [root / file_name, wav / file_name, wav / folder / Path(file_name).name]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise checks.CheckError(f"{ann}: file_name {file_name!r} is not at any of "
+                            f"{', '.join(map(str, tried))}")
 
 
 def cs_dialogue(root: Path) -> list[Record]:

@@ -209,8 +209,28 @@ def test_emotiontalk_reader_fields_labels_and_errors(tmp_path):
     (ann / "bad.json").write_text(json.dumps({"emotion_result": "sad", "speaker_id": "x",
                                               "file_name": "Audio/wav/gone.wav",
                                               "content": "x"}))
-    with pytest.raises(prepare.checks.CheckError, match="bad.json: file_name .*gone.wav"):
+    with pytest.raises(prepare.checks.CheckError, match="bad.json: file_name 'Audio/wav/gone.wav'"
+                                                        " is not at any of "):
         prepare.emotiontalk(root)
+
+
+def test_emotiontalk_file_name_in_auden_s_audio_tree(tmp_path):
+    """Audio/wav/G00001/G00001_02/G00001_02_01/G00001_02_01_002.wav (Auden's README): file_name
+    relative to Audio/wav, or the bare name, finds it."""
+    root = tmp_path / "EmotionTalk"
+    tree = root / "Audio" / "wav" / "G00001" / "G00001_02" / "G00001_02_01"
+    (root / "Audio" / "json").mkdir(parents=True)
+    for stem, file_name in (("G00001_02_01_002", "G00001_02_01_002.wav"),
+                            ("G00001_02_01_003", "G00001/G00001_02/G00001_02_01/"
+                                                 "G00001_02_01_003.wav")):
+        write_wav(tree / f"{stem}.wav", 0.3)
+        (root / "Audio" / "json" / f"{stem}.json").write_text(json.dumps(
+            {"emotion_result": "happy", "speaker_id": "G00001", "file_name": file_name,
+             "content": "好"}))
+    recs = prepare.emotiontalk(root)
+    assert [(r.id, r.audio) for r in recs] == [
+        (f"emotiontalk_{stem}", str((tree / f"{stem}.wav").resolve()))
+        for stem in ("G00001_02_01_002", "G00001_02_01_003")]
 
 
 def cs_dialogue_tree(root: Path) -> Path:
