@@ -252,15 +252,31 @@ def iemocap(root: Path) -> list[Record]:
 
 def meld(root: Path, split: str = "train") -> list[Record]:
     """<split>_sent_emo.csv (Utterance, Emotion, Dialogue_ID, Utterance_ID) and the audio as
-    <split>/dia<D>_utt<U>.wav (MELD ships .mp4: convert them to wav first, e.g. with ffmpeg)."""
+    <split>/ or MELD_<split>_wav/ (Auden's name) dia<D>_utt<U>.wav (MELD ships .mp4: convert them
+    to wav first, e.g. with ffmpeg). The corpus lacks a few clips (train dia125_utt3 is a corrupt
+    mp4, dev dia110_utt7 is missing: github.com/declare-lab/MELD issues 39 and 27), so a row
+    without its wav is skipped and counted on stderr rather than stopping the run."""
     table = root / f"{split}_sent_emo.csv"
     checks.files_exist([table], f"CORPUS_DIR (MELD's {split}_sent_emo.csv)")
-    records = []
+    folders = [root / split, root / f"MELD_{split}_wav"]
+    folder = next((f for f in folders if f.is_dir()), None)
+    if folder is None:
+        raise checks.CheckError(f"{root}: no folder of wav files, {' or '.join(map(str, folders))}"
+                                " (MELD ships mp4: convert them to wav first)")
+    records, missing = [], []
     with open(table, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
-            path = root / split / f"dia{r['Dialogue_ID']}_utt{r['Utterance_ID']}.wav"
+            path = folder / f"dia{r['Dialogue_ID']}_utt{r['Utterance_ID']}.wav"
+            if not path.is_file():
+                missing.append(path.stem)
+                continue
             records.append(row(path, f"meld_{split}", r["Utterance"].strip(),
                                emotion=r["Emotion"]))
+    if missing:
+        print(f"meld: {len(missing)} of {len(missing) + len(records)} rows of {table.name} have "
+              f"no wav in {folder}, skipped: {', '.join(missing[:5])}", file=sys.stderr)
+    if not records:
+        raise checks.CheckError(f"{folder}: none of the wav files {table.name} lists")
     return records
 
 

@@ -180,6 +180,31 @@ def test_ravdess_tess_iemocap_meld_readers(tmp_path):
     assert read("meld") == {"meld_train_dia3_utt0": ("Oh my God, hi!", {"emotion": "happy"})}
 
 
+def test_meld_in_auden_s_folder_and_the_corpus_s_missing_clips(tmp_path, capsys):
+    """MELD_train_wav/ (Auden's README) is found; train dia125_utt3, a corrupt mp4 in the
+    release, has no wav: its row is skipped and counted, not silently and not fatally."""
+    root = tmp_path / "meld"
+    root.mkdir()
+    (root / "train_sent_emo.csv").write_text(
+        "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\n"
+        '1,"Oh my God, hi!",Rachel,joy,positive,3,0\n'
+        "2,Hey.,Ross,neutral,neutral,125,3\n")
+    write_wav(root / "MELD_train_wav" / "dia3_utt0.wav", 0.3)
+    recs = prepare.meld(root)
+    assert [(r.id, r.text, r.meta) for r in recs] == [("meld_train_dia3_utt0", "Oh my God, hi!",
+                                                       {"emotion": "happy"})]
+    assert capsys.readouterr().err == (f"meld: 1 of 2 rows of train_sent_emo.csv have no wav in "
+                                       f"{root / 'MELD_train_wav'}, skipped: dia125_utt3\n")
+    (root / "MELD_train_wav" / "dia3_utt0.wav").unlink()
+    with pytest.raises(prepare.checks.CheckError, match="MELD_train_wav: none of the wav files "
+                                                        "train_sent_emo.csv lists"):
+        prepare.meld(root)
+    (root / "MELD_train_wav").rmdir()
+    with pytest.raises(prepare.checks.CheckError, match="no folder of wav files, .*train or "
+                                                        ".*MELD_train_wav"):
+        prepare.meld(root)
+
+
 def test_emotiontalk_reader_fields_labels_and_errors(tmp_path):
     root = tmp_path / "EmotionTalk"
     ann = root / "Audio" / "json" / "G00009"
