@@ -408,6 +408,16 @@ def _report_unpaired(split: Path, texts: dict, audio: dict) -> None:
                   f"(first: {', '.join(ids[:3])})", file=sys.stderr)
 
 
+def without_empty_audio(records: list[Record]) -> list[Record]:
+    """A file with a header and no samples (CREMA-D's 1076_MTI_NEU_XX.wav, CheyneyComputerScience/
+    CREMA-D issue 8) is no utterance, and a manifest refuses a duration of 0: skip and count it."""
+    empty = [r.audio for r in records if r.duration <= 0]
+    if empty:
+        print(f"{len(empty)} audio file(s) without samples, skipped: {', '.join(empty[:3])}",
+              file=sys.stderr)
+    return [r for r in records if r.duration > 0]
+
+
 def _fields(path: Path, n: int, sep: str = "_") -> list[str]:
     parts = path.stem.split(sep)
     if len(parts) != n:
@@ -511,7 +521,7 @@ def main(argv=None) -> list[Record]:
         n = transcribe(records, recognise, Path(args.whisper).name, every=args.all)
         print(f"{n} of {len(records)} rows transcribed by {args.whisper}", file=sys.stderr)
     else:
-        records = READERS[args.command](args.corpus_dir)
+        records = without_empty_audio(READERS[args.command](args.corpus_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(records, out)
     hours = sum(r.duration for r in records) / 3600

@@ -131,6 +131,23 @@ def test_crema_d_reader_labels_and_sentences(tmp_path):
     }
 
 
+def test_an_audio_file_without_samples_is_skipped_and_counted(tmp_path, capsys):
+    """CREMA-D's 1076_MTI_NEU_XX.wav has no sound: a header without samples becomes no row (our
+    manifest reader refuses a duration of 0), and the run says which file it left out."""
+    import manifest
+
+    root = crema_tree(tmp_path / "CREMA-D")
+    with open(root / "VideoDemographics.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["1076", "25", "Female", "Asian", "Not Hispanic"])
+    empty = root / "AudioWAV" / "1076_MTI_NEU_XX.wav"
+    sf.write(empty, np.zeros(0, dtype="float32"), 16000)
+    recs = prepare.main(["crema-d", str(root), str(tmp_path / "c.jsonl")])
+    assert len(recs) == 3 and "crema_1076_MTI_NEU_XX" not in {r.id for r in recs}
+    assert (f"1 audio file(s) without samples, skipped: {empty.resolve()}\n"
+            in capsys.readouterr().err)
+    assert [r.id for r in manifest.read_manifest(tmp_path / "c.jsonl")] == [r.id for r in recs]
+
+
 def test_ravdess_tess_iemocap_meld_readers(tmp_path):
     write_wav(tmp_path / "ravdess" / "Actor_12" / "03-01-06-01-02-01-12.wav", 0.3)
     write_wav(tmp_path / "ravdess" / "Actor_07" / "03-01-02-02-01-02-07.wav", 0.3)
