@@ -338,8 +338,9 @@ def cs_dialogue(root: Path) -> list[Record]:
             path = root / rel
             if not path.is_file():
                 raise checks.CheckError(
-                    f"{split / 'wav.scp'}:{lineno}: {path}: {checks.missing_audio(path)} (the "
-                    f"paths are relative to {root}: extract short_wav/*.tar.gz* there)")
+                    f"{split / 'wav.scp'}:{lineno}: {path}: {checks.missing_audio(path)} (its "
+                    f"paths are relative to {root}: extract the short_wav archive so that "
+                    f"{root / 'short_wav' / 'WAVE'} exists)")
             text, _ = texts[utt]
             tag = CS_DIALOGUE_TAG.match(text)
             meta = speakers[utt]
