@@ -13,7 +13,7 @@ marked as such.
     python prepare.py lhotse data/lhotse/librispeech_recordings_train-clean-100.jsonl.gz \\
         data/lhotse/librispeech_supervisions_train-clean-100.jsonl.gz data/librispeech_100.jsonl
     python prepare.py cuts cuts.jsonl.gz data/cuts.jsonl               # any Lhotse CutSet
-    python prepare.py lhotse REC SUP data/aishell.jsonl \
+    python prepare.py lhotse REC SUP data/aishell.jsonl \\
         --speaker-genders /data/aishell/resource_aishell/speaker.info   # genders Lhotse leaves out
     python prepare.py crema-d /data/CREMA-D data/crema.jsonl  # or ravdess, ..., cs-dialogue
     python prepare.py transcribe data/voxceleb2.jsonl data/voxceleb2_asr.jsonl --whisper DIR
@@ -65,9 +65,9 @@ EMOTIONTALK_FIELDS = ("emotion_result", "speaker_id", "file_name", "content")
 # CS-Dialogue (huggingface.co/datasets/BAAI/CS-Dialogue, arXiv 2502.18913; the layout Auden's
 # examples/azeros/configs/README.md shows): under data/, a Kaldi-style index
 # index/short_wav/<split>/{text,wav.scp} (wav.scp paths relative to data/, e.g.
-# short_wav/WAVE/C0/ZH-CN_U0001_S0/ZH-CN_U0001_S0_2.wav, once short_wav/*.tar.gz is extracted) and
-# every utterance's speaker in index/total_information/Information_Index.txt, tab-separated under
-# a header of which we read CS_DIALOGUE_COLUMNS. A transcript may open with the utterance's
+# short_wav/WAVE/C0/ZH-CN_U0001_S0/ZH-CN_U0001_S0_2.wav once the short_wav archive is extracted)
+# and every utterance's speaker in index/total_information/Information_Index.txt, tab-separated
+# under a header of which we read CS_DIALOGUE_COLUMNS. A transcript may open with the utterance's
 # language tag, <CN>, <EN> or <MIX> (code-switched), the TAG column's value.
 CS_DIALOGUE_INFO = Path("index", "total_information", "Information_Index.txt")
 CS_DIALOGUE_COLUMNS = ("WAVE ID", "Gender", "Age")
@@ -123,8 +123,8 @@ def from_lhotse(cuts, audio_dir: Path, genders: dict[str, str | None] | None = N
 
 
 def speaker_genders(path: Path) -> dict[str, str | None]:
-    """"<speaker> <gender>" lines (Kaldi's spk2gender, AISHELL-1's resource_aishell/speaker.info:
-    the one Stage-2 corpus whose Lhotse recipe leaves the corpus's genders out) -> {speaker:
+    """Lines "<speaker> <gender>" (Kaldi's spk2gender, AISHELL-1's resource_aishell/speaker.info:
+    the one stage-2 corpus whose Lhotse recipe leaves the corpus's genders out) -> {speaker:
     gender in the official vocabulary}."""
     checks.files_exist([path], "--speaker-genders")
     genders: dict[str, str | None] = {}
