@@ -247,6 +247,10 @@ def iemocap(root: Path) -> list[Record]:
                                gender=gender))
     if not records:
         raise checks.CheckError(f"{root}: no Session*/dialog/EmoEvaluation/*.txt found")
+    untold = [r.id for r in records if not r.text]
+    if untold:  # the paper transcribes IEMOCAP anyway: `prepare.py transcribe` fills them
+        print(f"iemocap: {len(untold)} of {len(records)} rows have no transcription line, text "
+              f"left empty: {', '.join(untold[:3])}", file=sys.stderr)
     return records
 
 

@@ -148,7 +148,7 @@ def test_an_audio_file_without_samples_is_skipped_and_counted(tmp_path, capsys):
     assert [r.id for r in manifest.read_manifest(tmp_path / "c.jsonl")] == [r.id for r in recs]
 
 
-def test_ravdess_tess_iemocap_meld_readers(tmp_path):
+def test_ravdess_tess_iemocap_meld_readers(tmp_path, capsys):
     write_wav(tmp_path / "ravdess" / "Actor_12" / "03-01-06-01-02-01-12.wav", 0.3)
     write_wav(tmp_path / "ravdess" / "Actor_07" / "03-01-02-02-01-02-07.wav", 0.3)
     write_wav(tmp_path / "ravdess" / "Actor_07" / "03-02-02-02-01-02-07.wav", 0.3)  # song: no
@@ -195,6 +195,12 @@ def test_ravdess_tess_iemocap_meld_readers(tmp_path):
                                         {"gender": "male", "emotion": "frustrated"}),
     }
     assert read("meld") == {"meld_train_dia3_utt0": ("Oh my God, hi!", {"emotion": "happy"})}
+    (session / "dialog" / "transcriptions" / "Ses01F_impro01.txt").unlink()
+    capsys.readouterr()
+    assert {r.text for r in prepare.iemocap(tmp_path / "iemocap")} == {""}
+    assert capsys.readouterr().err == ("iemocap: 2 of 2 rows have no transcription line, text "
+                                       "left empty: iemocap_Ses01F_impro01_F000, "
+                                       "iemocap_Ses01F_impro01_M001\n")
 
 
 def test_meld_in_auden_s_folder_and_the_corpus_s_missing_clips(tmp_path, capsys):
