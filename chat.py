@@ -63,13 +63,14 @@ class Conversation:
         prompt_text, ids = self.history(messages, segments)
         max_new = self.room(len(ids), options.max_new_tokens)
         frames = [*self.frames, *segments]
-        answer: list[int] = []
+        answer, shown, reply = [], "", ""
         for answer in self.stream(ids, frames, options, max_new):
             reply = self.tokenizer.decode(answer, skip_special_tokens=True)
-            if not reply.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
+            if reply != shown and not reply.endswith("\ufffd"):  # half a UTF-8 character: wait
+                shown = reply
                 yield reply
-        reply = self.tokenizer.decode(answer, skip_special_tokens=True)
-        yield reply
+        if reply != shown:
+            yield reply
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         self.text, self.ids, self.frames = prompt_text + reply, ids + answer, frames
         self.answer = answer
