@@ -83,9 +83,9 @@ class App:
                 history[-1] = {"role": "assistant", "content": reply}
                 yield conv, history, None, "answering...", None, ""
             whole = time.perf_counter() - start
-            status = (f"first token after {first or whole:.2f} s, whole answer {whole:.2f} s "
-                      f"({len(conv.answer)} tokens)")
-            print(f"turn {len(conv.messages) // 2}: {status}", flush=True)
+            status = (f"turn {len(conv.messages) // 2}: first token after {first or whole:.2f} "
+                      f"s, whole answer {whole:.2f} s ({len(conv.answer)} tokens)")
+            print(status, flush=True)  # the server's log keeps the latencies
             yield conv, history, reply, status, None, ""
         except Exception as e:  # the page stays alive: the problem becomes a chat message
             if not checks.expected_failure(e):
@@ -131,7 +131,7 @@ def build_page(app: App, examples: list[list[str]], title: str):
         chatbot = gr.Chatbot(label="Conversation", height=420)
         with gr.Row():
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Audio",
-                             scale=2)
+                             scale=2, elem_id="audio-in")
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Message", placeholder="optional with audio", lines=2)
                 with gr.Row():

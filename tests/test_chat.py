@@ -196,7 +196,8 @@ def test_app_turns_stream_and_bad_input_becomes_a_chat_message(model, tmp_path):
     assert history[0]["content"] == {"path": str(tmp_path / "a.wav")}
     assert history[-1]["content"] == reply == model.tokenizer.decode(conv.answer,
                                                                      skip_special_tokens=True)
-    assert status.startswith("first token after ") and f"({len(conv.answer)} tokens)" in status
+    assert status.startswith("turn 1: first token after ")
+    assert status.endswith(f"({len(conv.answer)} tokens)")
     assert (audio, text) == (None, "")  # the inputs are cleared for the next turn
 
     (tmp_path / "junk.wav").write_bytes(b"not audio")
