@@ -1,11 +1,12 @@
 """app.py in a real browser: Chromium, driven by Playwright, with a fake microphone.
 
 The page is served by `python app.py` (a subprocess, a tiny random model, a free loopback port).
-The test uploads a clip, records one from the fake microphone (Chromium plays a wav file into it),
-and checks that each answer streams in, that the reply is spoken, and that the page asks nothing
-of the internet. Needs `pip install -r requirements-app.txt` and a Chromium (Debian: `apt-get
+The test uploads a held-out clip, records another from the fake microphone (Chromium plays the
+wav file into it), and checks that each answer streams in, that the reply is spoken, and that the
+page asks nothing of the internet. Needs `pip install -r requirements-app.txt` and a Chromium (Debian: `apt-get
 install chromium`; another one: AZEROS_CHROMIUM=path); skipped without them.
-AZEROS_APP_SCREENSHOT=docs/app.png also saves the README's screenshot."""
+AZEROS_APP_SCREENSHOT=docs/app.png also saves the README's screenshot, and AZEROS_APP_MODEL serves
+another model folder (docs/app.png: exp/demo/stage2, with the clips of exp/demo/corpus)."""
 import io
 import os
 import shutil
@@ -14,11 +15,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import soundfile as sf
 
 from conftest import ROOT
+from manifest import read_manifest
 from tiny import make_tiny_release, write_wav
 
 INSTALL = "pip install -r requirements-app.txt"
@@ -53,15 +56,20 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """app.py on a demo-like folder (model in out/stage2, held-out clips in out/corpus)."""
+    """app.py on a demo-like folder: the model in out/stage2, held-out clips in out/corpus (a tiny
+    random model, or the one AZEROS_APP_MODEL names, e.g. exp/demo/stage2 for the screenshot)."""
     out = tmp_path_factory.mktemp("demo")
-    make_tiny_release(out / "stage2")
-    (out / "corpus").mkdir()
-    write_wav(out / "corpus" / "held_out.wav", 1.5, seed=3)
-    (out / "corpus" / "test_subset.jsonl").write_text(
-        '{"id": "u1", "audio": "held_out.wav", "duration": 1.5, "text": "hello"}\n')
+    model = os.environ.get("AZEROS_APP_MODEL")
+    if not model:
+        model = make_tiny_release(out / "stage2")
+        (out / "corpus").mkdir()
+        with open(out / "corpus" / "test_subset.jsonl", "w") as f:
+            for i in range(2):
+                write_wav(out / "corpus" / f"held_out{i}.wav", 1.5 + i, seed=3 + i)
+                f.write(f'{{"id": "u{i}", "audio": "held_out{i}.wav", "duration": {1.5 + i}, '
+                        '"text": "hello"}\n')
     port, log = free_port(), open(out / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(out / "stage2"),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(model),
                              "--port", str(port), "--device", "cpu",
                              "--max-new-tokens", str(MAX_NEW_TOKENS)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -76,19 +84,19 @@ def server(tmp_path_factory):
             except OSError:
                 assert time.time() < deadline, "app.py did not serve within 600 s"
                 time.sleep(0.5)
-        yield url, out
+        yield url, out, Path(model).resolve().parent / "corpus"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
 
 
-def test_upload_record_stream_and_speak(server, tmp_path):
-    url, out = server
-    mic = write_wav(tmp_path / "mic.wav", 3.0, seed=5)  # what the fake microphone hears
-    with sync_api.sync_playwright() as p:
+def test_upload_record_stream_and_speak(server):
+    url, out, corpus = server
+    held_out = [r.audio for r in read_manifest(corpus / "test_subset.jsonl")[:2]]
+    with sync_api.sync_playwright() as p:  # the fake microphone hears the second held-out clip
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            *BROWSER_FLAGS, f"--use-file-for-fake-audio-capture={mic}"])
+            *BROWSER_FLAGS, f"--use-file-for-fake-audio-capture={held_out[1]}"])
         page = browser.new_page(viewport={"width": 1100, "height": 1250})
         outside = []  # every request that would leave the machine is recorded and refused
         page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
@@ -102,10 +110,9 @@ def test_upload_record_stream_and_speak(server, tmp_path):
 
         # turn 1: an uploaded clip and a question
         page.get_by_label("Upload file").click()
-        page.locator("input[type=file]").first.set_input_files(str(write_wav(
-            tmp_path / "upload.wav", 2.0, seed=1)))
+        page.locator("input[type=file]").first.set_input_files(held_out[0])
         page.locator(CLIP).wait_for()
-        page.get_by_label("Message").fill("What is in this clip?")
+        page.get_by_label("Message").fill("Repeat what was said.")
         page.get_by_role("button", name="Send").click()
         first = finished_turn(page, 1)
         spoken = spoken_reply(page)
