@@ -97,7 +97,9 @@ class App:
         """The answer read aloud -> (sample rate, int16 samples) for the page, or None."""
         if not (enabled and answer and answer.strip()):
             return None
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "recipe"))
+        recipe = str(Path(__file__).resolve().parent / "recipe")
+        if recipe not in sys.path:
+            sys.path.append(recipe)
         from tts import Speaker
 
         self.speaker = self.speaker or Speaker()
@@ -136,7 +138,7 @@ def build_page(app: App, examples: list[list[str]], title: str):
                 text = gr.Textbox(label="Message", placeholder="optional with audio", lines=2)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
-                    clear = gr.Button("Clear")
+                    clear = gr.Button("Clear", elem_id="clear")
         status = gr.Markdown("", elem_id="status")
         reply_audio = gr.Audio(label="Spoken reply", type="numpy", autoplay=True,
                                interactive=False, elem_id="spoken-reply")

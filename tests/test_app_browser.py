@@ -2,11 +2,13 @@
 
 The page is served by `python app.py` (a subprocess, a tiny random model, a free loopback port).
 The test uploads a held-out clip, records another from the fake microphone (Chromium plays the
-wav file into it), and checks that each answer streams in, that the reply is spoken, and that the
-page asks nothing of the internet. Needs `pip install -r requirements-app.txt` and a Chromium (Debian: `apt-get
-install chromium`; another one: AZEROS_CHROMIUM=path); skipped without them.
-AZEROS_APP_SCREENSHOT=docs/app.png also saves the README's screenshot, and AZEROS_APP_MODEL serves
-another model folder (docs/app.png: exp/demo/stage2, with the clips of exp/demo/corpus)."""
+wav file into it), and checks that each answer streams in, that the reply is spoken, that bad input
+gets a message in the chat and that the page asks nothing of the internet.
+
+Needs `pip install -r requirements-app.txt` and a Chromium (Debian: `apt-get install chromium`;
+another one: AZEROS_CHROMIUM=path); skipped without them. AZEROS_APP_SCREENSHOT=docs/app.png also
+saves the README's screenshot, and AZEROS_APP_MODEL serves another model folder (docs/app.png:
+exp/quick/stage2, with the clips of exp/quick/corpus)."""
 import io
 import os
 import shutil
@@ -127,6 +129,12 @@ def test_upload_record_stream_and_speak(server):
         second = finished_turn(page, 2)
         if os.environ.get("AZEROS_APP_SCREENSHOT"):
             page.screenshot(path=os.environ["AZEROS_APP_SCREENSHOT"])
+
+        # bad input is answered in the chat; Clear empties it
+        page.get_by_role("button", name="Send").click()
+        page.get_by_text("Not answered: an empty turn: record or upload audio").wait_for()
+        page.locator("#clear").click()
+        page.locator('[data-testid="bot"]').first.wait_for(state="detached")
         browser.close()
 
     assert outside == []  # fonts, scripts and analytics: all local
