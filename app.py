@@ -19,6 +19,7 @@ fonts and scripts are served from the installed package.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home
     try:
+        if importlib.util.find_spec("gradio") is None:  # before a minute of loading the model
+            raise checks.CheckError("app.py needs gradio: pip install -r requirements-app.txt")
         checks.numbers(args, positive=("max_new_tokens",), non_negative=("max_audio_seconds",))
         checks.device(args.device)
         app = App(load_model(args), args.max_new_tokens, args.max_audio_seconds)

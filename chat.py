@@ -32,6 +32,8 @@ from llm import GenerationOptions
 
 
 class Conversation:
+    """One chat with one model: its turns so far, their token ids and the LLM's cache of them."""
+
     def __init__(self, model, system: str | None = None):
         self.model, self.system = model, system
         self.tokenizer = model.tokenizer
