@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-audio-seconds", type=float, default=checks.MAX_AUDIO_SECONDS,
                    help=checks.MAX_AUDIO_HELP)
     p.add_argument("--examples", nargs="*", help="manifests whose first clips are the page's "
-                   "examples (default: DIR/../corpus/{test,real}_subset.jsonl where they exist)")
+                   "examples (default: DIR/../corpus/test_sentences.jsonl and real_test.jsonl, "
+                   "the demo's held-out clips, where they exist)")
     return p.parse_args(argv)
 
 
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         return 1
     corpus = Path(args.model).resolve().parent / "corpus"
     manifests = args.examples if args.examples is not None else [
-        corpus / "test_subset.jsonl", corpus / "real_subset.jsonl"]
+        corpus / "test_sentences.jsonl", corpus / "real_test.jsonl"]
     examples = example_rows(manifests)
     page = build_page(app, examples, args.model)
     page.queue(default_concurrency_limit=1).launch(

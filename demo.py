@@ -69,15 +69,18 @@ cpu_runtime.set_wait_policy()
 # frozen LLM's forward and backward pass dominates every training step. The corpus itself is cheap,
 # so the encoders see all of its training split. README, "The CPU demo", has the measured tables.
 SIZES = {
-    "default": dict(train_rows=256, test_rows=24, repeat_rows=12, max_new_tokens=32,
-                    encoder_steps=260, paraling_steps=32, encoder_batch=12, stage1_steps=80,
-                    stage2_steps=24, batch=8, lr=2e-3, eval_tokens=24, real_rows=12),
-    "long": dict(train_rows=384, test_rows=64, repeat_rows=24, max_new_tokens=32,
-                 encoder_steps=260, paraling_steps=60, encoder_batch=12, stage1_steps=180,
-                 stage2_steps=120, batch=8, lr=2e-3, eval_tokens=24, real_rows=48),
-    "quick": dict(train_rows=14, test_rows=6, repeat_rows=4, max_new_tokens=12, encoder_steps=6,
-                  paraling_steps=4, encoder_batch=8, stage1_steps=3, stage2_steps=3, batch=4,
-                  lr=2e-3, eval_tokens=8, real_rows=4),
+    "default": dict(train_sentences=2000, voices_per_sentence=1, held_out_sentences=200,
+                    test_rows=24, repeat_rows=12, real_train=160, stage2_rows=192,
+                    max_new_tokens=32, encoder_steps=260, paraling_steps=32, encoder_batch=12,
+                    stage1_steps=400, stage2_steps=24, batch=8, lr=2e-3, eval_tokens=24),
+    "long": dict(train_sentences=4000, voices_per_sentence=1, held_out_sentences=200,
+                 test_rows=48, repeat_rows=24, real_train=160, stage2_rows=384,
+                 max_new_tokens=32, encoder_steps=260, paraling_steps=60, encoder_batch=12,
+                 stage1_steps=1000, stage2_steps=120, batch=8, lr=2e-3, eval_tokens=24),
+    "quick": dict(train_sentences=20, voices_per_sentence=1, held_out_sentences=4, test_rows=4,
+                  repeat_rows=2, real_train=4, stage2_rows=8, max_new_tokens=12,
+                  encoder_steps=6, paraling_steps=4, encoder_batch=8, stage1_steps=3,
+                  stage2_steps=3, batch=4, lr=2e-3, eval_tokens=8),
 }
 # Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2, for the estimate printed at the
 # start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector step of
@@ -146,19 +149,22 @@ class Phases:
 
 def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -> dict:
     """Seconds per phase, from RATES and the sizes: printed at the start, per phase as it begins."""
-    r, corpus_utts = RATES, 48 if quick else 990
+    r = RATES
     encoder_steps = size["paraling_steps"]
     if speech == "zipformer":  # both kinds of encoder step cost about the same
         encoder_steps += size["encoder_steps"]
     fast = BF16_SPEEDUP if precision == "bf16" else 1.0
-    n_targets = 2 * (size["train_rows"] + size["test_rows"]) + size["real_rows"]
-    # per stage: align rows (stage 1 sift_s; stage 2 sift_sp and 2 gender answers), x 3 systems,
-    # and the real clips' sift_s rows; repeat answers x 3 systems, on the test split and real clips
-    n_eval = {s: 3 * size["test_rows"] * (1 if s == 1 else 3) + 3 * size["real_rows"]
-              for s in (1, 2)}
-    n_answers = 2 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
+    tests = 3 * size["test_rows"]  # the three held-out sets
+    utterances = size["train_sentences"] * size["voices_per_sentence"] + tests
+    # sift_s once per distinct sentence (trained, held-out, real), sift_sp per stage-2 utterance
+    n_targets = (size["train_sentences"] + size["real_train"] + tests
+                 + size["stage2_rows"] + 2 * size["test_rows"])
+    # per stage and system: an align row per test utterance (stage 2: + 2 gender answers on one
+    # set), and the "Repeat" answers of each set
+    n_eval = {s: 3 * (tests + (2 * size["test_rows"] if s == 2 else 0)) for s in (1, 2)}
+    n_answers = 3 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
     batch = size["batch"] / 8
-    phases = {"llm": 25, "corpus": corpus_utts * r["utterance"],
+    phases = {"llm": 25, "corpus": utterances * r["utterance"],
               "targets": r["llm_load"] + n_targets * r["target_row"] * size["max_new_tokens"] / 32}
     if speech == "whisper":
         phases["whisper"] = r["whisper"] * (0.5 if quick else 1)
@@ -196,63 +202,121 @@ def scale_estimate(est: dict, parameters: int) -> dict:
 
 
 def make_corpus(out: Path, size: dict, quick: bool) -> dict:
+    """eSpeak speech of the sentence pool (recipe/make_corpus.py): every training sentence once
+    (voices_per_sentence times), two held-out test sets; plus the real recordings, split by
+    prompt into a training part and a held-out part."""
     import make_corpus as mc
-    from data import read_manifest, write_manifest
 
     corpus = out / "corpus"
-    mc.main(["--out", str(corpus)] + (["--quick"] if quick else []))
-    # Only a seeded subset gets LLM targets: generation and training dominate CPU time.
-    counts = {}
-    for split, n in (("train", size["train_rows"]), ("test", size["test_rows"])):
-        records = read_manifest(corpus / f"{split}.jsonl")
-        random.Random(0).shuffle(records)
-        subset = sorted(records[:n], key=lambda r: r.id)
-        write_manifest(subset, corpus / f"{split}_subset.jsonl", relative=True)
-        counts[split] = len(subset)
-    counts["real"] = real_subset(corpus, size["real_rows"])
+    mc.main(["--out", str(corpus), "--train-sentences", str(size["train_sentences"]),
+             "--voices-per-sentence", str(size["voices_per_sentence"]),
+             "--held-out-sentences", str(size["held_out_sentences"]),
+             "--test-rows", str(size["test_rows"])] + (["--quick"] if quick else []))
+    counts = {name: len((corpus / f"{name}.jsonl").read_text().splitlines())
+              for name in ("train", "valid", "test_voices", "test_sentences")}
+    counts.update(real_split(corpus, size["real_train"], size["test_rows"]))
     return counts
 
 
-def real_subset(corpus: Path, n: int) -> int:
-    """Held-out real human speech (recipe/real_speech.py): n Asterisk prompts of 3 words or more
-    and at most REAL_MAX_SECONDS, seeded. Never trained on; scored like the test split (sift_s,
-    "Repeat what was said.")."""
+def real_split(corpus: Path, n_train: int, n_test: int) -> dict:
+    """Real human speech (recipe/real_speech.py): the Asterisk prompts of 3 words or more and at
+    most REAL_MAX_SECONDS, shuffled (seeded) and split BY PROMPT: n_train for training, n_test of
+    the others held out. One speaker: the held-out part has new sentences, not a new voice."""
     import real_speech
     from data import write_manifest
 
     try:
         records = real_speech.records(min_words=3)
     except real_speech.NotInstalled as e:
-        print(f"no real-speech row: {e}")
-        return 0
+        print(f"no real speech: {e}")
+        return {"real_train": 0, "real_test": 0}
     records = [r for r in records if r.duration <= REAL_MAX_SECONDS]
     random.Random(0).shuffle(records)
-    write_manifest(sorted(records[:n], key=lambda r: r.id), corpus / "real_subset.jsonl")
-    return min(n, len(records))
+    train, test = records[:n_train], records[n_train:][:n_test]
+    write_manifest(sorted(train, key=lambda r: r.id), corpus / "real_train.jsonl")
+    write_manifest(sorted(test, key=lambda r: r.id), corpus / "real_test.jsonl")
+    return {"real_train": len(train), "real_test": len(test)}
+
+
+# The held-out sets, by what is new in them; each is scored separately.
+TEST_SETS = {"voices": "test_voices", "sentences": "test_sentences", "real": "real_test"}
+TEST_SET_NAMES = {"voices": "trained sentences, new voices", "sentences": "new sentences",
+                  "real": "real speech, new sentences"}
+
+
+def corpus_files(out: Path, names) -> list[Path]:
+    """The corpus manifests that exist (the real ones only with the Asterisk prompts)."""
+    return [out / "corpus" / f"{n}.jsonl" for n in names
+            if (out / "corpus" / f"{n}.jsonl").exists()]
 
 
 def generate(out: Path, size: dict) -> dict:
+    """SIFT targets. sift_s depends on the transcript alone, so the LLM answers each distinct
+    sentence ONCE and every utterance of it shares that answer (share_targets); sift_sp also
+    reads the utterance's labels, so it is generated per utterance, for stage 2's subset."""
     import generate_targets as gt
+    from data import read_manifest, write_manifest
 
-    llm = str(out / "llm")
+    llm, folder, corpus = str(out / "llm"), out / "targets", out / "corpus"
     backend = gt.make_backend("sift_s", llm, max_new_tokens=size["max_new_tokens"], device="cpu")
-    (out / "targets").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
 
     def targets(mode: str, src: Path, name: str) -> str:
         """One target file; returns the last line of generate_targets' report."""
         args = ["--mode", mode, "--model", llm, "--in", str(src),
-                "--out", str(out / "targets" / f"{name}.jsonl"),
+                "--out", str(folder / f"{name}.jsonl"),
                 "--max-new-tokens", str(size["max_new_tokens"])]
         return gt.main(args, backend=backend).report().splitlines()[-1]
 
-    # The backend only answers prompts, whatever the mode: one loaded LLM serves both modes.
-    summary = {f"{split}_{mode}": targets(mode, out / "corpus" / f"{split}_subset.jsonl",
-                                          f"{split}_{mode}")
-               for mode in ("sift_s", "sift_sp") for split in ("train", "test")}
-    real = out / "corpus" / "real_subset.jsonl"
-    if real.exists():  # real speech has a transcript but no speed/pitch labels: sift_s targets only
-        summary["real_sift_s"] = targets("sift_s", real, "real_sift_s")
+    sift_s_sources = ["train", "real_train", "test_voices", "test_sentences", "real_test"]
+    first = {}  # one utterance per distinct sentence stands for it
+    for path in corpus_files(out, sift_s_sources):
+        for r in read_manifest(path):
+            first.setdefault(r.text, r)
+    write_manifest(list(first.values()), corpus / "distinct.jsonl")
+    summary = {"distinct_sift_s": targets("sift_s", corpus / "distinct.jsonl", "distinct_sift_s")}
+    shared = folder / "distinct_sift_s.jsonl"
+    summary["train_sift_s"] = share_targets(shared, corpus_files(out, ["train", "real_train"]),
+                                            folder / "train_sift_s.jsonl")
+    for key, name in TEST_SETS.items():
+        if (corpus / f"{name}.jsonl").exists():
+            summary[f"{key}_sift_s"] = share_targets(shared, [corpus / f"{name}.jsonl"],
+                                                     folder / f"{key}_sift_s.jsonl")
+    # stage 2 learns from labelled eSpeak speech only (the real prompts have no speed or pitch)
+    stage2 = read_manifest(corpus / "train.jsonl")[: size["stage2_rows"]]
+    write_manifest(stage2, corpus / "stage2_train.jsonl")
+    summary["train_sift_sp"] = targets("sift_sp", corpus / "stage2_train.jsonl", "train_sift_sp")
+    for key in ("voices", "sentences"):
+        summary[f"{key}_sift_sp"] = targets("sift_sp", corpus / f"{TEST_SETS[key]}.jsonl",
+                                            f"{key}_sift_sp")
     return summary
+
+
+def share_targets(targets: Path, manifests: list[Path], out: Path) -> str:
+    """Every utterance of `manifests` with the target its sentence got (same text). An utterance
+    whose sentence has no target (generate_targets skipped it, with its reason in the report), or
+    that the official filters would drop by its own duration, is counted, never kept silently."""
+    import dataclasses
+
+    import targets_support
+    from data import read_manifest, write_manifest
+    from generate_targets import normalize_text
+
+    answers = {r.text: r for r in read_manifest(targets)}
+    fields = ("mode", "system", "instruction", "input_text", "response", "truncated", "model")
+    rows, missing, filtered = [], 0, 0
+    for path in manifests:
+        for r in read_manifest(path):
+            t = answers.get(r.text)
+            if t is None:
+                missing += 1
+            elif targets_support.filter_reason(r, normalize_text(r.text)) is not None:
+                filtered += 1
+            else:
+                rows.append(dataclasses.replace(r, **{f: getattr(t, f) for f in fields}))
+    write_manifest(rows, out, relative=True)
+    return (f"{len(rows)} rows share {len({r.text for r in rows})} sentences' targets "
+            f"(no target: {missing}; outside the official filters: {filtered})")
 
 
 def convert_whisper(out: Path, quick: bool) -> dict:
@@ -289,7 +353,7 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
               "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
               "--lr", str(size["lr"]),
               "--max-batch", str(size["batch"]), "--max-duration", "1000", "--num-workers", "0",
-              "--log-every", "5", "--valid-every", str(10 * steps), "--save-every", str(steps),
+              "--log-every", "5", "--save-every", str(steps),
               "--cache-encoders", str(out / f"stage{stage}" / "encoder_cache"),
               "--precision", precision,
               # A few hundred steps, not the official 10^5: a linear decay (Eden2 would barely
@@ -301,45 +365,40 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
     common.append("--overwrite")  # a phase without its done/ marker is redone, saved model or not
     if stage == 1:
         encoder = out / "whisper" if speech == "whisper" else out / "encoders" / "speech"
+        # the learning curve: the loss on the held-out NEW sentences, 8 times along the way
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
-                 "--train", str(targets / "train_sift_s.jsonl")]
+                 "--train", str(targets / "train_sift_s.jsonl"),
+                 "--valid", str(targets / "sentences_sift_s.jsonl"),
+                 "--valid-every", str(max(1, steps // 8))]
     else:
-        # sift_sp teaches the paraling branch; sift_s at half weight keeps plain speech in the mix
+        # sift_sp teaches the paraling branch; sift_s keeps plain speech in the mix
+        # the sift_s rows at half the share of the sift_sp ones, whatever their numbers
+        n_sp, n_s = (len((targets / f"train_{m}.jsonl").read_text().splitlines())
+                     for m in ("sift_sp", "sift_s"))
         extra = ["--init", str(out / "stage1"),
                  "--paraling-encoder", str(out / "encoders" / "paraling"),
                  "--train", str(targets / "train_sift_sp.jsonl"),
-                 f"{targets / 'train_sift_s.jsonl'}:0.5"]
+                 f"{targets / 'train_sift_s.jsonl'}:{n_sp / (2 * n_s):.6g}"]
     result = train.main(common + extra)
     gc.collect()
     final = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}
     return {"steps": steps, "final": final}
 
 
-def question_files(out: Path, size: dict) -> tuple[Path, Path]:
-    """The two zero-shot tasks on the held-out test subset, as evaluate.py reads them: the gender
-    question with its two candidate answers (`choice`), and "Repeat what was said." with the
-    transcript as the reference (`open`, on the first repeat_rows clips: generation is the slow
-    part)."""
-    from data import read_manifest
-
-    records = read_manifest(out / "corpus" / "test_subset.jsonl")
-    folder = out / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def row(r, **fields):
-        return json.dumps({**r.to_json(), **fields}) + "\n"
+def gender_file(records, path: Path) -> Path:
+    """The zero-shot gender question with its two candidate answers, as evaluate.py's `choice`
+    reads it."""
     choices = list(GENDER_ANSWERS.values())
-    (folder / "gender.jsonl").write_text("".join(
-        row(r, question=GENDER_QUESTION, choices=choices,
-            answer=GENDER_ANSWERS[r.meta["gender"]], task="gender")
+    path.write_text("".join(
+        json.dumps({**r.to_json(), "question": GENDER_QUESTION, "choices": choices,
+                    "answer": GENDER_ANSWERS[r.meta["gender"]], "task": "gender"}) + "\n"
         for r in records))
-    repeat = repeat_file(records, folder / "repeat.jsonl", size["repeat_rows"])
-    return folder / "gender.jsonl", repeat
+    return path
 
 
 def repeat_file(records, path: Path, n: int) -> Path:
-    """"Repeat what was said." on n of the records, spread over the (id-sorted) voices and
-    sentences."""
+    """"Repeat what was said." on n of the records, spread over the (id-sorted) set, with the
+    transcript as the reference (evaluate.py `open`; generation is the slow part)."""
     rows = [{**r.to_json(), "question": REPEAT_QUESTION, "reference": r.text}
             for r in records[:: max(1, len(records) // n)][:n]]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -356,38 +415,38 @@ def word_recall(response: str, reference: str) -> float:
 
 
 def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
+    """Every held-out set (TEST_SETS), scored separately: the SIFT loss of its held-out targets
+    (`align`) and "Repeat what was said." (`open`), each for the audio, the oracle text and silent
+    audio; stage 2 also answers the zero-shot gender question on the new sentences."""
     import torch
 
     import evaluate as ev
+    from data import read_manifest
     from model import AZeroS
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AZeroS.from_pretrained(out / f"stage{stage}", device="cpu", dtype=dtype).eval()
-    folder, targets = out / "eval" / f"stage{stage}", out / "targets"
-    # Each stage is scored on its own targets: stage 1 on sift_s (its prompt has no paralinguistic
-    # branch, so it is not asked the gender question either: its oracle text, without <meta>, was
-    # at chance, 46% AUC, when it was), stage 2 on sift_sp (the real-speech rows still score it on
-    # sift_s).
-    mode = "sift_s" if stage == 1 else "sift_sp"
     kw = dict(model_name=str((out / f"stage{stage}").resolve()), batch_size=size["batch"])
-    align = ev.evaluate(model, "align", targets / f"test_{mode}.jsonl", folder / mode, **kw)
-    gender, repeat = question_files(out, size)
-    results = {"align": align, **repeat_scores(model, repeat, folder, size, kw)}
-    if stage == 2:
-        results["gender"] = ev.evaluate(model, "choice", gender, folder, **kw)
-    real = out / "corpus" / "real_subset.jsonl"
-    if real.exists():  # the held-out real recordings: sift_s loss and "Repeat what was said."
-        from data import read_manifest
-
-        repeat = repeat_file(read_manifest(real), out / "eval" / "real_repeat.jsonl",
-                             size["repeat_rows"])
-        real_folder = folder / "real"
-        align = ev.evaluate(model, "align", targets / "real_sift_s.jsonl", real_folder / "sift_s",
-                            **kw)
-        results["real"] = {"align": align, **repeat_scores(model, repeat, real_folder, size, kw)}
-    if stage == 2:
-        results["gender_signal"] = gender_signal(model, targets / "test_sift_sp.jsonl",
-                                                 size["batch"])
+    results = {}
+    for key, name in TEST_SETS.items():
+        manifest = out / "corpus" / f"{name}.jsonl"
+        if not manifest.exists():  # no real speech without the Asterisk prompts
+            continue
+        # Each stage is scored on its own targets: stage 1 on sift_s (its prompt has no
+        # paralinguistic branch), stage 2 on sift_sp; real speech has no labels: sift_s.
+        mode = "sift_sp" if stage == 2 and key != "real" else "sift_s"
+        folder = out / "eval" / f"stage{stage}" / key
+        records = read_manifest(manifest)
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        repeat = repeat_file(records, out / "eval" / f"{key}_repeat.jsonl", size["repeat_rows"])
+        targets = out / "targets" / f"{key}_{mode}.jsonl"
+        results[key] = {"align": ev.evaluate(model, "align", targets, folder / mode, **kw),
+                        **repeat_scores(model, repeat, folder, size, kw)}
+        if stage == 2 and key == "sentences":
+            gender = gender_file(records, out / "eval" / f"{key}_gender.jsonl")
+            results[key]["gender"] = ev.evaluate(model, "choice", gender, folder, **kw)
+            results["gender_signal"] = gender_signal(
+                model, out / "targets" / f"{key}_sift_sp.jsonl", size["batch"])
     del model
     gc.collect()
     return results
@@ -453,46 +512,55 @@ def mean(xs) -> float:
 # The report
 
 
+SYSTEMS = (("silent", "silent audio (floor)"), ("audio", "audio"),
+           ("oracle", "oracle text (upper bound)"))
+
+
+def gap_closed(ce: dict) -> float | None:
+    """How much of the distance from the silent floor to the oracle text the audio covers, in %:
+    0 = no better than silence, 100 = as good as reading the transcript."""
+    if any(ce.get(s) is None for s in ("silent", "audio", "oracle")):
+        return None
+    return 100 * (ce["silent"] - ce["audio"]) / (ce["silent"] - ce["oracle"])
+
+
 def results_table(evals: dict) -> str:
-    """One row per (model, system): the SIFT loss on held-out targets and the zero-shot scores."""
+    """One row per (model, held-out set, system): the SIFT loss on its held-out targets (and the
+    share of the floor-to-oracle gap the audio closes), the zero-shot scores."""
     def cell(x, fmt):
         return "-" if x is None or x != x else fmt.format(x)
 
-    lines = ["| model | system | CE sift_s | CE sift_sp | gender acc % | gender AUC % "
-             "| gender = oracle % | repeat word recall % | repeat recall of oracle answer % |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | held-out set | system | CE sift_s | CE sift_sp | gap closed % "
+             "| gender acc % | gender AUC % | repeat word recall % "
+             "| repeat recall of oracle answer % |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in (1, 2):
-        e = evals[f"stage{stage}"]
-        for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
-                             ("oracle", "oracle text (upper bound)")):
-            ce = {m: v["ce"].get(system) for m, v in e["align"]["modes"].items()}
-            g = e["gender"]["systems"][system]["gender"] if "gender" in e else {}
-            of_oracle = e["repeat_recall_of_oracle"].get(system, float("nan"))
-            lines.append(f"| stage {stage} | {name} | {cell(ce.get('sift_s'), '{:.3f}')} | "
-                         f"{cell(ce.get('sift_sp'), '{:.3f}')} | "
-                         f"{cell(g.get('accuracy'), '{:.1f}')} | "
-                         f"{cell(g.get('auc'), '{:.1f}')} | "
-                         f"{cell(g.get('agrees_with_oracle'), '{:.1f}')} | "
-                         f"{cell(100 * e['repeat_word_recall'][system], '{:.1f}')} | "
-                         f"{cell(100 * of_oracle, '{:.1f}')} |")
-    for stage in (1, 2):  # real human speech (Asterisk prompts): no gender (one female speaker)
-        e = evals[f"stage{stage}"].get("real")
-        for system, name in (("silent", "silent audio (floor)"), ("audio", "audio"),
-                             ("oracle", "oracle text (upper bound)")) if e else ():
-            ce = e["align"]["modes"]["sift_s"]["ce"].get(system)
-            of_oracle = e["repeat_recall_of_oracle"].get(system, float("nan"))
-            lines.append(f"| stage {stage}, real speech | {name} | {cell(ce, '{:.3f}')} "
-                         "| - | - | - | - "
-                         f"| {cell(100 * e['repeat_word_recall'][system], '{:.1f}')} "
-                         f"| {cell(100 * of_oracle, '{:.1f}')} |")
+        for key, set_name in TEST_SET_NAMES.items():
+            e = evals[f"stage{stage}"].get(key)
+            if e is None:
+                continue
+            mode = next(m for m in e["align"]["modes"] if m != "all")  # the set's one mode
+            ce = e["align"]["modes"][mode]["ce"]
+            for system, name in SYSTEMS:
+                g = e["gender"]["systems"][system]["gender"] if "gender" in e else {}
+                of_oracle = e["repeat_recall_of_oracle"].get(system)
+                lines.append(
+                    f"| stage {stage} | {set_name} | {name} "
+                    f"| {cell(ce.get(system) if mode == 'sift_s' else None, '{:.3f}')} "
+                    f"| {cell(ce.get(system) if mode == 'sift_sp' else None, '{:.3f}')} "
+                    f"| {cell(gap_closed(ce) if system == 'audio' else None, '{:.0f}')} "
+                    f"| {cell(g.get('accuracy'), '{:.1f}')} | {cell(g.get('auc'), '{:.1f}')} "
+                    f"| {cell(100 * e['repeat_word_recall'][system], '{:.1f}')} "
+                    f"| {cell(None if of_oracle is None else 100 * of_oracle, '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
 
 def example_conversation(out: Path, size: dict) -> str:
-    """Talk to the final model through the project's CLI, exactly as a user would."""
+    """Talk to the final model through the project's CLI, exactly as a user would, about a
+    held-out sentence in a held-out voice."""
     from data import read_manifest
 
-    rec = read_manifest(out / "corpus" / "test_subset.jsonl")[0]
+    rec = read_manifest(out / "corpus" / "test_sentences.jsonl")[0]
     lines = [f"audio: {rec.audio}", f"  (truth: \"{rec.text}\", {rec.meta})"]
     for prompt in (GENDER_QUESTION, REPEAT_QUESTION):
         cmd = [sys.executable, str(ROOT / "infer.py"), rec.audio, prompt,
@@ -504,7 +572,9 @@ def example_conversation(out: Path, size: dict) -> str:
 
 
 def signal_line(evals: dict) -> str:
-    g = evals["stage2"]["gender_signal"]
+    g = evals["stage2"].get("gender_signal")
+    if g is None:
+        return ""
     return (f"Gender information in the SIFT targets ({g['n']} held-out sift_sp targets, "
             f"oracle text): CE {g['true']:.4f} nats/token with the true gender, "
             f"{g['flipped']:.4f} with it flipped (difference {g['flipped'] - g['true']:+.4f}; "
@@ -512,13 +582,29 @@ def signal_line(evals: dict) -> str:
             "about gender to teach).\n")
 
 
+def learning_curve(out: Path, evals: dict) -> str:
+    """Stage 1's loss on the held-out new sentences along training (train.py --valid), with the
+    share of the floor-to-oracle gap closed at each point."""
+    lines = [json.loads(x) for x in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    points = [(r["step"], r["valid_loss"]) for r in lines if "valid_loss" in r]
+    e = evals["stage1"].get("sentences")
+    if not points or e is None:
+        return ""
+    ce = e["align"]["modes"]["sift_s"]["ce"]
+    cells = [f"{step}: {loss:.3f} ({gap_closed({**ce, 'audio': loss}):.0f}%)"
+             for step, loss in points]
+    return (f"Stage 1 learning curve, new sentences (CE sift_s; floor {ce['silent']:.3f}, "
+            f"oracle {ce['oracle']:.3f}; % of the gap closed): " + ", ".join(cells) + "\n")
+
+
 def report(out: Path, size: dict) -> dict:
     evals = {f"stage{s}": json.loads((out / "done" / f"eval_stage{s}.json").read_text())
              for s in (1, 2)}
     table, signal = results_table(evals), signal_line(evals)
+    curve = learning_curve(out, evals)
     example = example_conversation(out, size)
-    (out / "results.md").write_text(table + "\n" + signal + "\n" + example)
-    return {"table": table, "signal": signal, "example": example}
+    (out / "results.md").write_text(table + "\n" + curve + "\n" + signal + "\n" + example)
+    return {"table": table, "curve": curve, "signal": signal, "example": example}
 
 
 def check_same_run(out: Path, settings: dict) -> None:
@@ -602,8 +688,9 @@ def main(argv=None):
     phases.run("eval_stage1", lambda: evaluate_stage(out, size, 1, precision))
     phases.run("eval_stage2", lambda: evaluate_stage(out, size, 2, precision))
     result = phases.run("report", lambda: report(out, size))
-    print("\nResults on held-out voices and sentences (test split):\n")
+    print("\nResults on the held-out sets (new voices; new sentences; real speech):\n")
     print(result["table"])
+    print(result.get("curve", ""))
     print(result["signal"])
     print("Example conversation (python infer.py ... --model " + str(out / "stage2") + "):\n")
     print(result["example"])

@@ -60,7 +60,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
     clips = args.clips or [r.audio for r in data.read_manifest(
-        Path(args.model).resolve().parent / "corpus" / "test_subset.jsonl")[:2]]
+        Path(args.model).resolve().parent / "corpus" / "test_sentences.jsonl")[:2]]
     torch.manual_seed(0)
     model = AZeroS.from_pretrained(args.model, device="cpu")
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)

@@ -25,8 +25,14 @@ _CHARS_UTF8 = 1
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                              ctypes.c_void_p)
 
-MALE_VOICES = ["en+m1", "en+m2", "en+m3", "en+m4", "en+m7"]
-FEMALE_VOICES = ["en+f1", "en+f2", "en+f3", "en+f4", "en+f5"]
+# A voice is an accent + a variant ("en-us+f3"). The variants are those whose eSpeak NG voice file
+# says its gender (voices/!v/*; eSpeak's default is male), less effects (whisper, croak, robots).
+ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"]
+MALE_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "Andy", "AnxiousAndy", "Denis",
+                 "Diogo", "Henrique", "Hugo", "Lee", "Marco", "Storm", "antonio", "michel",
+                 "miguel", "sandro", "travis", "victor"]
+FEMALE_VARIANTS = ["f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "anika", "aunty",
+                   "belinda", "grandma", "linda", "steph", "steph2", "steph3"]
 
 
 class Speaker:

@@ -65,7 +65,7 @@ def server(tmp_path_factory):
     if not model:
         model = make_tiny_release(out / "stage2")
         (out / "corpus").mkdir()
-        with open(out / "corpus" / "test_subset.jsonl", "w") as f:
+        with open(out / "corpus" / "test_sentences.jsonl", "w") as f:
             for i in range(2):
                 write_wav(out / "corpus" / f"held_out{i}.wav", 1.5 + i, seed=3 + i)
                 f.write(f'{{"id": "u{i}", "audio": "held_out{i}.wav", "duration": {1.5 + i}, '
@@ -95,7 +95,7 @@ def server(tmp_path_factory):
 
 def test_upload_record_stream_and_speak(server):
     url, out, corpus = server
-    held_out = [r.audio for r in read_manifest(corpus / "test_subset.jsonl")[:2]]
+    held_out = [r.audio for r in read_manifest(corpus / "test_sentences.jsonl")[:2]]
     with sync_api.sync_playwright() as p:  # the fake microphone hears the second held-out clip
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             *BROWSER_FLAGS, f"--use-file-for-fake-audio-capture={held_out[1]}"])

@@ -42,41 +42,61 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert first[0].startswith("CPU runtime: ") and "OMP_WAIT_POLICY=" in first[0]
     assert "estimated" in first[1]
 
-    # Every phase left its marker; the table has a row per stage x system, each with numbers.
+    # Every phase left its marker; the table has a row per stage x held-out set x system.
     assert sorted(p.stem for p in (out / "done").glob("*.json")) == sorted(PHASES)
-    stage_rows = [line for line in result["table"].splitlines() if line.startswith("| stage")]
-    rows = [line for line in stage_rows if "real speech" not in line]
-    assert len(rows) == 6 and "| model | system | CE sift_s" in result["table"]
-    real = [line for line in stage_rows if "real speech" in line]
-    if (out / "corpus" / "real_subset.jsonl").exists():  # the Asterisk prompts are installed
-        assert len(real) == 6
-        lines = (out / "corpus" / "real_subset.jsonl").read_text().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in result["table"].splitlines() if line.startswith("| stage")]
+    real = (out / "corpus" / "real_test.jsonl").exists()  # the Asterisk prompts are installed
+    sets = ["trained sentences, new voices", "new sentences"] + (
+        ["real speech, new sentences"] if real else [])
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (f"stage {stage}", name, system) for stage in (1, 2) for name in sets
+        for system in ("silent audio (floor)", "audio", "oracle text (upper bound)")]
+    for k in range(0, len(rows), 3):  # silent, audio, oracle of one model and set
+        silent, audio, oracle = rows[k: k + 3]
+        column = 4 if audio[0] == "stage 2" and "real" not in audio[1] else 3  # its own targets
+        assert [r[7 - column] for r in (silent, audio, oracle)] == ["-"] * 3
+        ce = [float(r[column]) for r in (silent, audio, oracle)]
+        assert all(x > 0 for x in ce)
+        # the gap column is the audio's share of the floor-to-oracle distance, from these cells
+        assert float(audio[5]) == pytest.approx(100 * (ce[0] - ce[1]) / (ce[0] - ce[2]), abs=0.6)
+        assert silent[5] == oracle[5] == "-"
+        for r in (silent, audio, oracle):
+            assert 0 <= float(r[8]) <= 100  # repeat word recall
+        assert oracle[9] == "-" and 0 <= float(audio[9]) <= 100  # recall of the oracle's answer
+        asked_gender = audio[0] == "stage 2" and audio[1] == "new sentences"
+        for r in (silent, audio, oracle):
+            assert (r[6] != "-") == asked_gender and (r[7] != "-") == asked_gender
+    if real:
+        lines = (out / "corpus" / "real_test.jsonl").read_text().splitlines()
         assert all(0 < json.loads(x)["duration"] <= demo.REAL_MAX_SECONDS for x in lines)
-        for row in real:
-            cells = [c.strip() for c in row.strip("|").split("|")]
-            assert float(cells[2]) > 0 and 0 <= float(cells[7]) <= 100  # sift_s CE, repeat recall
-    else:
-        assert not real
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[7]) >= 0  # repeat word recall
-        if "oracle" not in cells[1]:
-            assert 0 <= float(cells[8]) <= 100  # recall of the oracle's own answer
-        if row.startswith("| stage 1"):  # sift_s; no paralinguistic branch: no gender question
-            assert float(cells[2]) > 0 and cells[3:7] == ["-"] * 4
-            continue
-        assert cells[2] == "-" and float(cells[3]) > 0  # stage 2 is scored on sift_sp targets
-        assert 0 <= float(cells[4]) <= 100 and 0 <= float(cells[5]) <= 100  # gender acc, AUC
-        if "oracle" not in cells[1]:
-            assert 0 <= float(cells[6]) <= 100  # gender agreement with the oracle
+        trained = {json.loads(x)["text"] for x in
+                   (out / "corpus" / "real_train.jsonl").read_text().splitlines()}
+        assert trained and not trained & {json.loads(x)["text"] for x in lines}
 
     # The gender question went through evaluate.py's likelihood scoring: 2 candidates per clip.
-    choice_answers = out / "eval" / "stage2" / "choice_answers.jsonl"
+    choice_answers = out / "eval" / "stage2" / "sentences" / "choice_answers.jsonl"
     gender = [json.loads(x) for x in choice_answers.read_text().splitlines()]
-    n_test = len((out / "corpus" / "test_subset.jsonl").read_text().splitlines())
+    n_test = len((out / "corpus" / "test_sentences.jsonl").read_text().splitlines())
     assert len(gender) == 3 * n_test and all(len(r["nll"]) == 2 for r in gender)
     assert {r["question"] for r in gender} == {demo.GENDER_QUESTION}
     assert (out / "results.md").read_text().startswith(result["table"])
+    # The learning curve: stage 1's loss on the new sentences along training, as train.py logged
+    metrics = [json.loads(x) for x in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["valid_loss"]) for r in metrics if "valid_loss" in r]
+    assert curve and curve[-1][0] == demo.SIZES["quick"]["stage1_steps"]
+    assert result["curve"].startswith("Stage 1 learning curve") and \
+        f"{curve[-1][0]}: {curve[-1][1]:.3f}" in result["curve"]
+
+    # sift_s targets were generated once per distinct sentence and shared by its utterances
+    def rows_of(name):
+        return [json.loads(x) for x in (out / "targets" / name).read_text().splitlines()]
+    generated = rows_of("distinct_sift_s.jsonl")
+    assert len(generated) == len({r["text"] for r in generated})
+    answer = {r["text"]: r["response"] for r in generated}
+    for name in ("train_sift_s.jsonl", "voices_sift_s.jsonl", "sentences_sift_s.jsonl"):
+        assert all(r["response"] == answer[r["text"]] and r["mode"] == "sift_s"
+                   for r in rows_of(name))
 
     # The estimate's SmolLM2 parameter count is the bundled model's (tied embedding: counted once).
     exported = json.loads((out / "done" / "llm.json").read_text())
@@ -85,12 +105,12 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     # The targets came from the real frozen LLM, the encoders from the train split only.
     line = json.loads((out / "targets" / "train_sift_sp.jsonl").read_text().splitlines()[0])
     assert line["mode"] == "sift_sp" and line["response"] and "<meta>" in line["input_text"]
+
     def voices(split):
         lines = (out / "corpus" / f"{split}.jsonl").read_text().splitlines()
         return {json.loads(x)["speaker"] for x in lines}
 
-    test_voices, train_voices = voices("test"), voices("train")
-    assert test_voices - train_voices  # held-out voices exist
+    assert not voices("test_voices") & voices("train")  # the voices are new
     # The speech (semantic) encoder is the converted Whisper tiny.en (checked by transcription).
     whisper = json.loads((out / "done" / "whisper.json").read_text())
     assert whisper["sha256"]["model.bin"] == convert_whisper.SHA256["model.bin"]
@@ -103,7 +123,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     config = json.loads((out / "stage2" / "config.json").read_text())
     assert config["model_type"] == "azeros" and config["paraling_encoder_config"]
     assert "assistant: " in result["example"] and result["example"].count("user: ") == 2
-    wav = json.loads((out / "corpus" / "test_subset.jsonl").read_text().splitlines()[0])["audio"]
+    wav = json.loads((out / "corpus" / "test_sentences.jsonl").read_text().splitlines()[0])["audio"]
     wav = wav if wav.startswith("/") else str(out / "corpus" / wav)
     cmd = [sys.executable, str(ROOT / "infer.py"), wav, "Is the speaker male or female?",
            "--model", str(out / "stage2"), "--device", "cpu", "--max-new-tokens", "8"]

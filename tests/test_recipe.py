@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT / "recipe"))
 espeakng_loader = pytest.importorskip("espeakng_loader")
 
 import make_corpus  # noqa: E402
+import tts  # noqa: E402
+import write_sentences  # noqa: E402
 from data import load_audio, read_manifest  # noqa: E402
 from tts import Speaker  # noqa: E402
 
@@ -27,20 +29,56 @@ def test_rate_and_pitch_change_the_audio():
 
 def test_quick_corpus_splits_and_labels(tmp_path):
     make_corpus.main(["--out", str(tmp_path), "--quick"])
-    splits = {n: read_manifest(tmp_path / f"{n}.jsonl") for n in ("train", "valid", "test")}
-    # 4 voices x 12 sentences
-    assert [len(splits[n]) for n in ("train", "valid", "test")] == [14, 4, 30]
+    names = ("train", "valid", "test_voices", "test_sentences")
+    splits = {n: read_manifest(tmp_path / f"{n}.jsonl") for n in names}
+    # 24 sentences: 4 held out, 20 spoken once each; 4 of those set aside as valid; 4 per test set
+    assert [len(splits[n]) for n in names] == [16, 4, 4, 4]
     seen = splits["train"] + splits["valid"]
-    # Held out: no test-only voice or sentence ever appears in train/valid.
-    assert not {r.extra["speaker"] for r in seen} & set(make_corpus.HELD_OUT_VOICES)
-    assert not {r.text for r in seen} & {r.text for r in splits["test"] if r.extra["speaker"] not in
-                                          make_corpus.HELD_OUT_VOICES}
-    for r in seen + splits["test"]:
-        assert r.meta["gender"] == ("male" if "+m" in r.extra["speaker"] else "female")
+    assert len({r.text for r in seen}) == len(seen)  # every training utterance a new sentence
+    held_out = {f"{a}+{v}" for a in tts.ACCENTS for v in make_corpus.HELD_OUT_VARIANTS}
+    # New voices: no held-out variant is ever heard in train/valid; both test sets use only them.
+    assert not {r.extra["speaker"] for r in seen} & held_out
+    for name in ("test_voices", "test_sentences"):
+        assert {r.extra["speaker"] for r in splits[name]} <= held_out
+    # test_voices speaks trained sentences; test_sentences only sentences training never speaks.
+    assert {r.text for r in splits["test_voices"]} <= {r.text for r in splits["train"]}
+    assert not {r.text for r in splits["test_sentences"]} & {r.text for r in seen}
+    for r in seen + splits["test_voices"] + splits["test_sentences"]:
+        variant = r.extra["speaker"].split("+")[1]
+        assert r.meta["gender"] == ("male" if variant in tts.MALE_VARIANTS else "female")
         assert set(r.meta) == {"gender", "speed", "pitch"}
         wave = load_audio(r.audio)
         assert abs(wave.numel() / 16000 - r.duration) < 1e-3
     # Re-running reuses the wavs and rewrites identical manifests.
-    before = (tmp_path / "test.jsonl").read_text()
+    before = (tmp_path / "test_sentences.jsonl").read_text()
     make_corpus.main(["--out", str(tmp_path), "--quick"])
-    assert (tmp_path / "test.jsonl").read_text() == before
+    assert (tmp_path / "test_sentences.jsonl").read_text() == before
+
+
+def test_every_voice_exists_with_its_gender():
+    """Each accent x variant is a voice eSpeak NG knows, and the two gender lists do not overlap."""
+    assert not set(tts.MALE_VARIANTS) & set(tts.FEMALE_VARIANTS)
+    s = Speaker()
+    for voice, _ in make_corpus.voices(False) + make_corpus.voices(True):
+        assert s.say("yes", voice=voice).numel() > 0
+    assert len(make_corpus.voices(True)) == len(tts.ACCENTS) * len(make_corpus.HELD_OUT_VARIANTS)
+
+
+def test_pool_is_read_once_per_sentence(tmp_path):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("a b c d.\n\nx y z w.\na b c d.\n")
+    assert make_corpus.read_pool(pool) == ["a b c d.", "x y z w."]
+
+
+def test_sentence_writer_keeps_only_spoken_sentences_with_the_word():
+    clean = write_sentences.clean
+    # the answer continues after the opening quote; the closing quote ends the sentence
+    assert clean('I left my Umbrella at home." she said.', "umbrella") == \
+        "i left my umbrella at home."
+    assert clean("I left my umbrella at home and then", "umbrella") is None  # cut: no quote
+    assert clean('My umbrella is red."', "kitchen") is None  # the asked word is missing
+    assert clean('This sentence has the word umbrella."', "umbrella") is None  # about the task
+    assert clean('Umbrella."', "umbrella") is None  # too short
+    assert clean('I paid 5 dollars for an umbrella."', "umbrella") is None  # digits: not spoken
+    # punctuation alone does not make another sentence
+    assert write_sentences.key("is it red?") == write_sentences.key("is it red.") == "is it red"
