@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checks
 import files
 import model_support
-from data import SAMPLE_RATE, padding_efficiency
+from data import SAMPLE_RATE, num_frames, padding_efficiency
 from manifest import read_manifest
 
 # --------------------------------------------------------------------------------------------------
@@ -144,8 +144,67 @@ def oom_message(batch, args) -> str:
     lens = batch["wave_lens"].float() / SAMPLE_RATE
     return (f"out of memory on a batch of {len(lens)} utterances, {lens.sum():.1f} s of audio "
             f"(longest {lens.max():.1f} s, padded {lens.max() * len(lens):.1f} s). Lower "
-            f"--max-duration (now {args.max_duration:g}) or --max-batch (now {args.max_batch}); "
-            "--grad-accum keeps the effective batch size.")
+            f"--max-tokens (now {args.max_tokens}), --max-duration (now {args.max_duration:g}) or "
+            f"--max-batch (now {args.max_batch}); --grad-accum keeps the effective batch size.")
+
+
+# --------------------------------------------------------------------------------------------------
+# 1b. Tokens per row, for the --max-tokens budget
+
+# --max-tokens by default: docs/gpu.md's estimate for Qwen2.5-7B in bf16 on an 80 GB GPU, not yet
+# measured. (80 GB - 15.2 GB weights - 8 GB reserve) / 7.8 MB per token (6.6 MB of activations
+# + 1.2 MB of fp32 logits, as if every position were supervised) = 7,282 tokens; 12 rows of 512
+# tokens leave ~16% of that for the estimate's error.
+DEFAULT_MAX_TOKENS = 12 * 512
+
+
+def row_tokens(model, records, max_length: int | None) -> np.ndarray:
+    """Each row's length in the LLM, as run_batch will build it, from the manifest alone: the
+    tokens of its training chat (the stage's prompt + the response), each `<|AUDIO|>` replaced by
+    the frames its projector emits for the row's duration, cut at --max-length.
+
+    Exact for 16 kHz audio. Audio at another rate is resampled from round(duration * rate)
+    samples, which can end a sample or two away from round(duration * 16000): a row then
+    counts at most one audio frame too few or too many (the budget leaves room for that)."""
+    import llm  # here: `python train.py --help` does not wait for transformers
+
+    tokenizer = model.tokenizer
+    audio_id = tokenizer.convert_tokens_to_ids(llm.AUDIO_TOKEN)
+    texts = [llm.chat_text(tokenizer, model.training_messages(r), training=True) for r in records]
+    text = np.zeros(len(records), dtype=np.int64)
+    for start in range(0, len(texts), 4096):  # the fast tokenizer encodes a list in parallel
+        ids = tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
+        text[start:start + len(ids)] = [len(row) - row.count(audio_id) for row in ids]
+    samples = np.round(np.array([r.duration for r in records], dtype=np.float64) * SAMPLE_RATE)
+    total = text + sum(audio_tokens(model, branch, samples.astype(np.int64))
+                       for branch in model.encoders())
+    return np.minimum(total, max_length) if max_length else total
+
+
+def audio_tokens(model, branch: str, samples: np.ndarray) -> np.ndarray:
+    """LLM positions one branch's projector fills for utterances of `samples` 16 kHz samples: the
+    encoder's frame count (Zipformer: fbank frames through its two stride-2 stages; Whisper: log-mel
+    frames, at most 30 s, through its stride-2 convolution), divided by the projector's ds_rate."""
+    encoder = getattr(model, f"{branch}_encoder")
+    projector = getattr(model, f"{branch}_encoder_projector")
+    if getattr(encoder, "front_end", "fbank") == "fbank":
+        from zipformer import output_lengths
+        frames = output_lengths(torch.from_numpy(num_frames(samples))).numpy()
+    else:
+        from whisper_encoder import HOP_LENGTH, MAX_FRAMES
+        frames = (np.minimum(samples // HOP_LENGTH, MAX_FRAMES) - 1) // 2 + 1
+    return np.maximum(frames, 0) // projector.ds_rate
+
+
+def check_row_tokens(records, tokens: np.ndarray, max_tokens: int) -> None:
+    """A row the --max-tokens budget cannot hold even alone: named (file:line), not dropped."""
+    over = np.flatnonzero(tokens > max_tokens)
+    if len(over):
+        r = records[int(over[0])]
+        raise TrainError(f"{r.source}: row {r.id!r} is {int(tokens[over[0]])} tokens in the LLM "
+                         f"(prompt, audio frames and response), more than --max-tokens "
+                         f"{max_tokens} ({len(over)} such row(s)); raise --max-tokens or "
+                         "lower --max-length")
 
 
 # --------------------------------------------------------------------------------------------------
