@@ -433,7 +433,7 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if
             # the whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
-    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # host reads come after backward
+    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # no GPU sync (see there)
     if train:  # after backward, not before it (no GPU wait); a batch without tokens has loss 0
         checks.batch_tokens(metrics["tokens"], batch["records"], args.max_length)
     return metrics
