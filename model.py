@@ -109,6 +109,9 @@ class AZeroS(nn.Module):
         model = cls(lm, tokenizer, speech, para, speech_ds_rate=ds_rate, paraling_ds_rate=ds_rate)
         model.sources = model_support.component_sources(llm_path, gguf_file, speech_encoder,
                                                         paraling_encoder)
+        hub = model_support.llm_reference(llm_path, gguf_file)
+        if hub and not model.resized:  # saved as a reference to the hub model, not a copy
+            model.config["llm_hub"] = hub
         return model.to(device)
 
     @classmethod
@@ -145,8 +148,10 @@ class AZeroS(nn.Module):
         weights may hold only the projectors (what training saves) or a full state dict."""
         root, config, weights = model_support.read_model_folder(path_or_hub_id)
         attn = "flash_attention_2" if config.get("use_flash_attn") else None  # else sdpa
-        lm, tokenizer = llm.load_llm(str(root / "llm"), tokenizer_path=str(root), device=device,
-                                     dtype=dtype or default_dtype(device), attn_implementation=attn)
+        llm_path, revision = model_support.llm_location(root, config)  # llm/, or a hub model
+        lm, tokenizer = llm.load_llm(llm_path, tokenizer_path=str(root), device=device,
+                                     dtype=dtype or default_dtype(device), attn_implementation=attn,
+                                     revision=revision)
         has_para = config.get("paraling_encoder_config") is not None
         model = cls(lm, tokenizer, load_encoder(root / "speech_encoder"),
                     load_encoder(root / "paraling_encoder") if has_para else None, config=config,
@@ -172,6 +177,8 @@ class AZeroS(nn.Module):
         self.tokenizer.save_pretrained(str(out))
         for name in FROZEN:
             module = getattr(self, name)
+            if name == "llm" and self.config.get("llm_hub"):
+                continue  # config.json names the hub model (model_support.llm_reference)
             if module is not None and not (out / name).exists():
                 # A resized LLM differs from its folder, and a transformers Whisper folder holds the
                 # decoder too, which the official encoder loader refuses: write those, never link.

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -456,10 +456,13 @@ def validate(model, loaders, args, device, cache) -> dict:
 def cli():
     try:
         main()
-    # user-fixable: one line, no traceback
+    # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
     except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        train_support.stop_all(f"error: {e}")
+    except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too
+        if not train_support.is_distributed():
+            raise
+        train_support.stop_all(traceback.format_exc().rstrip())
     finally:
         train_support.close_distributed()
 

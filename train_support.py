@@ -235,7 +235,63 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        watch_ranks()  # another rank's error ends this one too (stop_all)
     return rank, world, device
+
+
+# One rank's error must stop every rank. A rank that fails stops taking part in collectives, so the
+# others wait in their next one (DDP's gradient all-reduce, inside backward) until NCCL's timeout,
+# 10 minutes or more; torchrun ends them only when the failed process has exited, and across nodes
+# not at all. So the failing rank posts to the process group's key-value store (torchrun's TCP
+# store, reachable from every node) and exits at once; every rank polls the store from a thread,
+# which runs while the main thread waits inside a collective, and exits when another rank failed.
+
+
+def failure_key() -> str:
+    """The store key of this run's failure: one per torchrun restart (the store outlives them)."""
+    return f"azeros/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def watch_ranks(interval: float = 1.0) -> None:
+    """Start the thread that ends this process (status 1) once another rank posted a failure."""
+    import threading
+
+    store, key, me = dist.distributed_c10d._get_default_store(), failure_key(), str(dist.get_rank())
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            try:
+                failed = store.check([key]) and store.get(key).decode() != me
+            except Exception:  # the store is gone: the run is over
+                return
+            if failed:  # that rank printed its line; this one has nothing to add
+                os._exit(1)
+
+    threading.Thread(target=watch, name="rank-watch", daemon=True).start()
+
+
+def stop_all(message: str):
+    """End the run with this rank's `message` (one line, or a traceback). Under DDP also tell the
+    other ranks (their watch_ranks thread ends them within a second), unless one failed first: then
+    this error is only the echo of that one (e.g. gloo's "connection closed") and stays silent.
+    os._exit skips destroy_process_group and exit handlers, which can wait on collectives that the
+    other ranks will never join."""
+    import sys
+
+    if not is_distributed():
+        print(message, file=sys.stderr)
+        sys.exit(1)
+    rank = dist.get_rank()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first = store.compare_set(failure_key(), "", str(rank)).decode() == str(rank)
+    except Exception:  # no store to reach: say it anyway
+        first = True
+    if first:
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def check_device(args, device) -> None:
