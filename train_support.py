@@ -498,12 +498,29 @@ def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator)
                   "random streams restart")
         if rank == 0:
             print(f"resumed from {path} at step {ckpt['step']}")
+            note_batching_change(ckpt["args"], args)
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
     elif rank == 0 and find_checkpoint(exp, "latest") is not None:
         print(f"warning: {exp / 'checkpoints'} has checkpoints but --resume was not given: "
               "starting from scratch, they will be replaced")
     return ckpt
+
+
+# the flags the sampler's plan of an epoch depends on (besides the manifests)
+BATCHING = ("max_tokens", "max_duration", "max_batch", "num_buckets", "max_length", "seed")
+
+
+def note_batching_change(saved: dict, args) -> None:
+    """Resuming with other batching flags (e.g. a lower --max-tokens after running out of memory)
+    is allowed, but the rest of the interrupted epoch then comes from a new plan: the position
+    saved counts batches of the old one, so some utterances of that epoch may run twice or not
+    at all. Say so rather than let the exact-resume promise break silently."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in BATCHING
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        print(f"note: batching changed since the checkpoint ({', '.join(changed)}): the rest of "
+              "its epoch is planned anew, so it may repeat or skip some of that epoch's rows")
 
 
 def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | None, dict | None]:

@@ -133,3 +133,15 @@ def test_a_row_longer_than_the_budget_is_named(setup, tmp_path):
     assert msg.startswith(f"{setup['manifest']}:{longest + 1}: row 'u{longest}' is "
                           f"{int(tokens.max())} tokens")
     assert f"more than --max-tokens {int(tokens.max()) - 1}" in msg
+
+
+def test_resume_with_another_budget_says_the_epoch_is_replanned(setup, tmp_path, capsys):
+    """Lowering --max-tokens after running out of memory and resuming is allowed, but the saved
+    position counts batches of the old plan: said in one line (and not when nothing changed)."""
+    exp = tmp_path / "e"
+    train.main(stage1(setup, exp, "--max-tokens", "4000", "--max-steps", "1"))
+    train.main(stage1(setup, exp, "--max-tokens", "4000", "--max-steps", "2", "--resume"))
+    assert "batching changed" not in capsys.readouterr().out
+    train.main(stage1(setup, exp, "--max-tokens", "3000", "--max-steps", "3", "--resume"))
+    assert ("note: batching changed since the checkpoint (--max-tokens 4000 -> 3000): the rest "
+            "of its epoch is planned anew" in capsys.readouterr().out)
