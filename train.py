@@ -276,7 +276,7 @@ def make_loader(model, manifests, weights, args, rank, world, shuffle: bool):
     records = [r for m in manifests for r in m]
     tokens = None
     if args.max_tokens:
-        tokens = [train_support.row_tokens(model, m, args.max_length) for m in manifests]
+        tokens = [train_support.count_row_tokens(model, m, args.max_length) for m in manifests]
         for m, t in zip(manifests, tokens):
             train_support.check_row_tokens(m, t, args.max_tokens)  # file:line of a row too long
     sampler = DurationBucketSampler([[r.duration for r in m] for m in manifests], weights=weights,

@@ -181,6 +181,16 @@ def row_tokens(model, records, max_length: int | None) -> np.ndarray:
     return np.minimum(total, max_length) if max_length else total
 
 
+def count_row_tokens(model, records, max_length: int | None) -> np.ndarray:
+    """row_tokens of every row, each rank counting an equal share: all ranks need all counts (the
+    same plan), and one core tokenizes only a few thousand rows a second."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    counts = np.zeros(len(records), dtype=np.int64)
+    for r, part in enumerate(gather_objects(row_tokens(model, records[rank::world], max_length))):
+        counts[r::world] = part
+    return counts
+
+
 def audio_tokens(model, branch: str, samples: np.ndarray) -> np.ndarray:
     """LLM positions one branch's projector fills for utterances of `samples` 16 kHz samples: the
     encoder's frame count (Zipformer: fbank frames through its two stride-2 stages; Whisper: log-mel

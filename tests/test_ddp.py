@@ -127,3 +127,46 @@ def test_a_hub_llm_is_referenced_not_saved(tmp_path):
     rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert rows == [{"exp": e, "hub": {"id": "tiny/qwen", "revision": commit}, "llm_dir": False,
                      "speech_link": True, "same": True} for e in ("s1", "s2")]
+
+
+COUNTER = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import conftest  # the CPU, as in the suite
+import train_support
+from manifest import read_manifest
+from model import AZeroS
+rank, world, _ = train_support.setup_distributed("cpu")
+model = AZeroS.from_components({llm!r}, {speech!r})
+model.set_stage(1)
+counts = train_support.count_row_tokens(model, read_manifest({manifest!r}), None)
+print("COUNTS", rank, json.dumps(counts.tolist()), flush=True)
+"""
+
+
+def test_ranks_share_the_token_count_and_agree(tmp_path):
+    """--max-tokens needs every row's length on every rank: each of 2 ranks tokenizes half of 7
+    rows, and both end with the counts one process makes of all of them."""
+    import train_support
+    from manifest import read_manifest
+    from model import AZeroS
+
+    s = build_setup(tmp_path, with_train16=False)
+    rows = [json.loads(x) for x in open(s["train8"])][:7]
+    for i, r in enumerate(rows):  # answers of different lengths, so a misplaced count shows
+        r["response"] = " ".join(["word"] * (3 * i + 1))
+    manifest = tmp_path / "seven.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = tmp_path / "count.py"
+    script.write_text(COUNTER.format(root=str(ROOT), tests=str(ROOT / "tests"), llm=s["llm"],
+                                     speech=s["speech"], manifest=str(manifest)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, text=True, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = {int(line.split()[1]): json.loads(line.split(" ", 2)[2])
+           for line in out.stdout.splitlines() if line.startswith("COUNTS")}
+    model = AZeroS.from_components(s["llm"], s["speech"])
+    model.set_stage(1)
+    alone = train_support.row_tokens(model, read_manifest(manifest), None).tolist()
+    assert len(set(alone)) == 7 and got == {0: alone, 1: alone}
