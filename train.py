@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -72,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
       help="manifests with responses (generate_targets.py); WEIGHT 2: twice an epoch, 0.5: half")
     a("--valid", nargs="*", default=[], metavar="JSONL", help="validation manifests")
-    a("--max-duration", type=float, default=200.0, help="padded seconds of audio per batch, rank")
+    a("--max-tokens", type=int, default=train_support.DEFAULT_MAX_TOKENS,
+      help="padded LLM tokens per batch and rank, rows x longest row (0: no limit); the default\n"
+           "fits a 7B LLM on an 80 GB GPU by docs/gpu.md's estimate")
+    a("--max-duration", type=float, default=100.0, help="padded seconds of audio per batch, rank")
     a("--max-batch", type=int, default=64, help="utterances per batch at most")
     a("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
     a("--max-length", type=int, default=512, help="cut token sequences here (0: no limit)")
@@ -148,14 +151,16 @@ def main(argv=None) -> dict:
     specs = [parse_train_spec(s) for s in args.train]
     limit = args.max_audio_seconds
     manifests = train_support.load_manifests([p for p, _ in specs], "training", limit)
-    loader, sampler = make_loader(manifests, [w for _, w in specs], args, rank, world, shuffle=True)
-    valid_loaders = [make_loader(train_support.load_manifests([v], "validation", limit), None,
-                                 args, rank, world, shuffle=False) for v in args.valid]
-    total_steps = train_support.count_steps(args, len(sampler))  # --max-steps or --epochs
-    decay_steps = args.decay_steps or total_steps
+    valid = [train_support.load_manifests([v], "validation", limit) for v in args.valid]
 
     # -- model: everything frozen but this stage's projector(s) ------------------------------------
     model = build_model(args, device)
+    # batches need each row's length in the LLM (--max-tokens), which the model's prompt decides
+    loader, sampler = make_loader(model, manifests, [w for _, w in specs], args, rank, world,
+                                  shuffle=True)
+    valid_loaders = [make_loader(model, m, None, args, rank, world, shuffle=False) for m in valid]
+    total_steps = train_support.count_steps(args, len(sampler))  # --max-steps or --epochs
+    decay_steps = args.decay_steps or total_steps
     model.eval()  # frozen LLM and encoders: no dropout, fixed norms (projectors have no dropout)
     names = trainable_names(model, args.stage)
     params = [p for n in names for p in getattr(model, n).parameters()]
@@ -260,18 +265,25 @@ def parse_train_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def make_loader(manifests, weights, args, rank, world, shuffle: bool):
+def make_loader(model, manifests, weights, args, rank, world, shuffle: bool):
     """DataLoader over the concatenated manifests, batched by the duration-bucketed sampler.
 
     The sampler decides everything (which utterances, in which batches, on which rank) from (seed,
     epoch): ranks agree without communicating, and a resumed run skips straight to its position.
+    With --max-tokens it also bounds rows x longest row in the LLM, counted from the manifest.
     The loader gets its own torch.Generator, else each new iterator draws a seed from the GLOBAL
     RNG, which would make the random stream depend on when it was created (and break resume)."""
     records = [r for m in manifests for r in m]
+    tokens = None
+    if args.max_tokens:
+        tokens = [train_support.count_row_tokens(model, m, args.max_length) for m in manifests]
+        for m, t in zip(manifests, tokens):
+            train_support.check_row_tokens(m, t, args.max_tokens)  # file:line of a row too long
     sampler = DurationBucketSampler([[r.duration for r in m] for m in manifests], weights=weights,
                                     max_duration=args.max_duration, max_batch=args.max_batch,
                                     num_buckets=args.num_buckets, seed=args.seed, rank=rank,
-                                    world_size=world, shuffle=shuffle)
+                                    world_size=world, shuffle=shuffle, tokens=tokens,
+                                    max_tokens=args.max_tokens)
     loader = torch.utils.data.DataLoader(AudioDataset(records), batch_sampler=sampler,
                                          collate_fn=collate, num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(0),
@@ -421,7 +433,7 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if
             # the whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
-    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # host reads come after backward
+    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # no GPU sync (see there)
     if train:  # after backward, not before it (no GPU wait); a batch without tokens has loss 0
         checks.batch_tokens(metrics["tokens"], batch["records"], args.max_length)
     return metrics
@@ -444,10 +456,13 @@ def validate(model, loaders, args, device, cache) -> dict:
 def cli():
     try:
         main()
-    # user-fixable: one line, no traceback
+    # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
     except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        train_support.stop_all(f"error: {e}")
+    except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too
+        if not train_support.is_distributed():
+            raise
+        train_support.stop_all(traceback.format_exc().rstrip())
     finally:
         train_support.close_distributed()
 
