@@ -187,7 +187,7 @@ def run(args) -> dict:
     args.identity = train_support.run_identity(args, specs, model, names)
     ckpt = train_support.resume(exp, args, rank, world, specaug_gen)  # also the random streams
     if ckpt is not None:  # weights, Adam's moments, the average, the position in the epoch
-        step, epoch = train_support.restore(ckpt, model, names, optimizer, average, sampler)
+        step, epoch = train_support.restore(ckpt, model, names, optimizer, average, sampler, args)
 
     # -- the loop ----------------------------------------------------------------------------------
     log = train_support.MetricsLog(exp, rank, step, args.log_batches)

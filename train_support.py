@@ -459,9 +459,11 @@ def checkpoint_state(step: int, model, names: list[str], optimizer, average, epo
             "args": {k: v for k, v in vars(args).items() if k != "resume"}}
 
 
-def restore(ckpt: dict, model, names: list[str], optimizer, average, sampler) -> tuple[int, int]:
+def restore(ckpt: dict, model, names: list[str], optimizer, average, sampler,
+            args) -> tuple[int, int]:
     """Load a checkpoint_state into the run; returns (step, epoch) to continue from."""
     checks.checkpoint_shapes(ckpt, model, names)  # e.g. another LLM's width: one line
+    same_run(ckpt, args)  # e.g. another LLM of the same width, another manifest
     for n in names:
         getattr(model, n).load_state_dict(ckpt["projectors"][n])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -516,7 +518,6 @@ def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator)
         if "average" not in ckpt:
             raise TrainError(f"{path} was written by an older train.py (no weight average): "
                              "start afresh")
-        same_run(ckpt, path, args)
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], specaug_gen)
         elif rank == 0:
@@ -526,22 +527,31 @@ def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator)
             print(f"resumed from {path} at step {ckpt['step']}")
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
-    if rank == 0:  # the identity of the run the checkpoints in --exp now belong to
-        files.write_atomic(exp / "run.json", [json.dumps(args.identity, indent=1) + "\n"])
+    if ckpt is None:
+        record_identity(args)  # a resumed run records it once restore has compared it
     return ckpt
 
 
-def same_run(ckpt: dict, path: Path, args) -> None:
+def record_identity(args) -> None:
+    """<exp>/run.json: the identity of the run that the checkpoints in --exp belong to (rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        files.write_atomic(Path(args.exp) / "run.json",
+                           [json.dumps(args.identity, indent=1) + "\n"])
+
+
+def same_run(ckpt: dict, args) -> None:
     """--resume continues the run that wrote the checkpoint, not another one: a changed manifest,
     another LLM of the same size or another --lr continued silently. --force-resume accepts it."""
     old = ckpt["args"].get("identity")
     diffs = run_differences(old, args.identity) if old else ["no run identity (older train.py)"]
     if diffs and not args.force_resume:
-        raise TrainError(f"--resume: {path} belongs to another run; changed: {'; '.join(diffs)}. "
-                         "Pass --force-resume to continue it anyway, or --overwrite to start "
-                         "afresh")
+        raise TrainError(f"--resume: the checkpoint of step {ckpt['step']} belongs to another "
+                         f"run; changed: {'; '.join(diffs)}. Pass --force-resume to continue it "
+                         "anyway, or --overwrite to start afresh")
     if diffs:
-        print(f"--force-resume: continuing {path} although {'; '.join(diffs)} changed")
+        print(f"--force-resume: continuing step {ckpt['step']} although {'; '.join(diffs)} "
+              "changed")
+    record_identity(args)
 
 
 def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | None, dict | None]:
