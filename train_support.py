@@ -162,10 +162,9 @@ def check_finite(step: int, window, params, rows, exp: Path) -> None:
     checkpoint and the exported model, and the run would still end with status 0 (a float WAV with
     samples of 1e30 makes an Inf fbank; --lr 1e6 makes a NaN loss at step 2). Stopping before the
     update keeps every checkpoint finite. Costs one host sync per step (two numbers under DDP)."""
-    norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params
-                         if p.grad is not None])
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
     loss = window.sums["loss_sum"]  # this step's losses (earlier ones in the window were finite)
-    grad = float(torch.linalg.vector_norm(norms)) if len(norms) else 0.0
+    grad = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
     bad = [float(not math.isfinite(loss)), float(not math.isfinite(grad))]
     if is_distributed():  # every rank stops at the same step, not only the one with the bad batch
         bad = all_reduce_sum(bad, params[0].device)
