@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import build_setup, losses, make_llm_dir, stage1_args, write_manifest
 
+import data
+import data_support
 import generate_targets as gt
 import model
 import train
@@ -101,9 +103,9 @@ def test_lr_1e6_stops_at_the_first_non_finite_step(setup, tmp_path, monkeypatch,
     assert not (exp / "model.safetensors").exists() and not (exp / "config.json").exists()
 
 
-def test_huge_float_wav_stops_at_step_1_naming_its_rows(setup, tmp_path, monkeypatch, capsys):
-    # samples of 1e30 are finite float32 (refused NaN/Inf audio passes them), but their frame
-    # energies (~1e60 and more) overflow float32: the fbank holds Inf
+def test_huge_float_wav_is_refused_when_read(setup, tmp_path, monkeypatch, capsys):
+    # samples of 1e30 are finite float32, so the NaN/Inf check passed them, but their fbank is Inf
+    # and training went NaN
     huge = tmp_path / "huge.wav"
     sf.write(str(huge), np.full(12000, 1e30, dtype=np.float32), 16000, subtype="FLOAT")
     manifest = tmp_path / "m.jsonl"
@@ -115,11 +117,23 @@ def test_huge_float_wav_stops_at_step_1_naming_its_rows(setup, tmp_path, monkeyp
     exp = tmp_path / "exp"
     err = cli(stage1_args(setup, exp, "--max-steps", "3", *SMALL, train=str(manifest)),
               monkeypatch, capsys)
-    assert err.startswith("step 1: the loss is nan and the gradient norm nan on rows ")
-    named = err.split(" on rows ")[1].split("; stopped")[0]
-    assert sorted(named.split(", ")) == [f"huge ({manifest}:2)", f"ok ({manifest}:1)"]
-    assert "no checkpoint was written yet" in err
+    assert err == (f"{huge}: samples reach 1e+30; past 7.3e+14 the float32 fbank overflows to Inf "
+                   "(float audio lies in [-1, 1])")
     assert not (exp / "checkpoints").exists() and not (exp / "model.safetensors").exists()
+
+
+def test_max_sample_keeps_the_fbank_finite():
+    """data_support.MAX_SAMPLE is derived from data.fbank's constants (400-sample frames, DC
+    removal, pre-emphasis, 257 bins): signals just under it give a finite fbank, whatever their
+    spectrum; 1e30 overflows."""
+    bound = math.sqrt(float(np.finfo(np.float32).max) / (data.FFT_SIZE // 2 + 1)) / (
+        data.FRAME_LENGTH * 2 * (1 + data.PREEMPH))
+    assert data_support.MAX_SAMPLE == bound
+    a, n = 0.999 * bound, np.arange(16000)
+    for wave in (np.full(16000, a), a * (-1.0) ** n, a * np.sin(2 * np.pi * 7000 * n / 16000),
+                 a * np.random.default_rng(0).choice([-1.0, 1.0], 16000)):
+        assert torch.isfinite(data.fbank([torch.tensor(wave, dtype=torch.float32)])[0]).all()
+    assert not torch.isfinite(data.fbank([torch.full((16000,), 1e30)])[0]).all()
 
 
 # -------------------------------------------------------------------------------------------------
