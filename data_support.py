@@ -33,7 +33,13 @@ MAX_SAMPLE = math.sqrt(float(np.finfo(np.float32).max) / 257) / (400 * 2 * (1 + 
 class AudioError(Exception):
     """Audio that cannot be used: missing, unreadable, empty or NaN/Inf. Names path and reason."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str | None = None):
+        if reason is None:
+            # Raised in a DataLoader worker, torch re-raises it in the main process from one
+            # message, the worker's traceback, whose last line is "...AudioError: <path>: <reason>".
+            # Without this the error became a RuntimeError and a traceback (--num-workers > 0).
+            last = str(path).strip().splitlines()[-1]
+            path, _, reason = last.split(": ", 1)[-1].partition(": ")
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 

@@ -103,7 +103,8 @@ def test_lr_1e6_stops_at_the_first_non_finite_step(setup, tmp_path, monkeypatch,
     assert not (exp / "model.safetensors").exists() and not (exp / "config.json").exists()
 
 
-def test_huge_float_wav_is_refused_when_read(setup, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_huge_float_wav_is_refused_when_read(setup, tmp_path, monkeypatch, capsys, workers):
     # samples of 1e30 are finite float32, so the NaN/Inf check passed them, but their fbank is Inf
     # and training went NaN
     huge = tmp_path / "huge.wav"
@@ -115,8 +116,9 @@ def test_huge_float_wav_is_refused_when_read(setup, tmp_path, monkeypatch, capsy
                                             "response": "cat", "truncated": False}) + "\n"
                                 for r in rows))
     exp = tmp_path / "exp"
-    err = cli(stage1_args(setup, exp, "--max-steps", "3", *SMALL, train=str(manifest)),
-              monkeypatch, capsys)
+    # read in a DataLoader worker, the error used to come back as a RuntimeError and a traceback
+    err = cli(stage1_args(setup, exp, "--max-steps", "3", *SMALL, "--num-workers", workers,
+                          train=str(manifest)), monkeypatch, capsys)
     assert err == (f"{huge}: samples reach 1e+30; past 7.3e+14 the float32 fbank overflows to Inf "
                    "(float audio lies in [-1, 1])")
     assert not (exp / "checkpoints").exists() and not (exp / "model.safetensors").exists()
