@@ -159,25 +159,30 @@ def oom_message(batch, args) -> str:
 def check_finite(step: int, window, params, rows, exp: Path) -> None:
     """Before update `step`: its loss and gradient are finite, else the run stops here, naming the
     step and its rows. A NaN that reached Adam would spread into every weight, every later
-    checkpoint and the exported model, and the run would still end with status 0 (a float WAV with
-    samples of 1e30 makes an Inf fbank; --lr 1e6 makes a NaN loss at step 2). Stopping before the
-    update keeps every checkpoint finite. Costs one host sync per step (two numbers under DDP)."""
+    checkpoint and the exported model, and the run would still end with status 0 (--lr 1e6 made a
+    NaN loss at step 2). Stopping before the update keeps every checkpoint finite. One host sync per
+    step; under DDP the two flags are summed over ranks first, so every rank stops at this step."""
+    device = params[0].device
+    # this step's losses; earlier steps in the window were finite (a float, or a device tensor)
+    loss = torch.as_tensor(window.sums["loss_sum"], dtype=torch.float64, device=device)
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
-    loss = window.sums["loss_sum"]  # this step's losses (earlier ones in the window were finite)
-    grad = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    bad = [float(not math.isfinite(loss)), float(not math.isfinite(grad))]
-    if is_distributed():  # every rank stops at the same step, not only the one with the bad batch
-        bad = all_reduce_sum(bad, params[0].device)
-    if not any(bad):
+    grad = (torch.linalg.vector_norm(torch.stack(norms)).double() if norms
+            else torch.zeros((), dtype=torch.float64, device=device))
+    values = torch.stack([loss, grad])
+    bad = (~values.isfinite()).double()
+    if is_distributed():
+        dist.all_reduce(bad)
+    if not any(bad.tolist()):
         return
+    loss, grad = values.tolist()
     named = ", ".join(f"{r.id} ({r.source})" for r in rows[:8])
     more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
     last = find_checkpoint(exp, "latest")
     kept = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was written yet"
-    raise TrainError(f"step {step}: the loss is {loss / max(window.sums['tokens'], 1):g} and the "
-                     f"gradient norm {grad:g} on rows {named}{more}; stopped before the update "
-                     f"and nothing was exported ({kept}). Usual causes: --lr too high, or audio "
-                     "samples far outside [-1, 1] in those rows")
+    raise TrainError(f"step {step}: the loss is {loss / max(float(window.sums['tokens']), 1):g} "
+                     f"and the gradient norm {grad:g} on rows {named}{more}; stopped before the "
+                     f"update and nothing was exported ({kept}). Usual causes: --lr too high, or "
+                     "audio samples far outside [-1, 1] in those rows")
 
 
 # --------------------------------------------------------------------------------------------------
