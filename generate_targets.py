@@ -32,14 +32,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import random
 import re
 import sys
 from dataclasses import dataclass
 
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
+
 import checks
 import targets_support as support
-from files import append_jsonl
+from files import WriteError, append_jsonl
 from labels import age_group  # the official age bands live with the label table
 from manifest import ManifestError, Record
 from targets_support import Generation, Row, Summary, TranscriptBackend, VLLMBackend
@@ -387,7 +390,7 @@ def cli(argv=None, backend=None) -> int:
     """main() with the user-fixable errors as one line on stderr and exit status 1."""
     try:
         main(argv, backend)
-    except (checks.CheckError, ManifestError, FileNotFoundError) as e:
+    except (checks.CheckError, ManifestError, FileNotFoundError, WriteError) as e:  # disk full
         print(f"error: {checks.first_line(e)}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checks
+import files
 from whisper_encoder import WhisperSpeechEncoder
 
 WEIGHT_FILES = ("pretrained.safetensors", "model.safetensors", "pretrained.pt", "model.pt")
@@ -317,7 +318,8 @@ def save_frozen_part(module, target: Path, source: str | None, link: bool) -> No
         rel = os.path.relpath(os.path.abspath(source), target.parent.resolve())
         target.symlink_to(rel, target_is_directory=True)
     else:
-        module.save_pretrained(str(target))
+        with files.atomic_folder(target) as tmp:  # a full disk leaves no half-written folder
+            module.save_pretrained(str(tmp))
 
 
 # --------------------------------------------------------------------------------------------------
