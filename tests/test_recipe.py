@@ -1,4 +1,5 @@
 """The demo corpus: eSpeak NG speech with labels true by construction, and honest splits."""
+import re
 import sys
 
 import pytest
@@ -70,15 +71,23 @@ def test_pool_is_read_once_per_sentence(tmp_path):
     assert make_corpus.read_pool(pool) == ["a b c d.", "x y z w."]
 
 
-def test_sentence_writer_keeps_only_spoken_sentences_with_the_word():
-    clean = write_sentences.clean
-    # the answer continues after the opening quote; the closing quote ends the sentence
-    assert clean('I left my Umbrella at home." she said.', "umbrella") == \
-        "i left my umbrella at home."
-    assert clean("I left my umbrella at home and then", "umbrella") is None  # cut: no quote
-    assert clean('My umbrella is red."', "kitchen") is None  # the asked word is missing
-    assert clean('This sentence has the word umbrella."', "umbrella") is None  # about the task
-    assert clean('Umbrella."', "umbrella") is None  # too short
-    assert clean('I paid 5 dollars for an umbrella."', "umbrella") is None  # digits: not spoken
-    # punctuation alone does not make another sentence
-    assert write_sentences.key("is it red?") == write_sentences.key("is it red.") == "is it red"
+def test_sentence_pool_is_the_grammar_output():
+    """The committed pool is exactly `write_sentences.py`'s output with its defaults, and every
+    sentence is one eSpeak can say in 1-6 s: 4-12 plain words, no digits or symbols."""
+    pool = write_sentences.write_pool(4200, seed=0)
+    assert make_corpus.read_pool(make_corpus.POOL) == pool
+    assert len(set(pool)) == len(pool) == 4200
+    for s in pool:
+        assert write_sentences.MIN_WORDS <= len(s.split()) <= write_sentences.MAX_WORDS, s
+        assert set(s) <= set("abcdefghijklmnopqrstuvwxyz ',.?"), s
+        assert " a a" not in s and " a e" not in s and " a o" not in s, s  # "an" before a vowel
+    # every sentence comes from a frame, and every frame is used
+    def pattern(frame):  # the frame's own words literally, any words in its slots
+        parts = [re.escape(part) for part in re.split(r"{\w+}", frame)]
+        return re.compile("^" + ".+".join(parts).replace(r"\ a\ ", r"\ an?\ ")
+                          .replace(" a ", " an? ") + "$")
+    frames = [pattern(f) for f in write_sentences.FRAMES]
+    assert all(any(f.match(s) for f in frames) for s in pool)
+    assert all(any(f.match(s) for s in pool) for f in frames)
+    # the seed decides the pool
+    assert write_sentences.write_pool(50, seed=1) != pool[:50]
