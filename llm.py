@@ -12,8 +12,8 @@ AZeroS never trains the LLM. Everything it needs from the language model is here
 6. generate from embeddings (left padding for batches, greedy by default, optional streaming).
 
 A batch row is a list of messages `{"role": ..., "content": ...}`.
-Support (not the method): model_support.py holds the loading details (GGUF, attention fallback,
-embedding resize, stop tokens).
+Support (not the method): support/model_support.py holds the loading details (GGUF, attention
+fallback, embedding resize, stop tokens).
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, TextStreamer
 
-import checks
-import model_support
+from support import checks, model_support
 
 AUDIO_TOKEN = "<|AUDIO|>"
 IGNORE_INDEX = -100  # what torch's cross_entropy skips

@@ -28,12 +28,13 @@ the prompt produce the same answer. Only the projectors learn; the encoders and 
 The defaults are the official recipe's (examples/azeros/configs/train.yaml): Adam at 1e-3 with the
 Eden2 schedule, no gradient clipping, sequences cut at 512 tokens, Lhotse's SpecAugment, and a
 running average of the weights every 200 steps, which is what the exported model holds. The
-README's "Differences from the official code" lists where we deliberately differ.
+page docs/differences.md lists where we deliberately differ.
 
 Read it like nanoGPT's train.py: the command line, then `main` (data, model, resume, the loop),
 then what the loop calls (which parameters train, learning-rate schedules, one batch and its loss).
-Support (not the method): train_support.py (checks before training, exact-resume checkpoints,
-weight average, encoder cache, DDP helpers, metrics log), spec_augment.py, checks.py (errors).
+Support (not the method): support/train_support.py (checks before training, exact-resume
+checkpoints, weight average, encoder cache, DDP helpers, metrics log), support/spec_augment.py,
+support/checks.py (errors).
 """
 from __future__ import annotations
 
@@ -45,12 +46,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import checks
-import train_support
-from data import AudioDataset, AudioError, DurationBucketSampler, collate
-from manifest import ManifestError
-from spec_augment import SPEC_AUGMENT
-from train_support import TrainError, pad, unpad
+from data import (
+    SAMPLE_RATE,
+    AudioDataset,
+    AudioError,
+    DurationBucketSampler,
+    collate,
+    padding_efficiency,
+)
+from support import checks, train_support
+from support.manifest import ManifestError
+from support.spec_augment import SPEC_AUGMENT
+from support.train_support import TrainError, pad, unpad
 
 # --------------------------------------------------------------------------------------------------
 # 1. Command line
@@ -411,7 +418,8 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
     The SIFT loss: each row is the stage's prompt with the audio in it, answered by the `response`
     the frozen LLM itself wrote for the text stand-in; the model returns the mean cross-entropy
     over the response tokens only (prompt and audio positions are not supervised)."""
-    with train_support.named_errors(batch, args):  # out of memory, --max-length: one line
+    seconds = batch["wave_lens"].double() / SAMPLE_RATE  # (B,) audio lengths: the log's unit
+    with train_support.named_errors(seconds, args):  # out of memory, --max-length: one line
         enc = encoder_outputs(model, batch, device, cache, specaug_gen if train else None,
                               args.precision)
         messages = [model.training_messages(r) for r in batch["records"]]
@@ -421,7 +429,8 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if
             # the whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
-    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # host reads come after backward
+    # host reads come after backward
+    metrics = train_support.batch_metrics(out, seconds, padding_efficiency(seconds.tolist()))
     if train:  # after backward, not before it (no GPU wait); a batch without tokens has loss 0
         checks.batch_tokens(metrics["tokens"], batch["records"], args.max_length)
     return metrics

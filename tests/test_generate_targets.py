@@ -23,9 +23,9 @@ import torch
 from transformers import AutoTokenizer
 
 import generate_targets as gt
-import targets_support as support
 from conftest import ROOT
 from data import Record
+from support import targets_support as support
 from tiny import TOKENIZER_DIR, make_tiny_llm_dir
 
 # ------------------------------------------------------------------------------------------------

@@ -22,14 +22,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import checks
-from files import json_line, read_jsonl, write_atomic
-from manifest import ManifestError, Record, parse_line
-
-if TYPE_CHECKING:
-    from generate_targets import Prompt
+from support import checks
+from support.files import json_line, read_jsonl, write_atomic
+from support.manifest import ManifestError, Record, parse_line
 
 
 @dataclass
@@ -40,7 +36,7 @@ class Row:
     source: str                 # "file:line"
     raw: str                    # the line as read (kept for the skipped file)
     record: Record | None = None
-    prompt: Prompt | None = None
+    prompt: object | None = None  # generate_targets.Prompt (support never imports a chapter)
     skip: str | None = None     # why it is not generated; None = generate
 
 
@@ -162,10 +158,10 @@ class TranscriptBackend:
     name = "transcript"
     model_label = ""
 
-    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+    def batches(self, prompts: list) -> list[list[int]]:
         return chunks(len(prompts), 1024)
 
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+    def generate(self, prompts: list) -> list[Generation]:
         return [Generation(p.target, False, 0) for p in prompts]
 
 
@@ -211,10 +207,10 @@ class VLLMBackend:
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.model_label, self.chunk = model_label, chunk
 
-    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+    def batches(self, prompts: list) -> list[list[int]]:
         return chunks(len(prompts), self.chunk)
 
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+    def generate(self, prompts: list) -> list[Generation]:
         conversations = [([{"role": "system", "content": p.system}] if p.system else [])
                          + p.messages() for p in prompts]
         outputs = self.llm.chat(conversations, self.params, chat_template=CHATML_TEMPLATE,

@@ -33,11 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checks
-import files
-import model_support
-from data import SAMPLE_RATE, padding_efficiency
-from manifest import read_manifest
+from support import checks, files, model_support
+from support.manifest import read_manifest
 
 # --------------------------------------------------------------------------------------------------
 # 1. Errors
@@ -128,20 +125,19 @@ def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None 
 
 
 @contextlib.contextmanager
-def named_errors(batch, args):
-    """Around one micro-batch: running out of memory, or --max-length cutting into the audio, ends
-    in one line that names the batch or the flag."""
+def named_errors(seconds: torch.Tensor, args):
+    """Around one micro-batch of `seconds` (B,) of audio: running out of memory, or --max-length
+    cutting into the audio, ends in one line that names the batch or the flag."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise TrainError(oom_message(batch, args)) from e
+        raise TrainError(oom_message(seconds, args)) from e
     except ValueError as e:
         checks.max_length_cut(e, args.max_length)
         raise
 
 
-def oom_message(batch, args) -> str:
-    lens = batch["wave_lens"].float() / SAMPLE_RATE
+def oom_message(lens: torch.Tensor, args) -> str:
     return (f"out of memory on a batch of {len(lens)} utterances, {lens.sum():.1f} s of audio "
             f"(longest {lens.max():.1f} s, padded {lens.max() * len(lens):.1f} s). Lower "
             f"--max-duration (now {args.max_duration:g}) or --max-batch (now {args.max_batch}); "
@@ -612,13 +608,13 @@ def grad_norm(params, clip: float, logged: bool) -> float | None:
     return float(norm) if logged else None
 
 
-def batch_metrics(out: dict, wave_lens: torch.Tensor) -> dict:
-    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted)."""
+def batch_metrics(out: dict, seconds: torch.Tensor, pad_eff: float) -> dict:
+    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted), given
+    its audio lengths `seconds` (B,) and padding efficiency (data.padding_efficiency)."""
     ntok, loss = float(out["num_tokens"]), float(out["loss"].detach())
-    seconds = (wave_lens.float() / SAMPLE_RATE).tolist()
     return {"loss_sum": loss * ntok, "acc_sum": float(out["acc"]) * ntok, "tokens": ntok,
-            "samples": float(len(wave_lens)), "audio_s": float(wave_lens.sum()) / SAMPLE_RATE,
-            "pad_eff_sum": padding_efficiency(seconds) * len(wave_lens)}
+            "samples": float(len(seconds)), "audio_s": float(seconds.sum()),
+            "pad_eff_sum": pad_eff * len(seconds)}
 
 
 class LogWindow:
