@@ -287,7 +287,10 @@ class DurationBucketSampler(data_support.ResumableSampler):
       3. Packing. Fill batches greedily inside each bucket. A batch is padded to its longest
          utterance, so the duration cap counts PADDED seconds: longest * count <= max_duration;
          and count <= max_batch. An utterance longer than max_duration alone still forms a batch
-         of one (with a warning): it is never dropped silently.
+         of one (with a warning): it is never dropped silently. With `tokens` (each row's length
+         in the LLM) and `max_tokens`, also longest row * count <= max_tokens: the frozen LLM runs
+         on the padded (count, longest) block, so its activation memory follows that product,
+         not the seconds. A row longer than max_tokens alone is an error (train.py names it).
       4. Shuffle the batch order, then deal the batches round-robin to the ranks. Every DDP rank
          must run the same number of steps: the largest batches are split until the count divides
          by world_size, or with drop_last=True the last few are dropped (`self.num_dropped`).
@@ -298,9 +301,11 @@ class DurationBucketSampler(data_support.ResumableSampler):
 
     def __init__(self, durations, weights=None, max_duration: float = 200.0, max_batch: int = 64,
                  num_buckets: int = 30, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, shuffle: bool = True):
+                 drop_last: bool = False, shuffle: bool = True, tokens=None,
+                 max_tokens: int | None = None):
         if durations and not isinstance(durations[0], (list, tuple, np.ndarray)):
             durations = [durations]  # a single manifest given as a flat list
+            tokens = [tokens] if tokens is not None else None
         self.durations = [np.asarray(d, dtype=np.float64) for d in durations]
         self.weights = ([1.0] * len(self.durations) if weights is None
                         else [float(w) for w in weights])
@@ -312,6 +317,9 @@ class DurationBucketSampler(data_support.ResumableSampler):
         self.drop_last, self.shuffle = drop_last, shuffle
         self.offsets = np.cumsum([0] + [len(d) for d in self.durations])[:-1]
         self.all_durations = np.concatenate(self.durations) if self.durations else np.zeros(0)
+        # rows' token counts (all zero without a token budget: the cap then never binds)
+        self.max_tokens = int(max_tokens) if max_tokens else 0
+        self.all_tokens = data_support.row_token_array(tokens, self.durations, self.max_tokens)
         self._plan_cache: tuple[int, list[list[int]]] | None = None
 
     # -- the plan of one epoch ---------------------------------------------------------------------
@@ -359,20 +367,21 @@ class DurationBucketSampler(data_support.ResumableSampler):
         return np.concatenate(pool) if pool else np.zeros(0, dtype=np.int64)
 
     def _pack(self, bucket: np.ndarray) -> list[list[int]]:
-        """Step 3: greedy packing under both caps (padded seconds and count)."""
-        batches, current, longest = [], [], 0.0
+        """Step 3: greedy packing under all caps (padded seconds, padded tokens and count)."""
+        batches, current, longest, most = [], [], 0.0, 0
         for i in bucket.tolist():
-            d = self.all_durations[i]
+            d, t = self.all_durations[i], int(self.all_tokens[i])
             if d > self.max_duration:
                 warnings.warn(f"utterance {i} lasts {d:.2f} s > max_duration {self.max_duration} s:"
                               " it gets a batch of its own", stacklevel=3)
-            new_longest = max(longest, d)
+            new_longest, new_most = max(longest, d), max(most, t)
             too_long = new_longest * (len(current) + 1) > self.max_duration
-            if current and (too_long or len(current) >= self.max_batch):
+            too_many = self.max_tokens and new_most * (len(current) + 1) > self.max_tokens
+            if current and (too_long or too_many or len(current) >= self.max_batch):
                 batches.append(current)
-                current, new_longest = [], d
+                current, new_longest, new_most = [], d, t
             current.append(i)
-            longest = new_longest
+            longest, most = new_longest, new_most
         if current:
             batches.append(current)
         return batches

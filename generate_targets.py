@@ -207,7 +207,7 @@ class HFBackend:
     def batches(self, prompts: list[Prompt]) -> list[list[int]]:
         lengths = [len(self.prompt_ids(p)) for p in prompts]
         return targets_support.budget_batches(lengths, self.max_new_tokens, self.batch_tokens,
-                                      self.max_batch_rows)
+                                              self.max_batch_rows)
 
     def generate(self, prompts: list[Prompt]) -> list[Generation]:
         import torch

@@ -38,22 +38,25 @@ PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def load_llm(name_or_path, gguf_file: str | None = None, dtype=None, device=None,
-             attn_implementation: str | None = None, tokenizer_path=None):
+             attn_implementation: str | None = None, tokenizer_path=None,
+             revision: str | None = None):
     """A local folder, hub id or `.gguf` file -> (frozen model, tokenizer). dtype None: the
     checkpoint's own; attention: SDPA unless asked otherwise; `tokenizer_path`: the tokenizer from
-    elsewhere (a release keeps it at its root, not in llm/)."""
+    elsewhere (a release keeps it at its root, not in llm/); `revision`: a hub commit."""
     path, gguf = model_support.gguf_source(name_or_path, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}
+    if revision:
+        extra["revision"] = revision
     attn = model_support.attention(attn_implementation)
     tokenizer = model_support.load_tokenizer(path, extra, tokenizer_path)
+    if device is not None:  # each weight goes straight to the device: no 15 GB copy in host RAM
+        extra["device_map"] = {"": torch.device(device)}
     with model_support.no_remote_code(path):  # a config's auto_map never runs the folder's code
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype if dtype is not None else "auto", attn_implementation=attn,
             trust_remote_code=False, **extra)
     if gguf:
         model_support.forget_gguf_quantizer(model)
-    if device is not None:
-        model.to(device)
     return freeze(model), tokenizer
 
 
@@ -167,6 +170,7 @@ class Batch:
     inputs_embeds: torch.Tensor   # (B, L, D) with audio frames spliced in
     attention_mask: torch.Tensor  # (B, L) long
     labels: torch.Tensor | None   # (B, L) long, IGNORE_INDEX where not supervised
+    num_targets: int = 0          # supervised tokens, counted on the host (no GPU sync to read)
 
 
 def pad_rows(rows: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +230,12 @@ def build_batch(llm, tokenizer, messages: list[list[dict]], audio=None, *, train
     segments = [s for row in audio for s in row]
     if segments:
         embeds = splice_audio(embeds, input_ids, audio_id, torch.cat(segments).to(device))
-    labels = None
+    labels, num_targets = None, 0
     if training:
         labels = pad_rows(label_rows, IGNORE_INDEX, "right")[0].to(device)
-    return Batch(input_ids, embeds, attention_mask, labels)
+        # what answer_logits' mask will count (labels[:, 1:] supervised), known before the GPU runs
+        num_targets = sum(t != IGNORE_INDEX for row in label_rows for t in row[1:])
+    return Batch(input_ids, embeds, attention_mask, labels, num_targets)
 
 
 # --------------------------------------------------------------------------------------------------

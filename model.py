@@ -109,6 +109,9 @@ class AZeroS(nn.Module):
         model = cls(lm, tokenizer, speech, para, speech_ds_rate=ds_rate, paraling_ds_rate=ds_rate)
         model.sources = model_support.component_sources(llm_path, gguf_file, speech_encoder,
                                                         paraling_encoder)
+        hub = model_support.llm_reference(llm_path, gguf_file)
+        if hub and not model.resized:  # saved as a reference to the hub model, not a copy
+            model.config["llm_hub"] = hub
         return model.to(device)
 
     @classmethod
@@ -145,8 +148,10 @@ class AZeroS(nn.Module):
         weights may hold only the projectors (what training saves) or a full state dict."""
         root, config, weights = model_support.read_model_folder(path_or_hub_id)
         attn = "flash_attention_2" if config.get("use_flash_attn") else None  # else sdpa
-        lm, tokenizer = llm.load_llm(str(root / "llm"), tokenizer_path=str(root),
-                                     dtype=dtype or default_dtype(device), attn_implementation=attn)
+        llm_path, revision = model_support.llm_location(root, config)  # llm/, or a hub model
+        lm, tokenizer = llm.load_llm(llm_path, tokenizer_path=str(root), device=device,
+                                     dtype=dtype or default_dtype(device), attn_implementation=attn,
+                                     revision=revision)
         has_para = config.get("paraling_encoder_config") is not None
         model = cls(lm, tokenizer, load_encoder(root / "speech_encoder"),
                     load_encoder(root / "paraling_encoder") if has_para else None, config=config,
@@ -172,6 +177,8 @@ class AZeroS(nn.Module):
         self.tokenizer.save_pretrained(str(out))
         for name in FROZEN:
             module = getattr(self, name)
+            if name == "llm" and self.config.get("llm_hub"):
+                continue  # config.json names the hub model (model_support.llm_reference)
             if module is not None and not (out / name).exists():
                 # A resized LLM differs from its folder, and a transformers Whisper folder holds the
                 # decoder too, which the official encoder loader refuses: write those, never link.
@@ -319,9 +326,11 @@ class AZeroS(nn.Module):
 
     def forward(self, messages: list[list[dict]], feats=None, feat_lens=None, encoder_outputs=None,
                 max_length: int | None = None, segments: list[list[torch.Tensor]] | None = None):
-        """Teacher-forced pass -> {"loss", "logits", "acc", "num_tokens", "labels", "row_nll",
-        "row_tokens"}. loss: mean next-token cross entropy over the supervised tokens (the assistant
-        answers); row_nll[b]: the summed negative log-likelihood of row b's answer (evaluation);
+        """Teacher-forced pass -> {"loss", "logits", "acc", "num_tokens", "num_targets", "labels",
+        "row_nll", "row_tokens"}. loss: mean next-token cross entropy over the supervised tokens
+        (the assistant answers), num_tokens of them (num_targets: the same count as a host int,
+        which training reads without waiting for the GPU); row_nll[b]: the summed negative
+        log-likelihood of row b's answer (evaluation);
         logits: (num_tokens, vocab), only at the positions that predict a supervised token.
 
         The audio comes as fbank features, cached encoder outputs, or ready-made `segments` (per
@@ -337,7 +346,8 @@ class AZeroS(nn.Module):
         with torch.no_grad():
             acc = (logits.argmax(-1) == targets).sum() / num_tokens.clamp(min=1)
         return {"loss": nll.sum() / num_tokens.clamp(min=1), "logits": logits, "acc": acc,
-                "num_tokens": num_tokens, "labels": batch.labels, "row_nll": nll.sum(1),
+                "num_tokens": num_tokens, "num_targets": batch.num_targets,
+                "labels": batch.labels, "row_nll": nll.sum(1),
                 "row_tokens": mask.sum(1)}
 
     @torch.no_grad()

@@ -40,20 +40,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
+import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (
-    SAMPLE_RATE,
-    AudioDataset,
-    AudioError,
-    DurationBucketSampler,
-    collate,
-    padding_efficiency,
-)
+import data
+from data import AudioDataset, AudioError, DurationBucketSampler, collate
 from support import checks, train_support
 from support.manifest import ManifestError
 from support.spec_augment import SPEC_AUGMENT
@@ -79,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--train", nargs="+", required=True, metavar="JSONL[:WEIGHT]",
       help="manifests with responses (generate_targets.py); WEIGHT 2: twice an epoch, 0.5: half")
     a("--valid", nargs="*", default=[], metavar="JSONL", help="validation manifests")
-    a("--max-duration", type=float, default=200.0, help="padded seconds of audio per batch, rank")
+    a("--max-tokens", type=int, default=train_support.DEFAULT_MAX_TOKENS,
+      help="padded LLM tokens per batch and rank, rows x longest row (0: no limit); the default\n"
+           "fits a 7B LLM on an 80 GB GPU by docs/gpu.md's estimate")
+    a("--max-duration", type=float, default=100.0, help="padded seconds of audio per batch, rank")
     a("--max-batch", type=int, default=64, help="utterances per batch at most")
     a("--num-buckets", type=int, default=30, help="duration buckets of the sampler")
     a("--max-length", type=int, default=512, help="cut token sequences here (0: no limit)")
@@ -155,14 +154,16 @@ def main(argv=None) -> dict:
     specs = [parse_train_spec(s) for s in args.train]
     limit = args.max_audio_seconds
     manifests = train_support.load_manifests([p for p, _ in specs], "training", limit)
-    loader, sampler = make_loader(manifests, [w for _, w in specs], args, rank, world, shuffle=True)
-    valid_loaders = [make_loader(train_support.load_manifests([v], "validation", limit), None,
-                                 args, rank, world, shuffle=False) for v in args.valid]
-    total_steps = train_support.count_steps(args, len(sampler))  # --max-steps or --epochs
-    decay_steps = args.decay_steps or total_steps
+    valid = [train_support.load_manifests([v], "validation", limit) for v in args.valid]
 
     # -- model: everything frozen but this stage's projector(s) ------------------------------------
     model = build_model(args, device)
+    # batches need each row's length in the LLM (--max-tokens), which the model's prompt decides
+    loader, sampler = make_loader(model, manifests, [w for _, w in specs], args, rank, world,
+                                  shuffle=True)
+    valid_loaders = [make_loader(model, m, None, args, rank, world, shuffle=False) for m in valid]
+    total_steps = train_support.count_steps(args, len(sampler))  # --max-steps or --epochs
+    decay_steps = args.decay_steps or total_steps
     model.eval()  # frozen LLM and encoders: no dropout, fixed norms (projectors have no dropout)
     names = trainable_names(model, args.stage)
     params = [p for n in names for p in getattr(model, n).parameters()]
@@ -267,23 +268,83 @@ def parse_train_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def make_loader(manifests, weights, args, rank, world, shuffle: bool):
+def make_loader(model, manifests, weights, args, rank, world, shuffle: bool):
     """DataLoader over the concatenated manifests, batched by the duration-bucketed sampler.
 
     The sampler decides everything (which utterances, in which batches, on which rank) from (seed,
     epoch): ranks agree without communicating, and a resumed run skips straight to its position.
+    With --max-tokens it also bounds rows x longest row in the LLM, counted from the manifest.
     The loader gets its own torch.Generator, else each new iterator draws a seed from the GLOBAL
     RNG, which would make the random stream depend on when it was created (and break resume)."""
     records = [r for m in manifests for r in m]
+    tokens = None
+    if args.max_tokens:
+        tokens = [count_row_tokens(model, m, args.max_length) for m in manifests]
+        for m, t in zip(manifests, tokens):
+            train_support.check_row_tokens(m, t, args.max_tokens)  # file:line of a row too long
     sampler = DurationBucketSampler([[r.duration for r in m] for m in manifests], weights=weights,
                                     max_duration=args.max_duration, max_batch=args.max_batch,
                                     num_buckets=args.num_buckets, seed=args.seed, rank=rank,
-                                    world_size=world, shuffle=shuffle)
+                                    world_size=world, shuffle=shuffle, tokens=tokens,
+                                    max_tokens=args.max_tokens)
     loader = torch.utils.data.DataLoader(AudioDataset(records), batch_sampler=sampler,
                                          collate_fn=collate, num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(0),
                                          pin_memory=torch.cuda.is_available())
     return loader, sampler
+
+
+# Tokens per row, for the --max-tokens budget: counted from the manifest, before any batch runs
+
+
+def row_tokens(model, records, max_length: int | None) -> np.ndarray:
+    """Each row's length in the LLM, as run_batch will build it, from the manifest alone: the
+    tokens of its training chat (the stage's prompt + the response), each `<|AUDIO|>` replaced by
+    the frames its projector emits for the row's duration, cut at --max-length.
+
+    Exact for 16 kHz audio. Audio at another rate is resampled from round(duration * rate)
+    samples, which can end a sample or two away from round(duration * 16000): a row then
+    counts at most one audio frame too few or too many (the budget leaves room for that)."""
+    import llm  # here: `python train.py --help` does not wait for transformers
+
+    tokenizer = model.tokenizer
+    audio_id = tokenizer.convert_tokens_to_ids(llm.AUDIO_TOKEN)
+    texts = [llm.chat_text(tokenizer, model.training_messages(r), training=True) for r in records]
+    text = np.zeros(len(records), dtype=np.int64)
+    for start in range(0, len(texts), 4096):  # the fast tokenizer encodes a list in parallel
+        ids = tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
+        text[start:start + len(ids)] = [len(row) - row.count(audio_id) for row in ids]
+    samples = np.round(np.array([r.duration for r in records], dtype=np.float64) * data.SAMPLE_RATE)
+    total = text + sum(audio_tokens(model, branch, samples.astype(np.int64))
+                       for branch in model.encoders())
+    return np.minimum(total, max_length) if max_length else total
+
+
+def count_row_tokens(model, records, max_length: int | None) -> np.ndarray:
+    """row_tokens of every row, each rank counting an equal share: all ranks need all counts (the
+    same plan), and one core tokenizes only a few thousand rows a second."""
+    distributed = train_support.is_distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    counts = np.zeros(len(records), dtype=np.int64)
+    parts = train_support.gather_objects(row_tokens(model, records[rank::world], max_length))
+    for r, part in enumerate(parts):
+        counts[r::world] = part
+    return counts
+
+
+def audio_tokens(model, branch: str, samples: np.ndarray) -> np.ndarray:
+    """LLM positions one branch's projector fills for utterances of `samples` 16 kHz samples: the
+    encoder's frame count (Zipformer: fbank frames through its two stride-2 stages; Whisper: log-mel
+    frames, at most 30 s, through its stride-2 convolution), divided by the projector's ds_rate."""
+    encoder = getattr(model, f"{branch}_encoder")
+    projector = getattr(model, f"{branch}_encoder_projector")
+    if getattr(encoder, "front_end", "fbank") == "fbank":
+        from zipformer import output_lengths
+        frames = output_lengths(torch.from_numpy(data.num_frames(samples))).numpy()
+    else:
+        from whisper_encoder import HOP_LENGTH, MAX_FRAMES
+        frames = (np.minimum(samples // HOP_LENGTH, MAX_FRAMES) - 1) // 2 + 1
+    return np.maximum(frames, 0) // projector.ds_rate
 
 
 def batches_forever(loader, sampler, epoch: int, cache):
@@ -418,7 +479,7 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
     The SIFT loss: each row is the stage's prompt with the audio in it, answered by the `response`
     the frozen LLM itself wrote for the text stand-in; the model returns the mean cross-entropy
     over the response tokens only (prompt and audio positions are not supervised)."""
-    seconds = batch["wave_lens"].double() / SAMPLE_RATE  # (B,) audio lengths: the log's unit
+    seconds = batch["wave_lens"].double() / data.SAMPLE_RATE  # (B,) audio lengths: the log's unit
     with train_support.named_errors(seconds, args):  # out of memory, --max-length: one line
         enc = encoder_outputs(model, batch, device, cache, specaug_gen if train else None,
                               args.precision)
@@ -429,8 +490,8 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if
             # the whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
-    # host reads come after backward
-    metrics = train_support.batch_metrics(out, seconds, padding_efficiency(seconds.tolist()))
+    # no GPU sync here (see batch_metrics): the log reads the device's sums once per log line
+    metrics = train_support.batch_metrics(out, seconds, data.padding_efficiency(seconds.tolist()))
     if train:  # after backward, not before it (no GPU wait); a batch without tokens has loss 0
         checks.batch_tokens(metrics["tokens"], batch["records"], args.max_length)
     return metrics
@@ -453,10 +514,13 @@ def validate(model, loaders, args, device, cache) -> dict:
 def cli():
     try:
         main()
-    # user-fixable: one line, no traceback
+    # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
     except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        train_support.stop_all(f"error: {e}")
+    except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too
+        if not train_support.is_distributed():
+            raise
+        train_support.stop_all(traceback.format_exc().rstrip())
     finally:
         train_support.close_distributed()
 

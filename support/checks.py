@@ -163,8 +163,8 @@ def infer_args(args) -> None:
 TRAIN_POSITIVE = ("max_steps", "epochs", "lr", "max_duration", "max_batch", "num_buckets",
                   "lr_batches", "decay_steps", "grad_accum", "log_every", "valid_every",
                   "save_every", "keep_last")
-TRAIN_NON_NEGATIVE = ("max_length", "num_workers", "max_audio_seconds", "warmup_steps", "min_lr",
-                      "weight_decay", "grad_clip", "average_period")
+TRAIN_NON_NEGATIVE = ("max_length", "max_tokens", "num_workers", "max_audio_seconds",
+                      "warmup_steps", "min_lr", "weight_decay", "grad_clip", "average_period")
 
 
 def training_args(args) -> None:

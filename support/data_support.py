@@ -109,6 +109,25 @@ def check_sampler(weights: list[float], num_manifests: int, rank: int, world_siz
         raise ValueError(f"rank {rank} not in [0, {world_size})")
 
 
+def row_token_array(tokens, durations: list[np.ndarray], max_tokens: int) -> np.ndarray:
+    """The sampler's per-row token counts, one flat int64 array over all manifests, checked: one
+    list per manifest, one count per row, and no row over the budget (a row the budget cannot
+    hold would otherwise be packed alone and run out of memory, or be dropped silently)."""
+    if tokens is None:
+        if max_tokens:
+            raise ValueError("max_tokens needs the rows' token counts (tokens=)")
+        return np.zeros(sum(len(d) for d in durations), dtype=np.int64)
+    if len(tokens) != len(durations) or any(len(t) != len(d) for t, d in zip(tokens, durations)):
+        raise ValueError(f"tokens: {[len(t) for t in tokens]} rows per manifest, durations: "
+                         f"{[len(d) for d in durations]}")
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens]) if tokens else \
+        np.zeros(0, dtype=np.int64)
+    if max_tokens and len(flat) and flat.max() > max_tokens:
+        i = int(flat.argmax())
+        raise ValueError(f"row {i} has {flat[i]} tokens, more than max_tokens {max_tokens}")
+    return flat
+
+
 def equalise_for_ranks(batches: list[list[int]], world_size: int,
                        drop_last: bool) -> tuple[list[list[int]], int]:
     """Make the number of batches a multiple of world_size -> (batches, utterances dropped).

@@ -266,9 +266,9 @@ def _row_record(obj: dict, path, lineno: int) -> Record:
     audio = audio if audio.is_absolute() else Path(path).resolve().parent / audio
     rid = str(obj.get("id", obj.get("uniq_id", f"line{lineno}")))
     return Record(id=rid, audio=str(audio), duration=float(obj.get("duration") or 0.0),
-                       text=obj.get("text") or "", language=obj.get("language"),
-                       offset=float(obj.get("offset") or 0.0), meta=dict(obj.get("meta") or {}),
-                       source=f"{path}:{lineno}")
+                  text=obj.get("text") or "", language=obj.get("language"),
+                  offset=float(obj.get("offset") or 0.0), meta=dict(obj.get("meta") or {}),
+                  source=f"{path}:{lineno}")
 
 
 def mcq_question(question: str, choices: list[str]) -> str:

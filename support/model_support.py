@@ -178,7 +178,9 @@ def require(path: Path) -> Path:
 def check_model_folder(root: Path, config: dict) -> Path:
     """Every part of a release folder is there and reads, before anything slow is loaded -> the
     root weight file."""
-    require(root / "speech_encoder"), require(root / "llm")
+    require(root / "speech_encoder")
+    if not config.get("llm_hub"):  # else the LLM is the hub model it names (llm_location)
+        require(root / "llm")
     if config.get("paraling_encoder_config") is not None:
         require(root / "paraling_encoder")
     checks.model_files(root)  # a corrupt weight or config file is named, no library traceback
@@ -272,6 +274,31 @@ def component_sources(llm_path, gguf_file, speech_encoder, paraling_encoder) -> 
     parts = {"llm": None if gguf else llm_path, "speech_encoder": speech_encoder,
              "paraling_encoder": paraling_encoder}
     return {k: str(v) for k, v in parts.items() if v and os.path.isdir(v)}
+
+
+def llm_reference(llm_path, gguf_file) -> dict | None:
+    """{"id", "revision"} of an LLM that came from the hub (not a local folder, not a GGUF file),
+    else None. A release records this in config.json ("llm_hub") instead of writing llm/: rank 0
+    would otherwise re-save 15 GB of unchanged weights at the end of every run, while the other
+    ranks wait at a barrier. The revision is the commit transformers loaded, so the reference
+    stays exact when the hub repository changes."""
+    if gguf_file or str(llm_path).endswith(".gguf") or os.path.isdir(llm_path):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    # the load just cached config.json under snapshots/<commit>/ of the revision it resolved
+    cached = try_to_load_from_cache(str(llm_path), "config.json")
+    commit = Path(cached).parent.name if isinstance(cached, str) else None
+    return {"id": str(llm_path), "revision": commit}
+
+
+def llm_location(root: Path, config: dict) -> tuple[str, str | None]:
+    """(where to load a release's LLM from, revision): its llm/ folder (a copy or a link), else
+    the hub model its config.json records."""
+    hub = config.get("llm_hub")
+    if (root / "llm").exists() or not hub:
+        return str(root / "llm"), None
+    return hub["id"], hub.get("revision")
 
 
 def record_new_branch(model, paraling_encoder, ds_rate: int) -> None:

@@ -140,8 +140,29 @@ def named_errors(seconds: torch.Tensor, args):
 def oom_message(lens: torch.Tensor, args) -> str:
     return (f"out of memory on a batch of {len(lens)} utterances, {lens.sum():.1f} s of audio "
             f"(longest {lens.max():.1f} s, padded {lens.max() * len(lens):.1f} s). Lower "
-            f"--max-duration (now {args.max_duration:g}) or --max-batch (now {args.max_batch}); "
-            "--grad-accum keeps the effective batch size.")
+            f"--max-tokens (now {args.max_tokens}), --max-duration (now {args.max_duration:g}) or "
+            f"--max-batch (now {args.max_batch}); --grad-accum keeps the effective batch size.")
+
+
+# --------------------------------------------------------------------------------------------------
+# 1b. Tokens per row, for the --max-tokens budget
+
+# --max-tokens by default: docs/gpu.md's estimate for Qwen2.5-7B in bf16 on an 80 GB GPU, not yet
+# measured. (80 GB - 15.2 GB weights - 8 GB reserve) / 7.8 MB per token (6.6 MB of activations
+# + 1.2 MB of fp32 logits, as if every position were supervised) = 7,282 tokens; 12 rows of 512
+# tokens leave ~16% of that for the estimate's error.
+DEFAULT_MAX_TOKENS = 12 * 512
+
+
+def check_row_tokens(records, tokens: np.ndarray, max_tokens: int) -> None:
+    """A row the --max-tokens budget cannot hold even alone: named (file:line), not dropped."""
+    over = np.flatnonzero(tokens > max_tokens)
+    if len(over):
+        r = records[int(over[0])]
+        raise TrainError(f"{r.source}: row {r.id!r} is {int(tokens[over[0]])} tokens in the LLM "
+                         f"(prompt, audio frames and response), more than --max-tokens "
+                         f"{max_tokens} ({len(over)} such row(s)); raise --max-tokens or "
+                         "lower --max-length")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +193,63 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        watch_ranks()  # another rank's error ends this one too (stop_all)
     return rank, world, device
+
+
+# One rank's error must stop every rank. A rank that fails stops taking part in collectives, so the
+# others wait in their next one (DDP's gradient all-reduce, inside backward) until NCCL's timeout,
+# 10 minutes or more; torchrun ends them only when the failed process has exited, and across nodes
+# not at all. So the failing rank posts to the process group's key-value store (torchrun's TCP
+# store, reachable from every node) and exits at once; every rank polls the store from a thread,
+# which runs while the main thread waits inside a collective, and exits when another rank failed.
+
+
+def failure_key() -> str:
+    """The store key of this run's failure: one per torchrun restart (the store outlives them)."""
+    return f"azeros/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def watch_ranks(interval: float = 1.0) -> None:
+    """Start the thread that ends this process (status 1) once another rank posted a failure."""
+    import threading
+
+    store, key, me = dist.distributed_c10d._get_default_store(), failure_key(), str(dist.get_rank())
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            try:
+                failed = store.check([key]) and store.get(key).decode() != me
+            except Exception:  # the store is gone: the run is over
+                return
+            if failed:  # that rank printed its line; this one has nothing to add
+                os._exit(1)
+
+    threading.Thread(target=watch, name="rank-watch", daemon=True).start()
+
+
+def stop_all(message: str):
+    """End the run with this rank's `message` (one line, or a traceback). Under DDP also tell the
+    other ranks (their watch_ranks thread ends them within a second), unless one failed first: then
+    this error is only the echo of that one (e.g. gloo's "connection closed") and stays silent.
+    os._exit skips destroy_process_group and exit handlers, which can wait on collectives that the
+    other ranks will never join."""
+    import sys
+
+    if not is_distributed():
+        print(message, file=sys.stderr)
+        sys.exit(1)
+    rank = dist.get_rank()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first = store.compare_set(failure_key(), "", str(rank)).decode() == str(rank)
+    except Exception:  # no store to reach: say it anyway
+        first = True
+    if first:
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def check_device(args, device) -> None:
@@ -204,10 +281,10 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few numbers over ranks (for logging and validation: every rank sees the global
-    figure)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list, device) -> list[float]:
+    """Sum a few numbers (floats or 0-d tensors) over ranks (for logging and validation: every
+    rank sees the global figure)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     if is_distributed():
         dist.all_reduce(t)
     return t.tolist()
@@ -379,12 +456,29 @@ def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator)
                   "random streams restart")
         if rank == 0:
             print(f"resumed from {path} at step {ckpt['step']}")
+            note_batching_change(ckpt["args"], args)
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
     elif rank == 0 and find_checkpoint(exp, "latest") is not None:
         print(f"warning: {exp / 'checkpoints'} has checkpoints but --resume was not given: "
               "starting from scratch, they will be replaced")
     return ckpt
+
+
+# the flags the sampler's plan of an epoch depends on (besides the manifests)
+BATCHING = ("max_tokens", "max_duration", "max_batch", "num_buckets", "max_length", "seed")
+
+
+def note_batching_change(saved: dict, args) -> None:
+    """Resuming with other batching flags (e.g. a lower --max-tokens after running out of memory)
+    is allowed, but the rest of the interrupted epoch then comes from a new plan: the position
+    saved counts batches of the old one, so some utterances of that epoch may run twice or not
+    at all. Say so rather than let the exact-resume promise break silently."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in BATCHING
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        print(f"note: batching changed since the checkpoint ({', '.join(changed)}): the rest of "
+              "its epoch is planned anew, so it may repeat or skip some of that epoch's rows")
 
 
 def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | None, dict | None]:
@@ -609,10 +703,16 @@ def grad_norm(params, clip: float, logged: bool) -> float | None:
 
 
 def batch_metrics(out: dict, seconds: torch.Tensor, pad_eff: float) -> dict:
-    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted), given
-    its audio lengths `seconds` (B,) and padding efficiency (data.padding_efficiency)."""
-    ntok, loss = float(out["num_tokens"]), float(out["loss"].detach())
-    return {"loss_sum": loss * ntok, "acc_sum": float(out["acc"]) * ntok, "tokens": ntok,
+    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted),
+    given its audio lengths `seconds` (B,), a host tensor, and its padding efficiency.
+
+    Nothing here waits for the GPU: the token count was made on the host (num_targets), and loss
+    and accuracy stay on the device, in float64, until a log step reads the window's sums (one
+    sync per log line instead of three per micro-batch). float64 products and sums give the same
+    bits as the Python floats they replace."""
+    ntok = out["num_targets"]
+    return {"loss_sum": out["loss"].detach().double() * ntok,
+            "acc_sum": out["acc"].double() * ntok, "tokens": float(ntok),
             "samples": float(len(seconds)), "audio_s": float(seconds.sum()),
             "pad_eff_sum": pad_eff * len(seconds)}
 

@@ -236,3 +236,23 @@ def test_train_with_grad_checkpointing_matches(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(
         str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_llm_loads_straight_to_its_device(tmp_path, monkeypatch):
+    """The LLM's weights go to the device inside from_pretrained (device_map), not into host RAM
+    first and then .to(device) (15 GB of host memory per rank for a 7B LLM): the call gets the
+    device, for a model built from components and for a release folder."""
+    import llm
+    from model import AZeroS
+    from tiny import cached_tiny_release, make_tiny_llm_dir
+
+    seen, load = [], llm.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(llm.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k.get("device_map")) or load(*a, **k))
+    lm, _ = llm.load_llm(make_tiny_llm_dir(tmp_path / "llm"), device="cpu")
+    assert seen == [{"": torch.device("cpu")}]
+    assert {p.device for p in lm.parameters()} == {torch.device("cpu")}
+    AZeroS.from_pretrained(cached_tiny_release(), device="cpu")
+    assert seen[-1] == {"": torch.device("cpu")}
+    llm.load_llm(tmp_path / "llm")  # no device: transformers' own default placement
+    assert seen[-1] is None
