@@ -19,8 +19,7 @@ Modes (Sec. 5.3 stage 1, Sec. 5.4 stage 2, Sec. 5.7 dialog LLM; strings as in ap
     sit_ssp / sift_ssp   as sit_sp / sift_sp under the dialog system message of Sec. 5.7
 
 Support (not the method): support/targets_support.py loses no row (skips, shards, resume, input
-order) and holds the plumbing: the tsit_s and vLLM backends, backend choice, output rows, CLI
-checks.
+order) and holds the plumbing: backend choice, output rows, CLI checks.
 
 Usage (--model: a hub id, a local folder or a .gguf file; tsit_s needs none):
     python generate_targets.py --mode sift_sp --model Qwen/Qwen2.5-7B-Instruct \\
@@ -33,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import random
 import re
 import sys
@@ -42,7 +42,7 @@ from support import checks, targets_support
 from support.files import append_jsonl
 from support.labels import normalize_meta  # the official label vocabulary lives there
 from support.manifest import ManifestError, Record
-from support.targets_support import Generation, Row, Summary, TranscriptBackend, VLLMBackend
+from support.targets_support import Generation, Row, Summary
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
 
@@ -169,9 +169,8 @@ def plan(in_paths, mode: str, seed: int = 0, shard: int = 0,
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Backends: prompts in, (response, truncated, generated tokens) out. The same interface serves
-#    tsit_s (no LLM) and vLLM (GPU only): TranscriptBackend and VLLMBackend in
-#    support/targets_support.py.
+# 2. Backends: prompts in, (response, truncated, generated tokens) out. Transformers (HFBackend),
+#    vLLM (GPU only) and, for tsit_s, no LLM at all (TranscriptBackend) share one interface.
 
 
 class HFBackend:
@@ -233,6 +232,66 @@ class HFBackend:
         return Generation(text, end is None, len(tokens) if end is None else end + 1)
 
 
+class TranscriptBackend:
+    """tsit_s: the target is the transcript, nothing runs. 1024 rows are one resume unit."""
+    name = "transcript"
+    model_label = ""
+
+    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+        return targets_support.chunks(len(prompts), 1024)
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        return [Generation(p.target, False, 0) for p in prompts]
+
+
+@dataclass
+class VLLMOptions:
+    """What the vLLM engine is given (flags --device, --tensor-parallel-size,
+    --gpu-memory-utilization, --max-model-len)."""
+    device: str | None = None  # cuda:N -> that GPU only; None/cuda: what CUDA_VISIBLE_DEVICES lists
+    tensor_parallel_size: int = 1  # GPUs one model is split over (a 7B fits one 80 GB GPU)
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM may take (KV cache)
+    max_model_len: int | None = None  # prompt + answer tokens; None: the model's own (32k, Qwen2.5)
+
+
+class VLLMBackend:
+    """vLLM offline generation (GPU only): its chat API with the training ChatML template, greedy,
+    and prefix caching (every row of a mode shares the chat header and, for *_ssp, the long system
+    message). vLLM schedules its own batches, so we hand it large chunks in input order; a chunk is
+    the resume unit."""
+    name = "vllm"
+
+    def __init__(self, model: str, *, model_label: str, gguf_file: str | None = None,
+                 max_new_tokens: int = 256, chunk: int = 4096, options: VLLMOptions | None = None):
+        options = options or VLLMOptions()
+        if options.device is not None and options.device.startswith("cuda:"):
+            # vLLM has no device argument: its workers (own processes) see the GPUs this lists
+            os.environ["CUDA_VISIBLE_DEVICES"] = options.device.split(":")[1]
+        from vllm import LLM, SamplingParams
+
+        path = os.path.join(model, gguf_file) if gguf_file else model
+        self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
+                       enable_prefix_caching=True, trust_remote_code=False,
+                       tensor_parallel_size=options.tensor_parallel_size,
+                       gpu_memory_utilization=options.gpu_memory_utilization,
+                       max_model_len=options.max_model_len)
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.model_label, self.chunk = model_label, chunk
+
+    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+        return targets_support.chunks(len(prompts), self.chunk)
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        import llm
+
+        conversations = [([{"role": "system", "content": p.system}] if p.system else [])
+                         + p.messages() for p in prompts]
+        outputs = self.llm.chat(conversations, self.params, chat_template=llm.CHATML_TEMPLATE,
+                                add_generation_prompt=True, use_tqdm=False)
+        return [Generation(o.text, o.finish_reason == "length", len(o.token_ids))
+                for o in (out.outputs[0] for out in outputs)]
+
+
 def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto",
                  max_new_tokens=256, batch_tokens=16384, device=None, vllm=None):
     """tsit_s needs no model. `auto` picks vLLM when it is installed and CUDA works; transformers
@@ -244,7 +303,7 @@ def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto"
         raise SystemExit(f"--model is required for mode {mode}")
     label = f"{model}:{gguf_file}" if gguf_file else str(model)  # the `model` field
     if targets_support.use_vllm(backend, device):
-        options = dataclasses.replace(vllm or targets_support.VLLMOptions(), device=device)
+        options = dataclasses.replace(vllm or VLLMOptions(), device=device)
         return VLLMBackend(model, model_label=label, gguf_file=gguf_file,
                            max_new_tokens=max_new_tokens, options=options)
     import llm
@@ -351,8 +410,8 @@ def main(argv=None, backend=None) -> Summary:
         rows, blank = plan(args.inputs, args.mode or "sift_s", args.seed)
         summary = targets_support.merge(rows, blank, args.out, args.nshards, args.mode)
     else:
-        vllm = targets_support.VLLMOptions(None, args.tensor_parallel_size,
-                                           args.gpu_memory_utilization, args.max_model_len)
+        vllm = VLLMOptions(None, args.tensor_parallel_size, args.gpu_memory_utilization,
+                           args.max_model_len)
         backend = backend or (lambda: make_backend(  # built once the output is locked (run)
             args.mode, args.model, gguf_file=args.gguf_file, backend=args.backend,
             max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens, device=args.device,

@@ -84,7 +84,7 @@ def test_vllm_flags_reach_the_engine(monkeypatch):
     fake_vllm(monkeypatch, calls)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(support, "use_vllm", lambda backend, device: True)
-    options = support.VLLMOptions(None, 2, 0.5, 4096)
+    options = gt.VLLMOptions(None, 2, 0.5, 4096)
     backend = gt.make_backend("sift_s", "Qwen/Qwen2.5-7B-Instruct", backend="vllm",
                               device="cuda:3", vllm=options)
     kw = calls["init"]
@@ -119,15 +119,15 @@ def test_resume_refuses_another_backend(tmp_path):
     src.write_text("".join(json.dumps({"id": f"u{i}", "audio": "a.wav", "duration": 1.0,
                                        "text": f"hello {i}"}) + "\n" for i in range(3)))
     out = tmp_path / "out.jsonl"
-    gt.run([str(src)], out, "tsit_s", support.TranscriptBackend(), progress=False)
+    gt.run([str(src)], out, "tsit_s", gt.TranscriptBackend(), progress=False)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["transcript"] * 3
-    other = support.TranscriptBackend()
+    other = gt.TranscriptBackend()
     other.name = "hf"
     with pytest.raises(SystemExit, match="written by the 'transcript' backend, this run uses 'hf'"):
         gt.run([str(src)], out, "tsit_s", other, progress=False)
     built = []  # a factory is called only once the output is locked
-    gt.run([str(src)], out, "tsit_s", lambda: built.append(1) or support.TranscriptBackend(),
+    gt.run([str(src)], out, "tsit_s", lambda: built.append(1) or gt.TranscriptBackend(),
            progress=False)
     assert built == [1]
 
