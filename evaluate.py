@@ -39,10 +39,13 @@ keeps the answer files.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
 
 import torch
 from tqdm import tqdm

@@ -38,8 +38,10 @@ import re
 import sys
 from dataclasses import dataclass
 
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
+
 from support import checks, targets_support
-from support.files import append_jsonl
+from support.files import WriteError, append_jsonl
 from support.labels import normalize_meta  # the official label vocabulary lives there
 from support.manifest import ManifestError, Record
 from support.targets_support import Generation, Row, Summary
@@ -426,7 +428,7 @@ def cli(argv=None, backend=None) -> int:
     """main() with the user-fixable errors as one line on stderr and exit status 1."""
     try:
         main(argv, backend)
-    except (checks.CheckError, ManifestError, FileNotFoundError) as e:
+    except (checks.CheckError, ManifestError, FileNotFoundError, WriteError) as e:  # disk full
         print(f"error: {checks.first_line(e)}", file=sys.stderr)
         return 1
     return 0

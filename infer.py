@@ -17,6 +17,8 @@ import os
 import sys
 from dataclasses import replace
 
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
+
 from support import checks
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")

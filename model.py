@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 import llm
 from projector import Projector
 from support import model_support
-from support.files import atomic_path, write_atomic
+from support.files import atomic_path, staged_folder, write_atomic
 from support.model_support import FROZEN, default_dtype
 from whisper_encoder import WhisperSpeechEncoder, is_whisper_folder
 
@@ -167,14 +167,12 @@ class AZeroS(nn.Module):
 
     def save_pretrained(self, out_dir, link_frozen: bool = True) -> None:
         """Write the release layout. Only the projectors are (re)written each time; the frozen parts
-        are written once (or linked to the folders they came from): they never change."""
+        are written once (or linked to the folders they came from): they never change. Every file
+        is written whole or not at all, and config.json comes last: a full disk or a kill midway
+        leaves a folder without config.json, never a config.json without its weights."""
         out = Path(out_dir)
-        write_atomic(out / "config.json", [json.dumps(self.config, indent=2)])
-        projectors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                      if k.startswith(("speech_encoder_projector.", "paraling_encoder_projector."))}
-        with atomic_path(out / "model.safetensors") as tmp:  # a killed save leaves no half file
-            save_file(projectors, str(tmp), metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").unlink(missing_ok=True)  # not a model folder until it is complete
         for name in FROZEN:
             module = getattr(self, name)
             if name == "llm" and self.config.get("llm_hub"):
@@ -185,6 +183,13 @@ class AZeroS(nn.Module):
                 whisper = isinstance(module, WhisperSpeechEncoder)
                 link = link_frozen and not (self.resized or whisper)
                 model_support.save_frozen_part(module, out / name, self.sources.get(name), link)
+        projectors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                      if k.startswith(("speech_encoder_projector.", "paraling_encoder_projector."))}
+        with atomic_path(out / "model.safetensors") as tmp:  # a killed save leaves no half file
+            save_file(projectors, str(tmp), metadata={"format": "pt"})
+        with staged_folder(out) as tmp:  # the tokenizer's files, all or none
+            self.tokenizer.save_pretrained(str(tmp))
+        write_atomic(out / "config.json", [json.dumps(self.config, indent=2)])
 
     # ----------------------------------------------------------------------------------------------
     # Stages and trainable parameters

@@ -30,7 +30,7 @@ Eden2 schedule, no gradient clipping, sequences cut at 512 tokens, Lhotse's Spec
 running average of the weights every 200 steps, which is what the exported model holds. The
 page docs/differences.md lists where we deliberately differ.
 
-Read it like nanoGPT's train.py: the command line, then `main` (data, model, resume, the loop),
+Read it like nanoGPT's train.py: the command line, then `run` (data, model, resume, the loop),
 then what the loop calls (which parameters train, learning-rate schedules, one batch and its loss).
 Support (not the method): support/train_support.py (checks before training, exact-resume
 checkpoints, weight average, encoder cache, DDP helpers, metrics log), support/spec_augment.py,
@@ -40,8 +40,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import traceback
 from pathlib import Path
+
+# Intel MKL picks its thread count by the machine's load unless told not to; another count sums in
+# another order, and two identical runs drift apart. Must be set before torch loads MKL.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import numpy as np
 import torch
@@ -124,7 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="continue from CKPT, or from the newest checkpoint in <exp>/checkpoints")
     a("--log-batches", action="store_true",
       help="write the ids of every batch to <exp>/batches.rankN.jsonl")
-    a("--overwrite", action="store_true", help="replace a finished model in --exp")
+    a("--overwrite", action="store_true", help="start a new run in --exp, replacing its model")
+    a("--force-resume", action="store_true",
+      help="--resume even if the data, LLM or result-changing flags differ from the checkpoint's")
     args = p.parse_args(argv)
     checks.training_args(args)  # positive budgets, a device that exists, no finished model replaced
     for spec in args.train:  # the manifest weights, with the other flags
@@ -139,6 +146,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    with train_support.exp_lock(args):  # one run per --exp, writable before the first step
+        return run(args)
+
+
+def run(args) -> dict:
     train_support.check_args(args)  # e.g. --cache-encoders needs --no-spec-augment
     train_support.check_model_args(args)  # the folders this stage needs exist and fit together
     rank, world, device = train_support.setup_distributed(args.device)
@@ -179,9 +191,11 @@ def main(argv=None) -> dict:
 
     # -- resume: everything that makes step N+1 the step an uninterrupted run would take -----------
     step, epoch = 0, 0
+    # the run's identity (seed, data, frozen LLM and encoders, flags): --resume must match it
+    args.identity = train_support.run_identity(args, specs, model, names)
     ckpt = train_support.resume(exp, args, rank, world, specaug_gen)  # also the random streams
     if ckpt is not None:  # weights, Adam's moments, the average, the position in the epoch
-        step, epoch = train_support.restore(ckpt, model, names, optimizer, average, sampler)
+        step, epoch = train_support.restore(ckpt, model, names, optimizer, average, sampler, args)
 
     # -- the loop ----------------------------------------------------------------------------------
     log = train_support.MetricsLog(exp, rank, step, args.log_batches)
@@ -199,13 +213,16 @@ def main(argv=None) -> dict:
     while step < total_steps:
         # One optimizer step = grad_accum micro-batches. Only the last one all-reduces gradients:
         # no_sync() keeps DDP from communicating after every micro-batch.
+        rows = []  # this step's utterances, named if its loss or gradient is not finite
         for micro in range(args.grad_accum):
             epoch, done, batch = next(stream)
+            rows += batch["records"]
             log.batch(step, epoch, batch["records"])
             sync = world == 1 or micro == args.grad_accum - 1
             with contextlib.nullcontext() if sync else net.no_sync():
                 window.add(run_batch(model, net, batch, args, device, cache,
                                      specaug_gen if args.spec_augment else None, train=True))
+        train_support.check_finite(step + 1, window, params, rows, exp)  # NaN never reaches Adam
         logged = (step + 1) % args.log_every == 0 or step + 1 == total_steps
         # clips if --grad-clip > 0; the norm is read to the host only for a step that is logged
         grad_norm = train_support.grad_norm(params, args.grad_clip, logged)
@@ -243,7 +260,7 @@ def main(argv=None) -> dict:
     # no average yet.
     exported = average.copy_to(model)
     if rank == 0:
-        model.save_pretrained(str(exp))
+        train_support.export(model, exp, step)  # whole, or one line and no config.json
         print(f"saved the stage-{args.stage} model to {exp} ({exported})")
     train_support.barrier()
     return {"model": model, "history": log.history, "step": step, "exp": exp}
@@ -516,6 +533,7 @@ def cli():
         main()
     # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
     except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
+        train_support.close_bars()  # the error on a line of its own
         train_support.stop_all(f"error: {e}")
     except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too
         if not train_support.is_distributed():

@@ -48,6 +48,7 @@ def set_wait_policy(policy: str = WAIT_POLICY) -> str:
     """Sleeping idle OpenMP threads, unless the user chose otherwise. Returns the policy in force,
     noting when torch was imported first (OpenMP has then read the environment: too late)."""
     os.environ.setdefault("OMP_WAIT_POLICY", policy)
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # bit-identical reruns (train.py says why)
     late = (
         " (set after torch was imported: no effect in this process)"
         if "torch" in sys.modules

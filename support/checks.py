@@ -482,10 +482,11 @@ def written(path, what: str):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path):
+def exclusive_lock(path, name: str | None = None, flag: str = "--out"):
     """Hold an exclusive lock on `<path>.lock` during a run, so two runs never append to one output.
-    The lock file says who holds it (pid, host), which a second run reports. The kernel releases a
-    flock when its holder dies, so a killed run leaves no stale lock (the file itself stays)."""
+    The lock file says who holds it (pid, host), which a second run reports (as `name`, else the
+    path; `flag` chooses another output). The kernel releases a flock when its holder dies, so a
+    killed run leaves no stale lock (the file itself stays)."""
     import fcntl
 
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
@@ -496,8 +497,8 @@ def exclusive_lock(path):
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            raise CheckError(f"{path} is being written by another run ({holder}); wait for it to "
-                             "finish, or use another --out") from None
+            raise CheckError(f"{name or path} is being written by another run ({holder}); wait "
+                             f"for it to finish, or use another {flag}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield

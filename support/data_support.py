@@ -11,6 +11,7 @@ data.py reads as the method, wav -> waveform -> fbank -> batches. What keeps it 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -21,10 +22,24 @@ import torch
 # --------------------------------------------------------------------------------------------------
 
 
+# The largest |sample| whose Kaldi fbank (data.fbank) stays finite in float32. In a 400-sample frame
+# DC removal at most doubles a sample, pre-emphasis adds 0.97 of its neighbour and the window is at
+# most 1, so each of the 257 FFT bins has |X| <= 400 * 2 * 1.97 * A, and a mel filter sums at most
+# 257 squared bins: 257 * (1576 A)^2 < float32's max for A < 7.3e14. Float audio is meant to lie in
+# [-1, 1]; a file of finite samples of 1e30 made an Inf fbank, and NaN training.
+MAX_SAMPLE = math.sqrt(float(np.finfo(np.float32).max) / 257) / (400 * 2 * (1 + 0.97))
+
+
 class AudioError(Exception):
     """Audio that cannot be used: missing, unreadable, empty or NaN/Inf. Names path and reason."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str | None = None):
+        if reason is None:
+            # Raised in a DataLoader worker, torch re-raises it in the main process from one
+            # message, the worker's traceback, whose last line is "...AudioError: <path>: <reason>".
+            # Without this the error became a RuntimeError and a traceback (--num-workers > 0).
+            last = str(path).strip().splitlines()[-1]
+            path, _, reason = last.split(": ", 1)[-1].partition(": ")
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
@@ -45,12 +60,17 @@ def audio_errors(path):
 
 
 def check_samples(path, samples: np.ndarray, offset: float, channel: int | None) -> None:
-    """(N, channels) samples just read: refuse none at all, NaN/Inf, or a missing channel."""
+    """(N, channels) samples just read: refuse none at all, NaN/Inf, samples too large for the
+    fbank, or a missing channel."""
     if samples.shape[0] == 0:
         where = f" at offset {offset} s" if offset else ""
         raise AudioError(path, f"empty (0 samples{where})")
     if not np.isfinite(samples).all():
         raise AudioError(path, "contains NaN or Inf samples")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_SAMPLE:
+        raise AudioError(path, f"samples reach {peak:.3g}; past {MAX_SAMPLE:.2g} the float32 fbank "
+                         "overflows to Inf (float audio lies in [-1, 1])")
     if channel is not None and channel >= samples.shape[1]:
         raise AudioError(path, f"has {samples.shape[1]} channel(s), channel {channel} requested")
 

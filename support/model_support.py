@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from support import checks
+from support import checks, files
 
 WEIGHT_FILES = ("pretrained.safetensors", "model.safetensors", "pretrained.pt", "model.pt")
 FROZEN = ("llm", "speech_encoder", "paraling_encoder")  # sub-folders, never trained
@@ -318,7 +318,8 @@ def save_frozen_part(module, target: Path, source: str | None, link: bool) -> No
         rel = os.path.relpath(os.path.abspath(source), target.parent.resolve())
         target.symlink_to(rel, target_is_directory=True)
     else:
-        module.save_pretrained(str(target))
+        with files.atomic_folder(target) as tmp:  # a full disk leaves no half-written folder
+            module.save_pretrained(str(tmp))
 
 
 # --------------------------------------------------------------------------------------------------

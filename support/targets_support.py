@@ -344,8 +344,9 @@ def finish(rows: list[Row], done: dict[str, dict], out: Path, summary: Summary) 
                          "run again to resume")
     skipped = [r for r in rows if r.skip is not None]
     objs = [done[r.record.id] for r in generated]
-    write_atomic(out, [json_line(o) for o in objs])
-    write_atomic(skipped_path(out), [skipped_line(r) for r in skipped])
+    write_atomic(out, [json_line(o) for o in objs], f"could not write {out}")  # disk full: 1 line
+    write_atomic(skipped_path(out), [skipped_line(r) for r in skipped],
+                 f"could not write {skipped_path(out)}")
     summary.rows_in, summary.rows_out = len(rows), len(generated)
     summary.rows_skipped = len(skipped)
     if summary.rows_in != summary.rows_out + summary.rows_skipped:  # the promise: no row is lost

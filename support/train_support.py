@@ -4,11 +4,13 @@ train.py keeps the method (which parameters train, the SIFT loss, the schedules,
 file keeps the machinery beside it, so the loop can be read top to bottom:
 
   1. Errors: TrainError, the flag, model-folder, frozen-parameter and manifest checks before
-     training, the step count, the out-of-memory message.
+     training, the step count, the out-of-memory message, the non-finite loss or gradient.
   2. Distributed helpers: torchrun set-up, barriers, sums and objects gathered over ranks, the
-     module DDP wraps (only the trained projectors), the end-of-run rank check, autocast.
-  3. Exact resume: the seeds and every random stream, what a checkpoint holds and its restore,
-     atomic rotating checkpoints, the checkpoint to resume from.
+     module DDP wraps (only the trained projectors), the end-of-run rank check, the export,
+     autocast.
+  3. Exact resume: the --exp lock, the run's identity, the seeds and every random stream, what a
+     checkpoint holds and its restore, atomic rotating checkpoints, the checkpoint to resume
+     from.
   4. The running weight average that the exported model holds (official use_averaged_model).
   5. Encoder cache: frozen encoder outputs on disk, so later epochs skip the encoders.
   6. Metrics: the gradient norm (and --grad-clip), metrics.jsonl, throughput over the log
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from support import checks, files, model_support
 from support.manifest import read_manifest
@@ -92,6 +96,10 @@ def check_frozen(model, names: list[str], stage: int | str) -> None:
 
 def count_steps(args, batches_per_epoch: int) -> int:
     """Optimizer steps of the run: --max-steps, else --epochs passes of grad_accum batches each."""
+    if batches_per_epoch == 0:  # with --max-steps the loop would wait for a batch forever
+        raise TrainError(f"an epoch has 0 batches per rank: --train {' '.join(args.train)} keeps "
+                         "no utterance for every rank (a weight of 0.05 on 8 rows keeps "
+                         "round(0.4) = 0); raise the weights after ':' or use fewer ranks")
     steps_per_epoch = batches_per_epoch // args.grad_accum
     if steps_per_epoch == 0 and args.max_steps is None:
         raise TrainError(f"an epoch has {batches_per_epoch} batches per rank, fewer than "
@@ -163,6 +171,35 @@ def check_row_tokens(records, tokens: np.ndarray, max_tokens: int) -> None:
                          f"(prompt, audio frames and response), more than --max-tokens "
                          f"{max_tokens} ({len(over)} such row(s)); raise --max-tokens or "
                          "lower --max-length")
+
+
+def check_finite(step: int, window, params, rows, exp: Path) -> None:
+    """Before update `step`: its loss and gradient are finite, else the run stops here, naming the
+    step and its rows. A NaN that reached Adam would spread into every weight, every later
+    checkpoint and the exported model, and the run would still end with status 0 (--lr 1e6 made a
+    NaN loss at step 2). Stopping before the update keeps every checkpoint finite. One host sync per
+    step; under DDP the two flags are summed over ranks first, so every rank stops at this step."""
+    device = params[0].device
+    # this step's losses; earlier steps in the window were finite (a float, or a device tensor)
+    loss = torch.as_tensor(window.sums["loss_sum"], dtype=torch.float64, device=device)
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    grad = (torch.linalg.vector_norm(torch.stack(norms)).double() if norms
+            else torch.zeros((), dtype=torch.float64, device=device))
+    values = torch.stack([loss, grad])
+    bad = (~values.isfinite()).double()
+    if is_distributed():
+        dist.all_reduce(bad)
+    if not any(bad.tolist()):
+        return
+    loss, grad = values.tolist()
+    named = ", ".join(f"{r.id} ({r.source})" for r in rows[:8])
+    more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+    last = find_checkpoint(exp, "latest")
+    kept = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was written yet"
+    raise TrainError(f"step {step}: the loss is {loss / max(float(window.sums['tokens']), 1):g} "
+                     f"and the gradient norm {grad:g} on rows {named}{more}; stopped before the "
+                     f"update and nothing was exported ({kept}). Usual causes: --lr too high, or "
+                     "audio samples far outside [-1, 1] in those rows")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +377,17 @@ def wrap(model, names: list[str], world: int, device) -> nn.Module:
     return net
 
 
+def export(model, exp: Path, step: int) -> None:
+    """model.save_pretrained into --exp (rank 0). A full disk is one line: the release is written
+    whole or without config.json (model.save_pretrained), and the checkpoints stay for a rerun."""
+    try:
+        model.save_pretrained(str(exp))
+    except OSError as e:
+        raise TrainError(f"could not export the model to {exp} ({e}); nothing half-written is "
+                         f"left and the step-{step} checkpoint is kept: free some space and run "
+                         "again with --resume") from None
+
+
 def check_ranks_agree(params, log, step: int, world: int) -> None:
     """DDP keeps ranks identical by construction: check it once at the end, and log it."""
     spread = rank_weight_spread(params)
@@ -370,6 +418,102 @@ def autocast(device, precision: str):
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def exp_lock(args):
+    """--exp belongs to this run alone while it trains, and is known to be writable before the first
+    step (a file, or a read-only folder, used to fail with a traceback after it). Two trainings
+    into one --exp interleaved their metrics and checkpoints: the second now stops at once, naming
+    the first (checks.exclusive_lock, as generate_targets). Under the lock, what an earlier run
+    killed mid-write left behind (`.*.tmp`) is removed, and --overwrite clears the old run's
+    checkpoints, which rotation would otherwise keep in place of the new run's (they sort after
+    them). SIGTERM during the run ends it through `finally`, so no temporary file is left."""
+    exp = Path(args.exp)
+    if exp.exists() and not exp.is_dir():
+        raise TrainError(f"--exp {exp} is a file, not a folder: choose another --exp")
+    if args.overwrite and args.resume:
+        raise TrainError("--overwrite starts a new run, --resume continues the old one: give one")
+    if int(os.environ.get("RANK", 0)) != 0:  # one lock per run, held by rank 0
+        with files.sigterm_exits():
+            yield
+        return
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=exp).close()  # a read-only folder fails here
+    except OSError as e:
+        raise TrainError(f"--exp {exp}: cannot write there ({e.strerror or e}); choose another "
+                         "--exp") from None
+    with checks.exclusive_lock(exp / "train", name=f"--exp {exp}", flag="--exp"), \
+            files.sigterm_exits():
+        removed = files.remove_temporary(exp) + files.remove_temporary(exp / "checkpoints")
+        if removed:
+            print(f"note: removed {removed} temporary file(s) left in {exp} by a killed run")
+        old = sorted((exp / "checkpoints").glob("step-*.pt"))
+        if old and args.overwrite:
+            for path in old:
+                path.unlink()
+            print(f"--overwrite: removed the {len(old)} checkpoint(s) of the previous run")
+        elif old and not args.resume:
+            raise TrainError(f"--exp {exp} holds checkpoints of an unfinished run "
+                             f"({old[-1].name}); pass --resume to continue it, --overwrite to "
+                             "start afresh, or choose another --exp")
+        yield
+
+
+# Flags that change what a run computes (not how fast, or for how long: --max-steps and --epochs
+# may grow on a resume). A resumed run with other values would be a different run.
+RESULT_FLAGS = ("stage", "seed", "lr", "schedule", "lr_batches", "warmup_steps", "min_lr",
+                "decay_steps", "weight_decay", "betas", "grad_clip", "average_period",
+                "grad_accum", "max_duration", "max_batch", "num_buckets", "max_length",
+                "spec_augment", "precision")
+
+
+def run_identity(args, specs, model, names: list[str]) -> dict:
+    """What makes this run this run: the flags that change its result, each training manifest's
+    content (sha256) and weight, and the frozen weights (LLM, encoders, a stage-1 projector).
+    Written to <exp>/run.json and into every checkpoint; --resume compares (`same_run`)."""
+    return {"flags": {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in vars(args).items() if k in RESULT_FLAGS},
+            "train": [{"path": str(path), "weight": weight, "sha256": file_sha256(path)}
+                      for path, weight in specs],
+            "frozen": {"llm": args.llm or f"{args.init}/llm", "speech_encoder": args.speech_encoder,
+                       "paraling_encoder": args.paraling_encoder, "init": args.init,
+                       "fingerprint": frozen_fingerprint(model, names)}}
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def frozen_fingerprint(model, names: list[str], samples: int = 4096) -> str:
+    """A hash of every frozen tensor's name, shape and `samples` evenly spaced values: another LLM
+    of the same size (a fine-tune, another seed) differs in nearly every value, and sampling keeps
+    this at milliseconds for a 7B model, where hashing 15 GB would take a minute."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.split(".")[0] in names:
+            continue
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[:: max(1, flat.numel() // samples)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_differences(old: dict, new: dict) -> list[str]:
+    """What differs between two run identities, in words (empty: the same run)."""
+    diffs = [f"--{k.replace('_', '-')} {new['flags'].get(k)} (was {v})"
+             for k, v in old["flags"].items() if new["flags"].get(k) != v]
+    if [(t["weight"], t["sha256"]) for t in old["train"]] != \
+            [(t["weight"], t["sha256"]) for t in new["train"]]:
+        diffs.append("the --train manifests' contents or weights")
+    if old["frozen"]["fingerprint"] != new["frozen"]["fingerprint"]:
+        diffs.append(f"the frozen weights (LLM, encoders; was --llm {old['frozen']['llm']})")
+    return diffs
+
+
 def seed_everything(seed: int, rank: int) -> torch.Generator:
     """The same seed on every rank: the projectors start identical everywhere (DDP also broadcasts
     rank 0's weights, but identical construction keeps single- and multi-process runs comparable).
@@ -392,9 +536,11 @@ def checkpoint_state(step: int, model, names: list[str], optimizer, average, epo
             "args": {k: v for k, v in vars(args).items() if k != "resume"}}
 
 
-def restore(ckpt: dict, model, names: list[str], optimizer, average, sampler) -> tuple[int, int]:
+def restore(ckpt: dict, model, names: list[str], optimizer, average, sampler,
+            args) -> tuple[int, int]:
     """Load a checkpoint_state into the run; returns (step, epoch) to continue from."""
     checks.checkpoint_shapes(ckpt, model, names)  # e.g. another LLM's width: one line
+    same_run(ckpt, args)  # e.g. another LLM of the same width, another manifest
     for n in names:
         getattr(model, n).load_state_dict(ckpt["projectors"][n])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -459,9 +605,8 @@ def resume(exp: Path, args, rank: int, world: int, specaug_gen: torch.Generator)
             note_batching_change(ckpt["args"], args)
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {exp / 'checkpoints'}, starting from scratch")
-    elif rank == 0 and find_checkpoint(exp, "latest") is not None:
-        print(f"warning: {exp / 'checkpoints'} has checkpoints but --resume was not given: "
-              "starting from scratch, they will be replaced")
+    if ckpt is None:
+        record_identity(args)  # a resumed run records it once restore has compared it
     return ckpt
 
 
@@ -479,6 +624,28 @@ def note_batching_change(saved: dict, args) -> None:
     if changed:
         print(f"note: batching changed since the checkpoint ({', '.join(changed)}): the rest of "
               "its epoch is planned anew, so it may repeat or skip some of that epoch's rows")
+
+
+def record_identity(args) -> None:
+    """<exp>/run.json: the identity of the run that the checkpoints in --exp belong to (rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        files.write_atomic(Path(args.exp) / "run.json",
+                           [json.dumps(args.identity, indent=1) + "\n"])
+
+
+def same_run(ckpt: dict, args) -> None:
+    """--resume continues the run that wrote the checkpoint, not another one: a changed manifest,
+    another LLM of the same size or another --lr continued silently. --force-resume accepts it."""
+    old = ckpt["args"].get("identity")
+    diffs = run_differences(old, args.identity) if old else ["no run identity (older train.py)"]
+    if diffs and not args.force_resume:
+        raise TrainError(f"--resume: the checkpoint of step {ckpt['step']} belongs to another "
+                         f"run; changed: {'; '.join(diffs)}. Pass --force-resume to continue it "
+                         "anyway, or --overwrite to start afresh")
+    if diffs:
+        print(f"--force-resume: continuing step {ckpt['step']} although {'; '.join(diffs)} "
+              "changed")
+    record_identity(args)
 
 
 def load_checkpoint(exp: Path, resume: str, stage, rank: int) -> tuple[Path | None, dict | None]:
@@ -546,12 +713,15 @@ class WeightAverage:
     def copy_to(self, model) -> str:
         """Load the average into the model (for export); a sentence saying which weights it
         holds."""
+        if self.updates > 0:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(self.avg[k])
+        if not all(bool(p.isfinite().all()) for p in self.params.values()):  # never exported
+            raise TrainError("the weights to export are not finite: nothing exported")
         if self.updates == 0:
             return ("last weights: no average yet" if self.period > 0
                     else "last weights: averaging off")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.avg[k])
         return f"uniform average of {self.updates} snapshots, one every {self.period} steps"
 
     def state_dict(self) -> dict:
@@ -612,9 +782,11 @@ class EncoderCache:
     Both encoders are frozen and deterministic, so an utterance's encoder output never changes:
     computing it once per run instead of once per epoch saves the encoder forward (the larger part
     of a step for small LLMs). Outputs are stored per utterance, unpadded, in safetensors shards
-    `<dir>/<rank>-<n>.safetensors` with keys "<branch>/<record id>/<hash of audio path and offset>"
-    (the hash keeps two manifests that reuse an id for different audio apart; the same audio listed
-    in several manifests, e.g. sift_s and sift_sp targets of one corpus, shares its entry).
+    `<dir>/<rank>-<n>.safetensors` with keys "<branch>/<record id>/<hash of the segment>", where
+    the segment is the audio path, offset, duration and channel plus the file's size and mtime (the
+    hash keeps two manifests that reuse an id for different audio apart, and misses when a wav was
+    rewritten; the same audio listed in several manifests, e.g. sift_s and sift_sp targets of one
+    corpus, shares its entry).
     `meta.json` holds a fingerprint of each encoder's weights; a cache made with different encoders
     is refused.
 
@@ -637,12 +809,18 @@ class EncoderCache:
         if rank == 0:
             files.write_atomic(meta_path, [json.dumps({**meta, **fingerprints}, indent=1)])
         self.pending: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, str] = {}  # audio path -> "size|mtime_ns", read once
         self.refresh()
 
-    @staticmethod
-    def key(branch: str, record) -> str:
-        where = hashlib.sha1(f"{record.audio}|{record.offset}".encode()).hexdigest()[:8]
-        return f"{branch}/{record.id}/{where}"
+    def key(self, branch: str, record) -> str:
+        """The segment (file, offset, duration, channel) and the file's size and modification time:
+        a wav rewritten in place used to be answered with its old outputs. Stat once per run."""
+        if record.audio not in self.stats:
+            st = os.stat(record.audio)
+            self.stats[record.audio] = f"{st.st_size}|{st.st_mtime_ns}"
+        segment = (f"{record.audio}|{record.offset}|{record.duration}|{record.channel}|"
+                   f"{self.stats[record.audio]}")
+        return f"{branch}/{record.id}/{hashlib.sha1(segment.encode()).hexdigest()[:12]}"
 
     def refresh(self):
         self.flush()
@@ -747,6 +925,13 @@ class LogWindow:
             rec["cuda_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.reset()
         return rec
+
+
+def close_bars() -> None:
+    """Before an error line: close the progress bars left open by the exception, so the error gets
+    a line of its own instead of trailing the bar."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def show(bar, rec: dict):

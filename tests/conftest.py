@@ -5,7 +5,12 @@ Most tests check exact numbers that hold in fp32 on the CPU. On a GPU machine th
 would pick CUDA and bf16 (their defaults), so every test but the `gpu` ones sees no CUDA: in this
 process torch.cuda.is_available() is False, and child processes (torchrun, the CLIs) inherit an
 empty CUDA_VISIBLE_DEVICES. `gpu` tests run only where CUDA works, and are skipped elsewhere."""
+import os
 from pathlib import Path
+
+# as the entry points do (train.py): MKL must not pick its thread count by load, or two identical
+# in-process runs can differ in the last bits
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import pytest
 import torch
