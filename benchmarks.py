@@ -38,7 +38,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.p
 
 import data
 from paper_benchmarks import bench_data, bench_scoring
-from support import eval_support, files
+from support import checks, eval_support, files
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the paper does not say; the official VoiceBench wrappers allow 2048
 OFFICIAL_JUDGES = {"voicebench": "gpt-4o-mini", "air_chat": "gpt-4-0125-preview"}
@@ -760,7 +760,7 @@ def main(argv=None) -> None:
             )
         else:
             benches, name, extra = {"chat": bench_data.read_air_chat(args.data)}, "air_chat", None
-    except (bench_data.LayoutError, ValueError, RuntimeError, FileNotFoundError) as e:
+    except (checks.CheckError, ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     opts = RunOptions(args.model, Path(args.out), args.batch_size, args.max_new_tokens, args.limit)
     try:

@@ -368,7 +368,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (checks.CheckError, data.ManifestError, data.AudioError, FileNotFoundError) as e:
+    except (checks.CheckError, FileNotFoundError) as e:
         print(f"error: {checks.first_line(e)}", file=sys.stderr)  # one line, no traceback
         sys.exit(1)
 

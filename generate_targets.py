@@ -43,7 +43,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.p
 from support import checks, targets_support
 from support.files import WriteError, append_jsonl
 from support.labels import normalize_meta  # the official label vocabulary lives there
-from support.manifest import ManifestError, Record
+from support.manifest import Record
 from support.targets_support import Generation, Row, Summary
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
@@ -428,7 +428,7 @@ def cli(argv=None, backend=None) -> int:
     """main() with the user-fixable errors as one line on stderr and exit status 1."""
     try:
         main(argv, backend)
-    except (checks.CheckError, ManifestError, FileNotFoundError, WriteError) as e:  # disk full
+    except (checks.CheckError, FileNotFoundError, WriteError) as e:  # WriteError: a full disk
         print(f"error: {checks.first_line(e)}", file=sys.stderr)
         return 1
     return 0

@@ -537,7 +537,7 @@ def cli(argv=None) -> int:
     try:
         main(argv)
     except Exception as e:
-        if not (checks.expected_failure(e) or type(e).__name__ == "LabelError"):
+        if not checks.expected_failure(e):
             raise
         print(f"error: {checks.first_line(e)}", file=sys.stderr)
         return 1

@@ -54,9 +54,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from data import AudioDataset, AudioError, DurationBucketSampler, collate
+from data import AudioDataset, DurationBucketSampler, collate
 from support import checks, train_support
-from support.manifest import ManifestError
 from support.spec_augment import SPEC_AUGMENT
 from support.train_support import TrainError, pad, unpad
 
@@ -532,7 +531,7 @@ def cli():
     try:
         main()
     # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
-    except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
+    except (checks.CheckError, FileNotFoundError) as e:
         train_support.close_bars()  # the error on a line of its own
         train_support.stop_all(f"error: {e}")
     except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too

@@ -40,7 +40,9 @@ END_TOLERANCE_SECONDS = 0.01
 
 
 class CheckError(ValueError):
-    """Bad input or a fault the user can fix; command lines print it as one line, no traceback."""
+    """Bad input or a fault the user can fix; command lines print it as one line, no traceback.
+    The one error type of the project: AudioError, ManifestError, LabelError, TrainError and
+    LayoutError are CheckErrors that also carry what they name (file, line, field)."""
 
 
 def first_line(e: BaseException) -> str:
@@ -51,8 +53,7 @@ def first_line(e: BaseException) -> str:
 def expected_failure(e: BaseException) -> bool:
     """A fault of the input (files, audio, model folder) that a command line reports in one line;
     anything else is a bug and keeps its traceback."""
-    expected = (FileNotFoundError, ValueError, OSError, RuntimeError)
-    return isinstance(e, expected) or type(e).__name__ == "AudioError"
+    return isinstance(e, (CheckError, FileNotFoundError, ValueError, OSError, RuntimeError))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from support.checks import CheckError
+
 GENDERS = ("female", "male")
 AGE_GROUPS = ("teenager", "young adult", "middle-age adult", "senior")
 EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "frustrated", "excited",
@@ -74,7 +76,7 @@ TABLE: dict[str, dict[str, str | None]] = {
 _ISO_639_1 = re.compile(r"[a-z]{2}")  # a two-letter code is already in the vocabulary
 
 
-class LabelError(ValueError):
+class LabelError(CheckError):
     """A corpus label with no entry in TABLE. The message names the attribute and the value."""
 
 

@@ -74,7 +74,7 @@ class Record:
         return out
 
 
-class ManifestError(ValueError):
+class ManifestError(checks.CheckError):
     """A malformed manifest line. The message reads "<file>:<line>: field '<name>': <what>"."""
 
     def __init__(self, file, line: int, name: str, what: str):

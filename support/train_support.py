@@ -45,7 +45,7 @@ from support.manifest import read_manifest
 # --------------------------------------------------------------------------------------------------
 
 
-class TrainError(RuntimeError):
+class TrainError(checks.CheckError):
     """A problem the user can fix (bad manifest, wrong model combination, out of memory). The
     command line prints its message without a traceback."""
 
