@@ -100,6 +100,9 @@ def test_upload_record_stream_and_speak(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             *BROWSER_FLAGS, f"--use-file-for-fake-audio-capture={held_out[1]}"])
         page = browser.new_page(viewport={"width": 1100, "height": 1250})
+        # Playwright's 30-s default is too short for a 2-core machine busy with other work (seen:
+        # a first CI run failed here, and the same test passed alone); a hang still ends
+        page.set_default_timeout(180_000)
         outside = []  # every request that would leave the machine is recorded and refused
         page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
             ("http://127.0.0.1", "data:", "blob:")) else (outside.append(route.request.url),
