@@ -36,11 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
 
-import bench_data as BD
-import bench_scoring as S
 import data
-import eval_support as es
-import files
+from paper_benchmarks import bench_data, bench_scoring
+from support import checks, eval_support, files
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the paper does not say; the official VoiceBench wrappers allow 2048
 OFFICIAL_JUDGES = {"voicebench": "gpt-4o-mini", "air_chat": "gpt-4-0125-preview"}
@@ -78,7 +76,8 @@ PAPER_AZEROS = {
     "Avg": 77.25,
     "Chat": 8.28,
 }
-COLUMNS = [c for c, _ in S.VB_COLUMNS] + ["Overall", *S.AIR_COLUMNS, "Avg", "Chat"]
+COLUMNS = ([c for c, _ in bench_scoring.VB_COLUMNS] + ["Overall", *bench_scoring.AIR_COLUMNS]
+           + ["Avg", "Chat"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ def check_run_file(folder: Path, settings: dict) -> None:
 def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> dict:
     """Counts for the record: items in the files, answered, skipped (answered + skipped = items
     unless --limit cut the run short). `missing`: id -> why, for items the model never saw."""
-    done = es.load_done(folder / "answers.jsonl", settings["model"])
+    done = eval_support.load_done(folder / "answers.jsonl", settings["model"])
     answered = sum(1 for row in done.values() if row.get("response") is not None)
     skipped = dict(missing)
     skipped.update(
@@ -129,7 +128,7 @@ def write_run_file(folder: Path, settings: dict, total: int, missing: dict) -> d
     return info
 
 
-def make_answerer(model, bench: BD.Benchmark, max_new_tokens: int):
+def make_answerer(model, bench: bench_data.Benchmark, max_new_tokens: int):
     """answer(chunk, system) for eval_support.run_items: greedy answers; an unreadable clip
     becomes a row with response None and the reason, so it is counted once and never retried."""
     from llm import GenerationOptions
@@ -180,7 +179,7 @@ def answer_benchmark(model, name: str, benches: dict, opts: RunOptions, prompt_e
             f"{name} {label}: {len(items)} items ({len(bench.skipped)} skipped: audio missing)",
             file=sys.stderr,
         )
-        es.run_items(
+        eval_support.run_items(
             items,
             folder / "answers.jsonl",
             settings["model"],
@@ -206,14 +205,15 @@ def voicebench_sets(data_dir, subsets) -> dict:
     VoiceBench is several GB), but every one must exist before the GPU starts: a missing file should
     not stop the run an hour in."""
     for c in subsets:
-        if c not in S.VOICEBENCH:
-            raise ValueError(f"unknown VoiceBench config {c!r}; one of {sorted(S.VOICEBENCH)}")
-        for s in S.VOICEBENCH[c]:
-            BD.parquet_files(Path(data_dir), c, s)
+        if c not in bench_scoring.VOICEBENCH:
+            raise ValueError(f"unknown VoiceBench config {c!r}; "
+                             f"one of {sorted(bench_scoring.VOICEBENCH)}")
+        for s in bench_scoring.VOICEBENCH[c]:
+            bench_data.parquet_files(Path(data_dir), c, s)
     return {
-        f"{c}/{s}": functools.partial(BD.read_voicebench, data_dir, c, s)
+        f"{c}/{s}": functools.partial(bench_data.read_voicebench, data_dir, c, s)
         for c in subsets
-        for s in S.VOICEBENCH[c]
+        for s in bench_scoring.VOICEBENCH[c]
     }
 
 
@@ -283,11 +283,13 @@ def judge_jobs_voicebench(rows: list[dict]) -> list[dict]:
     """One job per answered item of the judged configs: the official prompt, 3 samples at T=0.5."""
     jobs = []
     for r in rows:
-        if r["config"] in S.JUDGED_OPEN:
-            prompt = S.fill(S.OPEN_PROMPT, prompt=r["prompt"], response=r["response"])
+        if r["config"] in bench_scoring.JUDGED_OPEN:
+            prompt = bench_scoring.fill(bench_scoring.OPEN_PROMPT, prompt=r["prompt"],
+                                        response=r["response"])
         elif r["config"] == "sd-qa":
-            prompt = S.fill(
-                S.QA_PROMPT, prompt=r["prompt"], reference=r["reference"], response=r["response"]
+            prompt = bench_scoring.fill(
+                bench_scoring.QA_PROMPT, prompt=r["prompt"], reference=r["reference"],
+                response=r["response"]
             )
         else:
             continue
@@ -295,7 +297,7 @@ def judge_jobs_voicebench(rows: list[dict]) -> list[dict]:
             {
                 "key": r["id"],
                 "messages": [
-                    {"role": "system", "content": S.JUDGE_SYSTEM},
+                    {"role": "system", "content": bench_scoring.JUDGE_SYSTEM},
                     {"role": "user", "content": prompt},
                 ],
                 "params": dict(VOICEBENCH_JUDGE),
@@ -313,8 +315,8 @@ def judge_jobs_chat(rows: list[dict], opts: JudgeOptions) -> list[dict]:
             ("ref_first", (r["answer_gt"], r["response"])),
             ("model_first", (r["response"], r["answer_gt"])),
         ):
-            prompt = S.fill(
-                S.CHAT_PROMPT,
+            prompt = bench_scoring.fill(
+                bench_scoring.CHAT_PROMPT,
                 meta=str(r["meta_info"]),
                 question=r["question"],
                 first=first,
@@ -383,7 +385,7 @@ def reusable(row: dict, opts: JudgeOptions, params: dict) -> bool:
 
 def answered_rows(folder: Path) -> list[dict]:
     run = json.loads((folder / "run.json").read_text())
-    done = es.load_done(folder / "answers.jsonl", run["model"])
+    done = eval_support.load_done(folder / "answers.jsonl", run["model"])
     return [row for row in done.values() if row.get("response") is not None]
 
 
@@ -392,7 +394,7 @@ def score_open(rows: list[dict], judged: dict) -> dict:
     scores, fails = [], 0
     for r in rows:
         for text in judged.get(r["id"], {}).get("outputs", []):
-            value = S.parse_open_score(text.strip())
+            value = bench_scoring.parse_open_score(text.strip())
             fails += value is None
             scores += [] if value is None else [value]
     return {
@@ -411,7 +413,8 @@ def score_sdqa(rows: list[dict], judged: dict | None, panda: bool, seed: int, de
         rng, votes, ties = random.Random(seed), [], 0
         for r in rows:
             if r["id"] in judged:
-                ok, tie = S.sdqa_vote([o.strip() for o in judged[r["id"]]["outputs"]], rng)
+                outputs = [o.strip() for o in judged[r["id"]]["outputs"]]
+                ok, tie = bench_scoring.sdqa_vote(outputs, rng)
                 votes.append(ok)
                 ties += tie
         sd.update(
@@ -425,7 +428,7 @@ def score_sdqa(rows: list[dict], judged: dict | None, panda: bool, seed: int, de
         dev.append("SD-QA PANDA half not run (opt-in: --panda with qa-metrics==0.2.17)")
         return sd
     try:
-        sd["panda"] = S.score_panda(rows)["panda"]
+        sd["panda"] = bench_scoring.score_panda(rows)["panda"]
     except RuntimeError as e:
         dev.append(f"SD-QA PANDA half not run: {e}")
     return sd
@@ -442,17 +445,18 @@ def score_voicebench(
     details, cols = {}, {}
     if "mmsu" in by_config:
         mmsu = by_config["mmsu"]
-        splits = [s for s in S.MMSU_SPLITS if any(r["split"] == s for r in mmsu)]
+        splits = [s for s in bench_scoring.MMSU_SPLITS if any(r["split"] == s for r in mmsu)]
         details["mmsu"] = {
-            "pooled": S.score_mcq(mmsu, seed),
-            "splits": {s: S.score_mcq([r for r in mmsu if r["split"] == s], seed) for s in splits},
+            "pooled": bench_scoring.score_mcq(mmsu, seed),
+            "splits": {s: bench_scoring.score_mcq([r for r in mmsu if r["split"] == s], seed)
+                       for s in splits},
         }
         cols["MMSU"] = details["mmsu"]["pooled"]["acc"]
     rules = (
-        ("OBQA", "openbookqa", lambda rs: S.score_mcq(rs, seed), "acc"),
-        ("BBH", "bbh", lambda rs: S.score_bbh(rs, seed), "acc"),
-        ("AdvBench", "advbench", S.score_advbench, "refusal_rate"),
-        ("IFEval", "ifeval", S.score_ifeval, "score"),
+        ("OBQA", "openbookqa", lambda rs: bench_scoring.score_mcq(rs, seed), "acc"),
+        ("BBH", "bbh", lambda rs: bench_scoring.score_bbh(rs, seed), "acc"),
+        ("AdvBench", "advbench", bench_scoring.score_advbench, "refusal_rate"),
+        ("IFEval", "ifeval", bench_scoring.score_ifeval, "score"),
     )
     for name, config, score, key in rules:
         if config in by_config:
@@ -461,8 +465,8 @@ def score_voicebench(
                 cols[name] = details[config][key]
             except RuntimeError as e:  # IFEval's packages or NLTK data missing: score the rest
                 dev.append(f"{name} not scored: {e}")
-    for name, config in S.VB_COLUMNS:
-        if config in S.JUDGED_OPEN and config in by_config and judged is not None:
+    for name, config in bench_scoring.VB_COLUMNS:
+        if config in bench_scoring.JUDGED_OPEN and config in by_config and judged is not None:
             details[config] = score_open(by_config[config], judged)
             cols[name] = None if details[config]["not_judged"] else details[config]["score"]
     if "sd-qa" in by_config:
@@ -480,7 +484,7 @@ def score_voicebench(
                 f"{key}: {fail:.2f}% of answers unreadable, given a seeded random guess "
                 f"(seed {seed}; the official scorer guesses unseeded)"
             )
-    return {"columns": cols, "overall": S.voicebench_overall(cols), "details": details}
+    return {"columns": cols, "overall": bench_scoring.voicebench_overall(cols), "details": details}
 
 
 def score_chat(rows: list[dict], judged: dict | None) -> dict:
@@ -496,7 +500,7 @@ def score_chat(rows: list[dict], judged: dict | None) -> dict:
             if row is None:
                 missing += 1
                 continue
-            pair = S.parse_chat_pair(row["outputs"][0])
+            pair = bench_scoring.parse_chat_pair(row["outputs"][0])
             fails += pair is None
             scores += [] if pair is None else [pair[model_pos]]
         out[order] = {
@@ -572,11 +576,11 @@ def score_run(
         summary["columns"].update(summary["voicebench"]["columns"])
         summary["columns"]["Overall"] = summary["voicebench"]["overall"]
     if (air / "run.json").exists():
-        per_dir = S.score_air_foundation(answered_rows(air))
-        cols = S.air_columns(per_dir)
+        per_dir = bench_scoring.score_air_foundation(answered_rows(air))
+        cols = bench_scoring.air_columns(per_dir)
         summary["air_foundation"] = {"dirs": per_dir, "columns": cols}
         summary["columns"].update({c: v["macro"] for c, v in cols.items()})
-        summary["columns"]["Avg"] = S.air_avg({c: v["macro"] for c, v in cols.items()})
+        summary["columns"]["Avg"] = bench_scoring.air_avg({c: v["macro"] for c, v in cols.items()})
         extra = json.loads((air / "run.json").read_text()).get("prompt_extra")
         dev.append(
             f"AIR Foundation: extra line {extra!r} after the options "
@@ -609,7 +613,7 @@ def score_run(
     if missing:
         dev.append(f"missing columns: {', '.join(missing)}")
     summary.update({"settings": settings, "seed": seed, "deviations": dev})
-    summary = es.no_nan(summary)
+    summary = eval_support.no_nan(summary)
     files.write_atomic(
         out / "summary.json", [json.dumps(summary, indent=1, ensure_ascii=False) + "\n"]
     )
@@ -622,12 +626,13 @@ def summary_markdown(runs: dict) -> str:
     details of each run, and its deviations."""
     head = "| run | " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * len(COLUMNS) + "\n"
     rows = "".join(
-        f"| {name} | " + " | ".join(S.fmt(s["columns"].get(c)) for c in COLUMNS) + " |\n"
+        f"| {name} | "
+        + " | ".join(bench_scoring.fmt(s["columns"].get(c)) for c in COLUMNS) + " |\n"
         for name, s in runs.items()
     )
     rows += (
         "| paper (AZeroS, Table 5) | "
-        + " | ".join(S.fmt(PAPER_AZEROS[c]) for c in COLUMNS)
+        + " | ".join(bench_scoring.fmt(PAPER_AZEROS[c]) for c in COLUMNS)
         + " |\n"
     )
     text = head + rows
@@ -637,7 +642,7 @@ def summary_markdown(runs: dict) -> str:
         if mmsu:
             text += (
                 "\nMMSU per split: "
-                + ", ".join(f"{k} {S.fmt(v['acc'])}" for k, v in mmsu["splits"].items())
+                + ", ".join(f"{k} {bench_scoring.fmt(v['acc'])}" for k, v in mmsu["splits"].items())
                 + "\n"
             )
         dirs = s.get("air_foundation", {}).get("dirs")
@@ -645,7 +650,8 @@ def summary_markdown(runs: dict) -> str:
             text += "\n| AIR folder | parsed | correct | acc % | failures |\n"
             text += "|---|---:|---:|---:|---:|\n"
             text += "".join(
-                f"| {d} | {v['parsed']} | {v['correct']} | {S.fmt(v['acc'])} | {v['fail']} |\n"
+                f"| {d} | {v['parsed']} | {v['correct']} | {bench_scoring.fmt(v['acc'])} "
+                f"| {v['fail']} |\n"
                 for d, v in sorted(dirs.items())
             )
         text += "\nDeviations:\n" + "".join(f"- {d}\n" for d in s["deviations"])
@@ -679,13 +685,14 @@ def parse_args(argv=None):
         q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
         if name == "voicebench":
             q.add_argument(
-                "--subsets", default=",".join(S.VOICEBENCH), help="comma list of configs"
+                "--subsets", default=",".join(bench_scoring.VOICEBENCH),
+                help="comma list of configs",
             )
         if name == "airbench-foundation":
             q.add_argument(
                 "--no-extra-prompt",
                 action="store_true",
-                help=f"leave out AZeroS's line {es.OPTION_PROMPT!r}",
+                help=f"leave out AZeroS's line {eval_support.OPTION_PROMPT!r}",
             )
     q = sub.add_parser("score")
     q.add_argument("--out", required=True, help="the run folder")
@@ -746,14 +753,14 @@ def main(argv=None) -> None:
             benches = voicebench_sets(args.data, [s for s in args.subsets.split(",") if s])
             name, extra = "voicebench", None
         elif args.command == "airbench-foundation":
-            extra = None if args.no_extra_prompt else es.OPTION_PROMPT
+            extra = None if args.no_extra_prompt else eval_support.OPTION_PROMPT
             benches, name = (
-                {"foundation": BD.read_air_foundation(args.data, extra=extra)},
+                {"foundation": bench_data.read_air_foundation(args.data, extra=extra)},
                 "air_foundation",
             )
         else:
-            benches, name, extra = {"chat": BD.read_air_chat(args.data)}, "air_chat", None
-    except (BD.LayoutError, ValueError, RuntimeError, FileNotFoundError) as e:
+            benches, name, extra = {"chat": bench_data.read_air_chat(args.data)}, "air_chat", None
+    except (checks.CheckError, ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     opts = RunOptions(args.model, Path(args.out), args.batch_size, args.max_new_tokens, args.limit)
     try:

@@ -17,9 +17,9 @@ it was trained on, so `fbank` re-implements the Kaldi recipe, batched. It matche
 to within 1e-3 (tests/test_data_fbank.py): float32 FFT rounding in very weak mel bins, where
 kaldi-native-fbank is itself ~1e-3 away from an exact float64 computation.
 
-Support (not the method): manifest.py reads and validates manifests (and runs `python data.py
-check m.jsonl ...`); data_support.py checks audio and fbank input and keeps the sampler's DDP and
-resume bookkeeping; checks.py checks audio files before long jobs.
+Support (not the method): support/manifest.py reads and validates manifests (and runs
+`python data.py check m.jsonl ...`); support/data_support.py checks audio and fbank input and keeps
+the sampler's DDP and resume bookkeeping; support/checks.py checks audio files before long jobs.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-import data_support
+from support import data_support
 
 # Re-exported so that `data.read_manifest`, `data.AudioError` etc. keep working.
-from data_support import AudioError  # noqa: F401
-from manifest import ManifestError, Record, read_manifest, write_manifest  # noqa: F401
+from support.data_support import AudioError  # noqa: F401
+from support.manifest import ManifestError, Record, read_manifest, write_manifest  # noqa: F401
 
 SAMPLE_RATE = 16000
 # Padded feature frames hold log(1e-10) (about -23.03), the value the official `extract_features`
@@ -430,7 +430,7 @@ def padding_efficiency(durations) -> float:
     return sum(frames) / (max(frames) * len(frames)) if frames and max(frames) else 1.0
 
 
-if __name__ == "__main__":  # python data.py check m.jsonl ...: see manifest.py
-    import manifest
+if __name__ == "__main__":  # python data.py check m.jsonl ...: see support/manifest.py
+    from support import manifest
 
     sys.exit(manifest.main())

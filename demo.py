@@ -52,11 +52,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "recipe"))
+from recipe import cpu_runtime
 
-import cpu_runtime  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning (cpu_runtime.py: why)
 cpu_runtime.set_wait_policy()
@@ -67,7 +65,7 @@ cpu_runtime.set_wait_policy()
 # utterances for a stronger stage 1 (about 30 minutes in fp32); `quick` is for the test suite. The
 # budget (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the
 # frozen LLM's forward and backward pass dominates every training step. The corpus itself is cheap,
-# so the encoders see all of its training split. README, "The CPU demo", has the measured tables.
+# so the encoders see all of its training split. docs/demo.md has the measured tables.
 SIZES = {
     "default": dict(train_sentences=2000, voices_per_sentence=1, held_out_sentences=200,
                     test_rows=24, repeat_rows=12, real_train=160, stage2_rows=192,
@@ -104,7 +102,7 @@ LLM_EXPONENTS = dict(llm=0.67, targets=0.67, stage1=0.85, stage2=0.85, eval_stag
 # TRAINING utterances with the oracle text only (SmolLM2 reading `<audio><meta>gender: female,
 # ...</meta>...`): this wording separates the genders there (accuracy 82%, AUC 96%), while "What is
 # the gender of the speaker? Answer with one of: male, female." does not (SmolLM2 answers "male" to
-# almost everything, 33%). See README, "The CPU demo".
+# almost everything, 33%). See docs/demo.md.
 GENDER_QUESTION = "Is the speaker a man or a woman?"
 GENDER_ANSWERS = {"male": "The speaker is a man.", "female": "The speaker is a woman."}
 REPEAT_QUESTION = "Repeat what was said."
@@ -187,7 +185,7 @@ def export_llm(out: Path, source: str) -> dict:
     """The frozen LLM as a plain Hugging Face folder: a GGUF is de-quantized once, so that every
     later phase loads it in a second instead of spending ~20 s de-quantizing again."""
     from llm import load_llm
-    from model_support import per_token_parameters
+    from support.model_support import per_token_parameters
 
     model, tokenizer = load_llm(source, device="cpu")
     model.save_pretrained(out / "llm")
@@ -205,7 +203,7 @@ def make_corpus(out: Path, size: dict, quick: bool) -> dict:
     """eSpeak speech of the sentence pool (recipe/make_corpus.py): every training sentence once
     (voices_per_sentence times), two held-out test sets; plus the real recordings, split by
     prompt into a training part and a held-out part."""
-    import make_corpus as mc
+    from recipe import make_corpus as mc
 
     corpus = out / "corpus"
     mc.main(["--out", str(corpus), "--train-sentences", str(size["train_sentences"]),
@@ -222,8 +220,8 @@ def real_split(corpus: Path, n_train: int, n_test: int) -> dict:
     """Real human speech (recipe/real_speech.py): the Asterisk prompts of 3 words or more and at
     most REAL_MAX_SECONDS, shuffled (seeded) and split BY PROMPT: n_train for training, n_test of
     the others held out. One speaker: the held-out part has new sentences, not a new voice."""
-    import real_speech
     from data import write_manifest
+    from recipe import real_speech
 
     try:
         records = real_speech.records(min_words=3)
@@ -298,9 +296,9 @@ def share_targets(targets: Path, manifests: list[Path], out: Path) -> str:
     that the official filters would drop by its own duration, is counted, never kept silently."""
     import dataclasses
 
-    import targets_support
     from data import read_manifest, write_manifest
     from generate_targets import normalize_text
+    from support import targets_support
 
     answers = {r.text: r for r in read_manifest(targets)}
     fields = ("mode", "system", "instruction", "input_text", "response", "truncated", "model")
@@ -322,7 +320,7 @@ def share_targets(targets: Path, manifests: list[Path], out: Path) -> str:
 def convert_whisper(out: Path, quick: bool) -> dict:
     """Whisper tiny.en as a transformers folder (sha256 of the package file checked), and proof that
     it hears: its own decoder transcribes an eSpeak sentence and real recordings (WER printed)."""
-    import convert_whisper as cw
+    from recipe import convert_whisper as cw
 
     info = cw.convert(cw.package_dir() / "model.bin", out / "whisper")
     info["check"] = cw.check(out / "whisper", cw.check_clips(n_real=1 if quick else 3))
@@ -330,7 +328,7 @@ def convert_whisper(out: Path, quick: bool) -> dict:
 
 
 def pretrain_encoders(out: Path, size: dict, precision: str, speech: str) -> dict:
-    import pretrain_encoders as pe
+    from recipe import pretrain_encoders as pe
 
     corpus = out / "corpus"
     pe.main(["--train", str(corpus / "train.jsonl"), "--valid", str(corpus / "valid.jsonl"),
@@ -358,8 +356,8 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
               "--precision", precision,
               # A few hundred steps, not the official 10^5: a linear decay (Eden2 would barely
               # decay), gradient clipping, no SpecAugment (so the encoder cache works) and no
-              # averaging (its first snapshot would come at step 200). The README's demo numbers
-              # were measured with these settings.
+              # averaging (its first snapshot would come at step 200). The demo's numbers (README,
+              # docs/demo.md) were measured with these settings.
               "--schedule", "linear", "--grad-clip", "1.0", "--no-spec-augment",
               "--average-period", "0"]
     common.append("--overwrite")  # a phase without its done/ marker is redone, saved model or not
@@ -456,7 +454,7 @@ def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> di
     """"Repeat what was said." answered by each system, scored against the transcript and against
     the oracle text's own answer (word recall)."""
     import evaluate as ev
-    import files
+    from support import files
 
     # all repeat_rows in one batch: a decoding step costs about the same for 8 rows or 12
     kw = {**kw, "batch_size": max(kw["batch_size"], size["repeat_rows"])}
@@ -480,9 +478,9 @@ def gender_signal(model, targets: Path, batch: int = 8) -> dict:
     and when it reads the other one (male <-> female). The projector only learns what lowers this
     loss: if flipping the gender does not raise it, the targets carry no gender information, and no
     SIFT budget can teach the audio to answer gender questions better than chance."""
-    import eval_support
     import evaluate as ev
     from data import read_manifest
+    from support import eval_support
 
     other = {"male": "female", "female": "male"}
     records = [r for r in read_manifest(targets) if r.meta.get("gender") in other]
@@ -615,7 +613,7 @@ def check_same_run(out: Path, settings: dict) -> None:
             sys.exit(f"{out} was started with {path.read_text().strip()}, not "
                      f"{json.dumps(settings)}: use the same options or another --out")
         return
-    from files import write_atomic
+    from support.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, [json.dumps(settings) + "\n"])  # a cut write must not break the resume

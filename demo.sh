@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: `bash demo.sh [demo.py options]` (e.g. `bash demo.sh --quick`).
-# The first run creates .venv with the pinned requirements (README, "Install", does the same by
+# The first run creates .venv with the pinned requirements (README, "Set up", does the same by
 # hand); later runs reuse it, and reinstall only when requirements*.txt changed. Then it runs the
 # CPU demo.
 set -euo pipefail

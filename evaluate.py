@@ -33,8 +33,8 @@ Every task runs three "systems" on the same questions:
 writes to --out `{task}_answers.jsonl` (one line per question and system, appended per batch, so an
 interrupted run resumes where it stopped), `{task}_results.json` and `{task}_results.md`.
 
-Support (not the method): eval_support.py parses and scores answers, reads task files, keeps the
-answer files.
+Support (not the method): support/eval_support.py parses and scores answers, reads task files,
+keeps the answer files.
 """
 from __future__ import annotations
 
@@ -50,13 +50,10 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.p
 import torch
 from tqdm import tqdm
 
-import checks
 import data
-import eval_support as es
-import files
-import model_support
-from eval_support import Item
 from generate_targets import build_prompt
+from support import checks, eval_support, files, model_support
+from support.eval_support import Item
 
 SYSTEMS = ("audio", "oracle", "silent")
 TASKS = ("align", "mcq", "open", "label", "choice")
@@ -133,10 +130,10 @@ def run_align(model, records: list[data.Record], path: Path, model_name: str, sy
 
     audio/silent use the prompt the model is trained with (model.training_messages); `segments_fn`
     (model, records -> per-row frame lists) replaces the audio's frames, e.g. oracle_segments."""
-    done = es.load_done(path, model_name)
+    done = eval_support.load_done(path, model_name)
     for system in systems:
         todo = sorted([r for r in records if (r.id, system) not in done], key=lambda r: -r.duration)
-        for chunk in tqdm(list(es.batches(todo, batch_size)), desc=system, unit="batch",
+        for chunk in tqdm(list(eval_support.batches(todo, batch_size)), desc=system, unit="batch",
                           disable=not todo):
             if system == "oracle":
                 scores = target_nll(model, [oracle_training_messages(r) for r in chunk])
@@ -271,13 +268,13 @@ def summarize_choice(rows: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for system, rs in rows.items():
         out[system] = {}
-        for g, grs in es.grouped(rs, "task"):
+        for g, grs in eval_support.grouped(rs, "task"):
             picks = [pick(r) for r in grs]
             right = sum(p == r["answer"] for p, r in zip(picks, grs))
             entry = {"n": len(grs), "accuracy": 100.0 * right / len(grs)}
             if all(len(r["nll"]) == 2 for r in grs):
                 log_odds = [r["nll"][0] - r["nll"][1] for r in grs]
-                entry["auc"] = 100.0 * es.auc(log_odds, [r["answer"] == 1 for r in grs])
+                entry["auc"] = 100.0 * eval_support.auc(log_odds, [r["answer"] == 1 for r in grs])
             both = [(p, oracle_pick[r["id"]]) for p, r in zip(picks, grs) if r["id"] in oracle_pick]
             if system != "oracle" and both:
                 entry["agrees_with_oracle"] = 100.0 * sum(a == b for a, b in both) / len(both)
@@ -302,38 +299,40 @@ def evaluate(model, task: str, manifest, out, *, model_name: str = "model", batc
         if not records:
             raise checks.CheckError(f"{manifest}: no record has a self-generated target "
                              "(mode + response); run generate_targets.py first")
-        with checks.exclusive_lock(path):  # one run per answer file (es.run_items locks too)
+        # one run per answer file (eval_support.run_items locks too)
+        with checks.exclusive_lock(path):
             done = run_align(model, records, path, model_name, systems, batch_size, segments_fn)
         results.update(systems=list(systems), modes=summarize_align(records, done, systems))
     elif task == "choice":
-        items = es.read_choice(manifest)[:limit]
+        items = eval_support.read_choice(manifest)[:limit]
         def score(chunk, system):
             return [{"nll": nll} for nll in choice_nll(model, chunk, system)]
-        done = es.run_items(items, path, model_name, systems, batch_size, score)
+        done = eval_support.run_items(items, path, model_name, systems, batch_size, score)
         rows = {s: [done[it.id, s] for it in items if (it.id, s) in done] for s in systems}
         results["systems"] = summarize_choice(rows)
     elif task in ("mcq", "open", "label"):
         if task == "mcq":
-            items, score_row = es.read_mcq(manifest), es.score_mcq_row
+            items, score_row = eval_support.read_mcq(manifest), eval_support.score_mcq_row
         elif task == "open":
-            items, score_row = es.read_open(manifest), es.score_open_row
+            items, score_row = eval_support.read_open(manifest), eval_support.score_open_row
         else:
-            items, score_row = es.label_items(data.read_manifest(manifest)), es.score_label_row
+            items = eval_support.label_items(data.read_manifest(manifest))
+            score_row = eval_support.score_label_row
         items = items[:limit]
         def generate(chunk, system):
             answers = answer_batch(model, chunk, system, max_new_tokens)
             return [{"response": a, **score_row(it.fields, a)} for it, a in zip(chunk, answers)]
-        done = es.run_items(items, path, model_name, systems, batch_size, generate)
-        for system, rows in es.rescore(items, done, systems, score_row).items():
+        done = eval_support.run_items(items, path, model_name, systems, batch_size, generate)
+        for system, rows in eval_support.rescore(items, done, systems, score_row).items():
             if task == "open":
-                results["systems"][system] = es.summarize_open(rows)
-                es.write_judge_file(out / f"open_{system}.jsonl", rows)
+                results["systems"][system] = eval_support.summarize_open(rows)
+                eval_support.write_judge_file(out / f"open_{system}.jsonl", rows)
             else:
                 group = "task" if task == "mcq" else "attribute"
-                results["systems"][system] = es.accuracy_table(rows, group)
+                results["systems"][system] = eval_support.accuracy_table(rows, group)
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
-    es.write_results(out, task, results)
+    eval_support.write_results(out, task, results)
     return results
 
 
@@ -369,7 +368,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (checks.CheckError, data.ManifestError, data.AudioError, FileNotFoundError) as e:
+    except (checks.CheckError, FileNotFoundError) as e:
         print(f"error: {checks.first_line(e)}", file=sys.stderr)  # one line, no traceback
         sys.exit(1)
 
@@ -379,7 +378,7 @@ def run(args) -> None:
     device = checks.pick_device(args.device)  # never a silent CPU run of a 7B model
     checks.cpu_fallback(model_support.release_llm_parameters(args.model), args.device, device,
                         f"--model {args.model}")
-    checks.manifest_audio(es.task_audio(args.task, args.manifest), args.manifest,
+    checks.manifest_audio(eval_support.task_audio(args.task, args.manifest), args.manifest,
                           args.max_audio_seconds)
     from model import AZeroS
 
@@ -397,7 +396,7 @@ def run(args) -> None:
     results = evaluate(model, args.task, args.manifest, out,
                        model_name=str(Path(args.model).resolve()), batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, systems=systems, limit=args.limit)
-    print(es.markdown_table(args.task, results), end="")
+    print(eval_support.markdown_table(args.task, results), end="")
     print(f"written: {out / (args.task + '_results.json')}, {out / (args.task + '_results.md')}")
 
 

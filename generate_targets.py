@@ -18,8 +18,8 @@ Modes (Sec. 5.3 stage 1, Sec. 5.4 stage 2, Sec. 5.7 dialog LLM; strings as in ap
     sift_sp   <audio><meta>k: v, ...</meta><text>transcript</text></audio>
     sit_ssp / sift_ssp   as sit_sp / sift_sp under the dialog system message of Sec. 5.7
 
-Support (not the method): targets_support.py loses no row (skips, shards, resume, input order)
-and holds the plumbing: the tsit_s and vLLM backends, backend choice, output rows, CLI checks.
+Support (not the method): support/targets_support.py loses no row (skips, shards, resume, input
+order) and holds the plumbing: backend choice, output rows, CLI checks.
 
 Usage (--model: a hub id, a local folder or a .gguf file; tsit_s needs none):
     python generate_targets.py --mode sift_sp --model Qwen/Qwen2.5-7B-Instruct \\
@@ -40,12 +40,11 @@ from dataclasses import dataclass
 
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
 
-import checks
-import targets_support as support
-from files import WriteError, append_jsonl
-from labels import age_group  # the official age bands live with the label table
-from manifest import ManifestError, Record
-from targets_support import Generation, Row, Summary, TranscriptBackend, VLLMBackend
+from support import checks, targets_support
+from support.files import WriteError, append_jsonl
+from support.labels import normalize_meta  # the official label vocabulary lives there
+from support.manifest import Record
+from support.targets_support import Generation, Row, Summary
 
 MODES = ("tsit_s", "sit_s", "sift_s", "sit_sp", "sift_sp", "sit_ssp", "sift_ssp")
 
@@ -71,9 +70,6 @@ DIALOG_SYSTEM = (
 # list them; these are the official ASR-LLM recipe's prompts (examples/asr_llm/configs/prompt.yaml).
 ASR_PROMPTS = ("请重复以上内容", "Transcribe speech to text", "请转写音频为文字")
 
-META_ORDER = ("age", "gender", "emotion")
-UNKNOWN_VALUES = {"na", "unk", "unknown", "null", ""}  # "not labelled": dropped, as officially
-
 # The CJK ranges of the official text normaliser (auden.utils.text_normalization): CJK characters
 # are joined without spaces, every other run of text is followed by one.
 _CJK = re.compile(
@@ -81,7 +77,6 @@ _CJK = re.compile(
     r"\U00020000-\U0002FFFF\u3000-\u303F\uff01-\uff60])"
 )
 _BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]")  # <noise>, [laughter]: annotations, not words
-_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
 
 # ------------------------------------------------------------------------------------------------
 # 1. The text stand-in: what the LLM reads in place of the audio
@@ -97,25 +92,7 @@ def normalize_text(text: str) -> str:
     text = "".join(p if _CJK.search(p) else f"{p} " for p in pieces).strip()
     text = re.sub(r"\s+", " ", text)
     # Traditional -> Simplified, as officially (zhconv is optional: without it, a warning)
-    return support.to_simplified(text) if _CJK.search(text) else text
-
-
-def normalize_meta(meta: dict) -> dict[str, str]:
-    """Metadata as the LLM sees it: age, gender, emotion first (others after, in their own order),
-    keys and values lower-cased, numeric ages mapped to groups, unknown values dropped (an "unknown"
-    emotion would teach the model to say it cannot tell, which the audio may well show)."""
-    clean = {}
-    for key, value in meta.items():
-        if value is None:
-            continue
-        key, text = str(key).strip().lower(), str(value).strip().lower()
-        if key == "age" and _NUMBER.fullmatch(text):
-            # official: a falsy age (0) is no age; 200+ is dropped as impossible
-            text = (age_group(float(text)) or "") if value else ""
-        if text not in UNKNOWN_VALUES:
-            clean[key] = text
-    first = [k for k in META_ORDER if k in clean]
-    return {k: clean[k] for k in first + [k for k in clean if k not in META_ORDER]}
+    return targets_support.to_simplified(text) if _CJK.search(text) else text
 
 
 def format_meta(meta: dict) -> str:
@@ -182,19 +159,20 @@ def plan(in_paths, mode: str, seed: int = 0, shard: int = 0,
     """Every input line of this shard -> a Row with its prompt, or with the reason it is skipped
     (unreadable, malformed, repeated id, filtered) -> (rows, blank lines of all the inputs). Same
     inputs, same plan. Prompts are built for this shard's rows only."""
-    rows, blank = support.read_rows(in_paths)  # repeated ids are found across all of them here
-    rows = [r for r in rows if support.in_shard(r, shard, nshards)]
+    # repeated ids are found across all of them here
+    rows, blank = targets_support.read_rows(in_paths)
+    rows = [r for r in rows if targets_support.in_shard(r, shard, nshards)]
     for row in rows:
         if row.skip is None:
             row.prompt = build_prompt(row.record, mode, seed)
             # the official filters, on the transcript the LLM and the training loss see
-            row.skip = support.filter_reason(row.record, normalize_text(row.record.text))
+            row.skip = targets_support.filter_reason(row.record, normalize_text(row.record.text))
     return rows, blank
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Backends: prompts in, (response, truncated, generated tokens) out. The same interface serves
-#    tsit_s (no LLM) and vLLM (GPU only): TranscriptBackend and VLLMBackend in targets_support.py.
+# 2. Backends: prompts in, (response, truncated, generated tokens) out. Transformers (HFBackend),
+#    vLLM (GPU only) and, for tsit_s, no LLM at all (TranscriptBackend) share one interface.
 
 
 class HFBackend:
@@ -229,8 +207,8 @@ class HFBackend:
 
     def batches(self, prompts: list[Prompt]) -> list[list[int]]:
         lengths = [len(self.prompt_ids(p)) for p in prompts]
-        return support.budget_batches(lengths, self.max_new_tokens, self.batch_tokens,
-                                      self.max_batch_rows)
+        return targets_support.budget_batches(lengths, self.max_new_tokens, self.batch_tokens,
+                                              self.max_batch_rows)
 
     def generate(self, prompts: list[Prompt]) -> list[Generation]:
         import torch
@@ -256,6 +234,66 @@ class HFBackend:
         return Generation(text, end is None, len(tokens) if end is None else end + 1)
 
 
+class TranscriptBackend:
+    """tsit_s: the target is the transcript, nothing runs. 1024 rows are one resume unit."""
+    name = "transcript"
+    model_label = ""
+
+    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+        return targets_support.chunks(len(prompts), 1024)
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        return [Generation(p.target, False, 0) for p in prompts]
+
+
+@dataclass
+class VLLMOptions:
+    """What the vLLM engine is given (flags --device, --tensor-parallel-size,
+    --gpu-memory-utilization, --max-model-len)."""
+    device: str | None = None  # cuda:N -> that GPU only; None/cuda: what CUDA_VISIBLE_DEVICES lists
+    tensor_parallel_size: int = 1  # GPUs one model is split over (a 7B fits one 80 GB GPU)
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM may take (KV cache)
+    max_model_len: int | None = None  # prompt + answer tokens; None: the model's own (32k, Qwen2.5)
+
+
+class VLLMBackend:
+    """vLLM offline generation (GPU only): its chat API with the training ChatML template, greedy,
+    and prefix caching (every row of a mode shares the chat header and, for *_ssp, the long system
+    message). vLLM schedules its own batches, so we hand it large chunks in input order; a chunk is
+    the resume unit."""
+    name = "vllm"
+
+    def __init__(self, model: str, *, model_label: str, gguf_file: str | None = None,
+                 max_new_tokens: int = 256, chunk: int = 4096, options: VLLMOptions | None = None):
+        options = options or VLLMOptions()
+        if options.device is not None and options.device.startswith("cuda:"):
+            # vLLM has no device argument: its workers (own processes) see the GPUs this lists
+            os.environ["CUDA_VISIBLE_DEVICES"] = options.device.split(":")[1]
+        from vllm import LLM, SamplingParams
+
+        path = os.path.join(model, gguf_file) if gguf_file else model
+        self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
+                       enable_prefix_caching=True, trust_remote_code=False,
+                       tensor_parallel_size=options.tensor_parallel_size,
+                       gpu_memory_utilization=options.gpu_memory_utilization,
+                       max_model_len=options.max_model_len)
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.model_label, self.chunk = model_label, chunk
+
+    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
+        return targets_support.chunks(len(prompts), self.chunk)
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        import llm
+
+        conversations = [([{"role": "system", "content": p.system}] if p.system else [])
+                         + p.messages() for p in prompts]
+        outputs = self.llm.chat(conversations, self.params, chat_template=llm.CHATML_TEMPLATE,
+                                add_generation_prompt=True, use_tqdm=False)
+        return [Generation(o.text, o.finish_reason == "length", len(o.token_ids))
+                for o in (out.outputs[0] for out in outputs)]
+
+
 def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto",
                  max_new_tokens=256, batch_tokens=16384, device=None, vllm=None):
     """tsit_s needs no model. `auto` picks vLLM when it is installed and CUDA works; transformers
@@ -266,12 +304,12 @@ def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto"
     if not model:
         raise SystemExit(f"--model is required for mode {mode}")
     label = f"{model}:{gguf_file}" if gguf_file else str(model)  # the `model` field
-    if support.use_vllm(backend, device):
-        options = dataclasses.replace(vllm or support.VLLMOptions(), device=device)
+    if targets_support.use_vllm(backend, device):
+        options = dataclasses.replace(vllm or VLLMOptions(), device=device)
         return VLLMBackend(model, model_label=label, gguf_file=gguf_file,
                            max_new_tokens=max_new_tokens, options=options)
     import llm
-    import model_support
+    from support import model_support
 
     chosen = checks.pick_device(device)
     checks.cpu_fallback(model_support.llm_parameters(model, gguf_file), device, chosen,
@@ -294,14 +332,14 @@ def run(in_paths, out, mode: str, backend, *, seed: int = 0, shard: int = 0, nsh
     the file, and only if the same backend wrote them. `backend` may also be a function that
     builds one: it is called once the output is locked, so a second run on the same output stops
     before it loads a 7B model."""
-    with support.locked_output(out, shard, nshards) as path:
+    with targets_support.locked_output(out, shard, nshards) as path:
         backend = backend() if callable(backend) else backend
         rows, blank = plan(in_paths, mode, seed, shard, nshards)
-        done = support.resume(path, rows, mode, backend.model_label, backend_name(backend))
+        done = targets_support.resume(path, rows, mode, backend.model_label, backend_name(backend))
         summary = Summary(blank_lines=blank, resumed=len(done))
         pending = [r for r in rows if r.skip is None and r.record.id not in done]
         generate(pending, mode, backend, path, done, summary, progress, window)
-        return support.finish(rows, done, path, summary)
+        return targets_support.finish(rows, done, path, summary)
 
 
 def backend_name(backend) -> str | None:
@@ -312,15 +350,15 @@ def backend_name(backend) -> str | None:
 def generate(pending: list[Row], mode, backend, path, done: dict, summary: Summary,
              progress: bool = True, window: int = 100_000) -> None:
     """Answer every pending row, appending each batch to `path` the moment it is done."""
-    with support.Meter(summary, len(pending), mode, progress) as meter:
+    with targets_support.Meter(summary, len(pending), mode, progress) as meter:
         # Batches are planned per window of rows: millions of rows are never tokenized at once.
         for w in range(0, len(pending), window):
             rows = pending[w:w + window]
             prompts = [r.prompt for r in rows]
             for batch in backend.batches(prompts):
                 gens = backend.generate([prompts[i] for i in batch])
-                targets = [support.target_row(rows[i], mode, g, backend.model_label, path.parent,
-                                              backend_name(backend))
+                targets = [targets_support.target_row(rows[i], mode, g, backend.model_label,
+                                                      path.parent, backend_name(backend))
                            for i, g in zip(batch, gens)]
                 append_jsonl(path, targets)  # whole lines, fsynced: a kill costs at most this batch
                 done.update((t["id"], t) for t in targets)
@@ -360,7 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the tsit_s instruction draw")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    support.check_args(p, args)
+    targets_support.check_args(p, args)
     return args
 
 
@@ -372,10 +410,10 @@ def main(argv=None, backend=None) -> Summary:
     if args.merge:
         # the plan's skip decisions do not depend on the mode
         rows, blank = plan(args.inputs, args.mode or "sift_s", args.seed)
-        summary = support.merge(rows, blank, args.out, args.nshards, args.mode)
+        summary = targets_support.merge(rows, blank, args.out, args.nshards, args.mode)
     else:
-        vllm = support.VLLMOptions(None, args.tensor_parallel_size, args.gpu_memory_utilization,
-                                   args.max_model_len)
+        vllm = VLLMOptions(None, args.tensor_parallel_size, args.gpu_memory_utilization,
+                           args.max_model_len)
         backend = backend or (lambda: make_backend(  # built once the output is locked (run)
             args.mode, args.model, gguf_file=args.gguf_file, backend=args.backend,
             max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens, device=args.device,
@@ -390,7 +428,7 @@ def cli(argv=None, backend=None) -> int:
     """main() with the user-fixable errors as one line on stderr and exit status 1."""
     try:
         main(argv, backend)
-    except (checks.CheckError, ManifestError, FileNotFoundError, WriteError) as e:  # disk full
+    except (checks.CheckError, FileNotFoundError, WriteError) as e:  # WriteError: a full disk
         print(f"error: {checks.first_line(e)}", file=sys.stderr)
         return 1
     return 0

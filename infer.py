@@ -8,7 +8,7 @@
 Data flow: file -> 16 kHz wave -> AZeroS.generate (front end, frozen encoders, projectors, splice
 into "{audio placeholder} {prompt}", frozen LLM) -> text. Greedy unless --temperature is given (then
 top-p sampling); --system adds a system message (else the tokenizer's chat template decides).
-Support (not the method): checks.py checks files and options first; a bad input is one line.
+Support (not the method): support/checks.py checks files and options first; a bad input is one line.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import replace
 
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
 
-import checks
+from support import checks
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -60,7 +60,7 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
 
 
 def run(args) -> int:
-    import model_support
+    from support import model_support
 
     model_support.quiet_libraries()  # stdout is for the answer, from the first import on
     import torch

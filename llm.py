@@ -12,8 +12,8 @@ AZeroS never trains the LLM. Everything it needs from the language model is here
 6. generate from embeddings (left padding for batches, greedy by default, optional streaming).
 
 A batch row is a list of messages `{"role": ..., "content": ...}`.
-Support (not the method): model_support.py holds the loading details (GGUF, attention fallback,
-embedding resize, stop tokens).
+Support (not the method): support/model_support.py holds the loading details (GGUF, attention
+fallback, embedding resize, stop tokens).
 """
 from __future__ import annotations
 
@@ -23,12 +23,19 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, TextStreamer
 
-import checks
-import model_support
+from support import checks, model_support
 
 AUDIO_TOKEN = "<|AUDIO|>"
 IGNORE_INDEX = -100  # what torch's cross_entropy skips
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
+# The official fixed ChatML template (the CHAT_TEMPLATE of run_data_generation.py), the one template
+# of training and target generation (chat_text below; vLLM's chat API takes it as it is). A
+# truncated turn (it hit the generation limit) has no <|im_end|>: it is always the last one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% if not message.get('truncated') %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TURN_START = "<|im_start|>"
 # Causal-LM families whose head is the output projection alone (checked in transformers' code):
 # answer_logits applies it to the answer positions only. Other families run their own forward.
@@ -119,13 +126,7 @@ def chat_text(tokenizer, messages: list[dict], *, training: bool, system: str | 
         messages = [{"role": "system", "content": system}, *messages]
     if not training:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = ""
-    for m in messages:
-        text += f"<|im_start|>{m['role']}\n{m['content']}"
-        if m.get("truncated"):
-            return text
-        text += "<|im_end|>\n"
-    return text
+    return tokenizer.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=False)
 
 
 def expand_audio_tokens(ids: list[int], audio_id: int, lengths: list[int]) -> list[int]:

@@ -28,7 +28,7 @@ Parity: the official code casts projector outputs to float16 before the splice. 
 projectors were trained behind that rounding, so we keep it (`round_audio_to_fp16=True`): at most
 ~5e-4 per value, and our outputs match the official ones token for token.
 
-Support (not the method): model_support.py finds, checks, reads and writes model folders.
+Support (not the method): support/model_support.py finds, checks, reads and writes model folders.
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import llm
-import model_support
-from files import atomic_path, staged_folder, write_atomic
-from model_support import FROZEN, default_dtype
 from projector import Projector
+from support import model_support
+from support.files import atomic_path, staged_folder, write_atomic
+from support.model_support import FROZEN, default_dtype
 from whisper_encoder import WhisperSpeechEncoder, is_whisper_folder
 
 # the user turn of a two-encoder model: paralinguistic frames in <meta>, speech frames in <text>

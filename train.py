@@ -28,12 +28,13 @@ the prompt produce the same answer. Only the projectors learn; the encoders and 
 The defaults are the official recipe's (examples/azeros/configs/train.yaml): Adam at 1e-3 with the
 Eden2 schedule, no gradient clipping, sequences cut at 512 tokens, Lhotse's SpecAugment, and a
 running average of the weights every 200 steps, which is what the exported model holds. The
-README's "Differences from the official code" lists where we deliberately differ.
+page docs/differences.md lists where we deliberately differ.
 
 Read it like nanoGPT's train.py: the command line, then `run` (data, model, resume, the loop),
 then what the loop calls (which parameters train, learning-rate schedules, one batch and its loss).
-Support (not the method): train_support.py (checks before training, exact-resume checkpoints,
-weight average, encoder cache, DDP helpers, metrics log), spec_augment.py, checks.py (errors).
+Support (not the method): support/train_support.py (checks before training, exact-resume
+checkpoints, weight average, encoder cache, DDP helpers, metrics log), support/spec_augment.py,
+support/checks.py (errors).
 """
 from __future__ import annotations
 
@@ -47,15 +48,16 @@ from pathlib import Path
 # another order, and two identical runs drift apart. Must be set before torch loads MKL.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-import checks
-import train_support
-from data import AudioDataset, AudioError, DurationBucketSampler, collate
-from manifest import ManifestError
-from spec_augment import SPEC_AUGMENT
-from train_support import TrainError, pad, unpad
+import data
+from data import AudioDataset, DurationBucketSampler, collate
+from support import checks, train_support
+from support.spec_augment import SPEC_AUGMENT
+from support.train_support import TrainError, pad, unpad
 
 # --------------------------------------------------------------------------------------------------
 # 1. Command line
@@ -293,7 +295,7 @@ def make_loader(model, manifests, weights, args, rank, world, shuffle: bool):
     records = [r for m in manifests for r in m]
     tokens = None
     if args.max_tokens:
-        tokens = [train_support.count_row_tokens(model, m, args.max_length) for m in manifests]
+        tokens = [count_row_tokens(model, m, args.max_length) for m in manifests]
         for m, t in zip(manifests, tokens):
             train_support.check_row_tokens(m, t, args.max_tokens)  # file:line of a row too long
     sampler = DurationBucketSampler([[r.duration for r in m] for m in manifests], weights=weights,
@@ -306,6 +308,59 @@ def make_loader(model, manifests, weights, args, rank, world, shuffle: bool):
                                          generator=torch.Generator().manual_seed(0),
                                          pin_memory=torch.cuda.is_available())
     return loader, sampler
+
+
+# Tokens per row, for the --max-tokens budget: counted from the manifest, before any batch runs
+
+
+def row_tokens(model, records, max_length: int | None) -> np.ndarray:
+    """Each row's length in the LLM, as run_batch will build it, from the manifest alone: the
+    tokens of its training chat (the stage's prompt + the response), each `<|AUDIO|>` replaced by
+    the frames its projector emits for the row's duration, cut at --max-length.
+
+    Exact for 16 kHz audio. Audio at another rate is resampled from round(duration * rate)
+    samples, which can end a sample or two away from round(duration * 16000): a row then
+    counts at most one audio frame too few or too many (the budget leaves room for that)."""
+    import llm  # here: `python train.py --help` does not wait for transformers
+
+    tokenizer = model.tokenizer
+    audio_id = tokenizer.convert_tokens_to_ids(llm.AUDIO_TOKEN)
+    texts = [llm.chat_text(tokenizer, model.training_messages(r), training=True) for r in records]
+    text = np.zeros(len(records), dtype=np.int64)
+    for start in range(0, len(texts), 4096):  # the fast tokenizer encodes a list in parallel
+        ids = tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
+        text[start:start + len(ids)] = [len(row) - row.count(audio_id) for row in ids]
+    samples = np.round(np.array([r.duration for r in records], dtype=np.float64) * data.SAMPLE_RATE)
+    total = text + sum(audio_tokens(model, branch, samples.astype(np.int64))
+                       for branch in model.encoders())
+    return np.minimum(total, max_length) if max_length else total
+
+
+def count_row_tokens(model, records, max_length: int | None) -> np.ndarray:
+    """row_tokens of every row, each rank counting an equal share: all ranks need all counts (the
+    same plan), and one core tokenizes only a few thousand rows a second."""
+    distributed = train_support.is_distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    counts = np.zeros(len(records), dtype=np.int64)
+    parts = train_support.gather_objects(row_tokens(model, records[rank::world], max_length))
+    for r, part in enumerate(parts):
+        counts[r::world] = part
+    return counts
+
+
+def audio_tokens(model, branch: str, samples: np.ndarray) -> np.ndarray:
+    """LLM positions one branch's projector fills for utterances of `samples` 16 kHz samples: the
+    encoder's frame count (Zipformer: fbank frames through its two stride-2 stages; Whisper: log-mel
+    frames, at most 30 s, through its stride-2 convolution), divided by the projector's ds_rate."""
+    encoder = getattr(model, f"{branch}_encoder")
+    projector = getattr(model, f"{branch}_encoder_projector")
+    if getattr(encoder, "front_end", "fbank") == "fbank":
+        from zipformer import output_lengths
+        frames = output_lengths(torch.from_numpy(data.num_frames(samples))).numpy()
+    else:
+        from whisper_encoder import HOP_LENGTH, MAX_FRAMES
+        frames = (np.minimum(samples // HOP_LENGTH, MAX_FRAMES) - 1) // 2 + 1
+    return np.maximum(frames, 0) // projector.ds_rate
 
 
 def batches_forever(loader, sampler, epoch: int, cache):
@@ -440,7 +495,8 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
     The SIFT loss: each row is the stage's prompt with the audio in it, answered by the `response`
     the frozen LLM itself wrote for the text stand-in; the model returns the mean cross-entropy
     over the response tokens only (prompt and audio positions are not supervised)."""
-    with train_support.named_errors(batch, args):  # out of memory, --max-length: one line
+    seconds = batch["wave_lens"].double() / data.SAMPLE_RATE  # (B,) audio lengths: the log's unit
+    with train_support.named_errors(seconds, args):  # out of memory, --max-length: one line
         enc = encoder_outputs(model, batch, device, cache, specaug_gen if train else None,
                               args.precision)
         messages = [model.training_messages(r) for r in batch["records"]]
@@ -450,7 +506,8 @@ def run_batch(model, net, batch, args, device, cache, specaug_gen, train: bool) 
             # Divide by the number of micro-batches so the accumulated gradient is their mean, as if
             # the whole effective batch had been one forward pass.
             (out["loss"] / args.grad_accum).backward()
-    metrics = train_support.batch_metrics(out, batch["wave_lens"])  # no GPU sync (see there)
+    # no GPU sync here (see batch_metrics): the log reads the device's sums once per log line
+    metrics = train_support.batch_metrics(out, seconds, data.padding_efficiency(seconds.tolist()))
     if train:  # after backward, not before it (no GPU wait); a batch without tokens has loss 0
         checks.batch_tokens(metrics["tokens"], batch["records"], args.max_length)
     return metrics
@@ -474,7 +531,7 @@ def cli():
     try:
         main()
     # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
-    except (TrainError, checks.CheckError, ManifestError, AudioError, FileNotFoundError) as e:
+    except (checks.CheckError, FileNotFoundError) as e:
         train_support.close_bars()  # the error on a line of its own
         train_support.stop_all(f"error: {e}")
     except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too

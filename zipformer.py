@@ -19,7 +19,8 @@ Batch invariance (unlike the official code, whose short utterances see their bat
 through the ConvNeXt and SimpleDownsample): every place padding could leak is masked per sequence,
 so each row of a batch equals that utterance run alone, i.e. the official single-utterance output.
 
-Support (not the method): model_support.py parses the config, checks inputs, reads/writes weights.
+Support (not the method): support/model_support.py parses the config, checks inputs, reads/writes
+weights.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import model_support
-from model_support import JsonConfig
+from support import model_support
+from support.model_support import JsonConfig
 
 MIN_INPUT_FRAMES = 9  # the conv front end needs (T - 7) // 2 >= 1 embedded frames
 
@@ -539,7 +540,7 @@ class ZipformerEncoder(nn.Module):
         x = x.masked_fill(make_pad_mask(lens, x.shape[1])[:, :, None], 0.0)
         return x, lens
 
-    # ---- loading and saving in the official layout (model_support.py does the file work) ----
+    # ---- loading and saving in the official layout (support/model_support.py: the file work) ----
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> ZipformerEncoder:

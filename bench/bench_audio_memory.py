@@ -8,8 +8,8 @@ Each length runs in a fresh subprocess so that its peak is its own. We report th
 RSS minus its RSS just before the forward (weights, libraries and the waveform excluded): the memory
 that encoding this much audio costs.
 
-    python bench/bench_audio_memory.py                       # small encoder, 10/30/60/120 s
-    python bench/bench_audio_memory.py --config tta_m10 --seconds 10 30   # the released size
+    python -m bench.bench_audio_memory                       # small encoder, 10/30/60/120 s
+    python -m bench.bench_audio_memory --config tta_m10 --seconds 10 30   # the released size
 """
 
 import argparse
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+import data
+from zipformer import ZipformerConfig, ZipformerEncoder
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-from zipformer import ZipformerConfig, ZipformerEncoder  # noqa: E402
 
 SMALL_CONFIG = ROOT / "tests" / "fixtures" / "zipformer_small" / "config.json"
 

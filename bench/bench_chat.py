@@ -1,30 +1,28 @@
-"""Benchmark: per-turn latency of the web demo's chat (chat.py), KV cache kept vs. re-feeding.
+"""Benchmark: per-turn latency of the web demo's chat (app.Conversation), cache kept vs. re-feeding.
 
 A three-turn conversation (a clip, another clip, a text question) as app.py runs it: each turn's
 time to its first token and to the whole answer, the LLM positions fed and the clips encoded. For
 comparison, what re-feeding the whole conversation (the official service) must do before its first
 token: encode every clip so far again and feed every position to the LLM once.
 
-    python bench/bench_chat.py --model exp/demo/stage2         # clips from exp/demo/corpus
-    python bench/bench_chat.py --model M --clips a.wav b.wav --max-new-tokens 64
+    python -m bench.bench_chat --model exp/demo/stage2         # clips from exp/demo/corpus
+    python -m bench.bench_chat --model M --clips a.wav b.wav --max-new-tokens 64
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import demo  # noqa: E402, F401  (before torch: OMP_WAIT_POLICY=PASSIVE, see bench_generate.py)
+import demo  # noqa: F401  (before torch: OMP_WAIT_POLICY=PASSIVE, see bench_generate.py)
 
 # isort: split
-import torch  # noqa: E402
+import torch
 
-import data  # noqa: E402
-from chat import Conversation  # noqa: E402
-from llm import GenerationOptions  # noqa: E402
-from model import AZeroS  # noqa: E402
+import data
+from app import Conversation
+from llm import GenerationOptions
+from model import AZeroS
 
 QUESTIONS = ("What is said, and by whom?", "And in this one?", "Which of the two was faster?")
 

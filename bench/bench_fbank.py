@@ -1,6 +1,6 @@
 """Throughput of data.fbank (batched) against the per-utterance Kaldi implementations.
 
-    python bench/bench_fbank.py [--device cpu|cuda] [--repeats 5] [--num 32]
+    python -m bench.bench_fbank [--device cpu|cuda] [--repeats 5] [--num 32]
 
 32 utterances of random length 2-20 s (seeded). Contenders, all in this process on the same data:
   - data.fbank: the whole batch at once (one gather, one rfft, one matmul);
@@ -14,15 +14,12 @@ that contender is faster than data.fbank.
 import argparse
 import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
+import data
 
 
 def knf_loop(waves):

@@ -6,8 +6,8 @@ generate_targets.py sorts rows by prompt length and packs them under a token bud
 model, same greedy decoding; we time the transformers backend on CPU with SmolLM2-135M-Instruct (the
 bundled GGUF) and compare generated tokens/s.
 
-    python bench/bench_generate.py          # 64 rows, 32 new tokens, batches of 16, 3 rounds
-    python bench/bench_generate.py --rows 64 --max-new-tokens 32 --batch-size 8
+    python -m bench.bench_generate          # 64 rows, 32 new tokens, batches of 16, 3 rounds
+    python -m bench.bench_generate --rows 64 --max-new-tokens 32 --batch-size 8
 
 A third line (sorted, but fixed batch size) separates the two ingredients: less padding from
 sorting, and batch sizes that follow the budget.
@@ -19,17 +19,15 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Imported before torch: demo sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of
 # spinning, which on a shared machine burns CPU time that is not ours to measure).
-import demo  # noqa: E402
-import generate_targets as gt  # noqa: E402
-from llm import load_llm  # noqa: E402
+import demo
+import generate_targets as gt
+from llm import load_llm
 
 WORDS = ("the weather is great today and we should go out for a walk in the park before it starts "
          "to rain i think the meeting was moved to thursday because nobody could make it on monday "

@@ -1,8 +1,8 @@
-"""Benchmark: speed of the offline benchmark scorers (bench_scoring.py) on CPU, each against a
+"""Benchmark: speed of the offline benchmark scorers (bench_scoring) on CPU, each against a
 reference run in the same process on the same answers.
 
-    python bench/bench_scoring.py                 # 4000 answers per scorer (IFEval 400), best of 3
-    python bench/bench_scoring.py --n 1000 --repeats 5
+    python -m bench.bench_scoring                 # 4000 answers per scorer (IFEval 400), best of 3
+    python -m bench.bench_scoring --n 1000 --repeats 5
 
 References: the MCQ and BBH extractors against the official code's loop shape (each template filled
 in anew for every answer; ours fills them in once at import), the AdvBench refusal test against one
@@ -19,16 +19,13 @@ import os
 import platform
 import random
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import bench_rules as R  # noqa: E402
-import bench_scoring as S  # noqa: E402
-import evaluate as ev  # noqa: E402
+import evaluate as ev
+from paper_benchmarks import bench_rules as R
+from paper_benchmarks import bench_scoring as S
 
 FILLER = (
     "let me think about this question step by step before I answer it properly",

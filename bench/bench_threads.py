@@ -11,8 +11,8 @@ Each configuration runs in a fresh process (OMP_WAIT_POLICY is read when torch l
 times `--steps` steps after one warm-up step; the burner is a Python busy loop (one core), bounded
 in time.
 
-    python bench/bench_threads.py          # both workloads, 8 configurations each, 5-30 min
-    python bench/bench_threads.py --workloads encoder --steps 10 --burners 2
+    python -m bench.bench_threads          # both workloads, 8 configurations each, 5-30 min
+    python -m bench.bench_threads --workloads encoder --steps 10 --burners 2
 
 Workloads: `encoder` = one optimizer step of the demo's small Zipformer (pretrain_encoders.py, batch
 12 x 4 s); `llm` = one projector step through a SmolLM2-135M-shaped LLM (random weights, batch 4,
@@ -41,12 +41,9 @@ def build(workload: str):
     """-> a function running one training step of the workload."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "recipe"))
     torch.manual_seed(0)
     if workload == "encoder":
-        import pretrain_encoders as pe
-
+        from recipe import pretrain_encoders as pe
         from zipformer import ZipformerEncoder
 
         encoder = ZipformerEncoder(pe.small_config())
@@ -65,9 +62,7 @@ def build(workload: str):
 
         return step
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_train import build_llm
-
+    from bench.bench_train import build_llm
     from projector import Projector
 
     llm = build_llm("smollm2-135m", torch.float32, torch.device("cpu"))
@@ -113,7 +108,8 @@ def run(workload: str, threads: int, policy: str, burners: int, steps: int, time
         out = subprocess.run(
             [
                 sys.executable,
-                __file__,
+                "-m",
+                "bench.bench_threads",
                 "--child",
                 workload,
                 "--threads",
@@ -122,6 +118,7 @@ def run(workload: str, threads: int, policy: str, burners: int, steps: int, time
                 str(steps),
             ],
             env=env,
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -20,22 +20,19 @@ untimed ones and reports:
             computed and 4 N remains. The attention term is 4 d L per layer forward, doubled for
             the backward pass, not halved for causality.
 
-    python bench/bench_train.py              # CPU: tiny, small and SmolLM2-135M, fp32 and bf16
-    python bench/bench_train.py --gpu-configs qwen2.5-7b   # on a GPU also Qwen2.5-7B in bf16
+    python -m bench.bench_train              # CPU: tiny, small and SmolLM2-135M, fp32 and bf16
+    python -m bench.bench_train --gpu-configs qwen2.5-7b   # on a GPU also Qwen2.5-7B in bf16
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import llm as llm_lib  # noqa: E402
-from model_support import per_token_parameters  # noqa: E402
-from projector import Projector  # noqa: E402
+import llm as llm_lib
+from projector import Projector
+from support.model_support import per_token_parameters
 
 CONFIGS = {
     # the tests' LLM (tests/test_train.py)

@@ -16,21 +16,18 @@ float32 rounding for a 30-s clip (the same computation); for shorter clips it is
 of padding change the frames (the padded encoder attends to the silence): the two are not
 interchangeable.
 
-    python bench/bench_whisper.py                      # tiny and base, CPU, best of 3
-    python bench/bench_whisper.py --sizes small --repeats 5 --device cuda
+    python -m bench.bench_whisper                      # tiny and base, CPU, best of 3
+    python -m bench.bench_whisper --sizes small --repeats 5 --device cuda
 """
 import argparse
 import platform
-import sys
 import time
 from datetime import date
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import whisper_encoder as W  # noqa: E402
+import whisper_encoder as W
 
 SIZES = {  # d_model, layers, heads (openai-whisper's model dimensions)
     "tiny": (384, 4, 6), "base": (512, 6, 8), "small": (768, 12, 12), "medium": (1024, 24, 16)}

@@ -10,8 +10,8 @@ Both are checked against each other (max abs diff on valid frames) in the parent
 CPU: fp32. CUDA (when available): fp32 and bf16 autocast. Peak memory is the process's peak RSS on
 CPU (model weights included) and torch.cuda.max_memory_allocated on CUDA.
 
-    python bench/bench_zipformer.py            # all cases available here
-    python bench/bench_zipformer.py --repeats 5 --threads 1
+    python -m bench.bench_zipformer            # all cases available here
+    python -m bench.bench_zipformer --repeats 5 --threads 1
 
 CPU timings are only meaningful on an otherwise idle machine: with other processes on the same
 cores, PyTorch's worker threads are descheduled mid-op and a forward can take 10x longer. The table
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zipformer import ZipformerConfig, ZipformerEncoder  # noqa: E402
+from zipformer import ZipformerConfig, ZipformerEncoder
 
 LENGTHS_S = [10.0, 8.7, 7.3, 6.0]
 

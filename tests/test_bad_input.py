@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_train import build_setup, stage1_args
 
 import benchmarks as B
-import checks
 import evaluate
 import infer
-import manifest as manifest_module
 import train
-from checks import CheckError
-from manifest import ManifestError
+from support import checks
+from support import manifest as manifest_module
+from support.checks import CheckError
+from support.manifest import ManifestError
+from test_train import build_setup, stage1_args
 from tiny import JsonHandler, cached_tiny_release, make_tiny_llm_dir, serve, write_wav
 
 
@@ -270,8 +270,8 @@ def test_nan_audio_in_a_voicebench_parquet_is_skipped(release, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    import bench_data as BD
     from model import AZeroS
+    from paper_benchmarks import bench_data as BD
 
     def wav(samples):
         buf = io.BytesIO()

@@ -1,7 +1,7 @@
-"""benchmarks.py, bench_data.py, bench_scoring.py: every scorer on real-looking answers with scores
-worked out by hand (official quirks included), the paper's Overall / Avg from its own columns,
-readers on tiny files in the released formats, resumable answering with the tiny release model, and
-the judge path against a local HTTP judge on 127.0.0.1."""
+"""benchmarks.py, paper_benchmarks/bench_data.py and bench_scoring.py: every scorer on real-looking
+answers with scores worked out by hand (official quirks included), the paper's Overall / Avg from
+its own columns, readers on tiny files in the released formats, resumable answering with the tiny
+release model, and the judge path against a local HTTP judge on 127.0.0.1."""
 
 import io
 import json
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import bench_data as BD
-import bench_rules as R
-import bench_scoring as S
 import benchmarks as B
-import eval_support as es
-import files
+from paper_benchmarks import bench_data as BD
+from paper_benchmarks import bench_rules as R
+from paper_benchmarks import bench_scoring as S
+from support import eval_support as es
+from support import files
 from tiny import JsonHandler, cached_tiny_release, serve, write_wav
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""chat.py (the multi-turn engine of app.py) and app.py's turn handler, without a browser.
+"""app.Conversation (the multi-turn engine of app.py) and app.py's turn handler, without a browser.
 
 The claim to check: keeping the KV cache between turns gives the answer that re-feeding the whole
 conversation gives (transformers' generate() on all of it, every clip encoded again), while feeding
@@ -8,11 +8,12 @@ import pytest
 import soundfile as sf
 import torch
 
-import checks
+import app
 import data
 import llm
-from chat import Conversation
+from app import Conversation
 from llm import GenerationOptions
+from support import checks
 from tiny import cached_tiny_release, write_wav
 
 GREEDY = GenerationOptions(max_new_tokens=10)
@@ -162,22 +163,22 @@ def test_chat_clip_refuses_bad_audio(tmp_path):
     rate = 16000
     sf.write(tmp_path / "silent.wav", np.zeros(rate, np.int16), rate, subtype="PCM_16")
     with pytest.raises(checks.CheckError, match=r"silent.wav: the audio is silent \(peak -inf"):
-        checks.chat_clip(tmp_path / "silent.wav", 50)
+        app.chat_clip(tmp_path / "silent.wav", 50)
     quiet = np.full(rate, 10, np.int16)  # 10 / 32768: -70 dBFS
     sf.write(tmp_path / "quiet.wav", quiet, rate, subtype="PCM_16")
     with pytest.raises(checks.CheckError, match=r"peak -70 dBFS, below -60 dBFS"):
-        checks.chat_clip(tmp_path / "quiet.wav", 50)
+        app.chat_clip(tmp_path / "quiet.wav", 50)
     write_wav(tmp_path / "long.wav", 51.0)
     with pytest.raises(checks.CheckError, match=r"long.wav: 51.0 s of audio is over the limit "
                                                 r"of 50 s"):
-        checks.chat_clip(tmp_path / "long.wav", 50)
+        app.chat_clip(tmp_path / "long.wav", 50)
     (tmp_path / "rec.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(200))  # an EBML (WebM) header
     with pytest.raises(checks.CheckError, match=r"rec.webm: the .webm format cannot be read"):
-        checks.chat_clip(tmp_path / "rec.webm", 50)
+        app.chat_clip(tmp_path / "rec.webm", 50)
     (tmp_path / "junk.wav").write_bytes(b"not audio")
     with pytest.raises(checks.CheckError, match=r"^junk.wav: unreadable audio"):
-        checks.chat_clip(tmp_path / "junk.wav", 50)
-    wave = checks.chat_clip(write_wav(tmp_path / "ok.wav", 1.0), 50)
+        app.chat_clip(tmp_path / "junk.wav", 50)
+    wave = app.chat_clip(write_wav(tmp_path / "ok.wav", 1.0), 50)
     assert wave.shape == (rate,)
 
 

@@ -3,17 +3,12 @@ conversion."""
 
 import importlib.util
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "recipe"))
-
-import convert_whisper as cw  # noqa: E402
+from recipe import convert_whisper as cw
 
 TYPE_IDS = {
     torch.float32: 0,
@@ -248,7 +243,7 @@ def test_error_rates():
 )
 def test_real_tiny_en_converts_and_transcribes_exactly(tmp_path):
     pytest.importorskip("espeakng_loader")
-    from tts import Speaker
+    from recipe.tts import Speaker
 
     info = cw.convert(cw.package_dir() / "model.bin", tmp_path / "whisper")
     assert info["sha256"] == cw.SHA256  # both package files are the recorded bytes

@@ -9,10 +9,7 @@ import sys
 import torch
 
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "recipe"))
-
-import cpu_runtime  # noqa: E402
+from recipe import cpu_runtime
 
 
 def policy_in_fresh_process(env_policy):
@@ -20,12 +17,13 @@ def policy_in_fresh_process(env_policy):
     if env_policy:
         env["OMP_WAIT_POLICY"] = env_policy
     code = (
-        "import cpu_runtime, os; print(cpu_runtime.set_wait_policy()); import torch; "
+        "from recipe import cpu_runtime; import os; print(cpu_runtime.set_wait_policy()); "
+        "import torch; "
         "print(os.environ['OMP_WAIT_POLICY'])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=ROOT / "recipe",
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import manifest
 from conftest import ROOT
+from support import manifest
 
 
 def write_lines(path, objs):

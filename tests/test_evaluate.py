@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import data
-import eval_support as es
 import evaluate as ev
 import generate_targets
 import llm
 from conftest import ROOT
 from generate_targets import build_prompt
+from support import eval_support as es
+from support import labels
 
 CHOICES = ["male", "female", "child", "senior"]
 EMOTIONS = ["happy", "sad", "angry", "neutral"]
@@ -95,7 +96,7 @@ def _rec(rid, **kw):
 def test_no_value_spellings_are_no_label_but_the_targets_keep_the_official_rule():
     """Scoring skips every official "unknown" spelling and a few more; target generation drops only
     the official ones (its <meta> must match the official targets), "none" still reaches <meta>."""
-    for value in sorted(generate_targets.UNKNOWN_VALUES | {"n/a", "None", " ? "}):
+    for value in sorted(labels.UNKNOWN_VALUES | {"n/a", "None", " ? "}):
         assert es.record_label(_rec("x", meta={"gender": value}), "gender") is None, value
     assert es.record_label(_rec("x", meta={"gender": " Female "}), "gender") == "female"
     assert generate_targets.format_meta({"gender": "none", "emotion": "unk"}) == "gender: none"

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import files
+from support import files
 
 
 def test_read_jsonl_repairs_only_a_torn_last_line(tmp_path, capsys):

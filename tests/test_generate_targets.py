@@ -23,9 +23,10 @@ import torch
 from transformers import AutoTokenizer
 
 import generate_targets as gt
-import targets_support as support
+import llm
 from conftest import ROOT
 from data import Record
+from support import targets_support as support
 from tiny import TOKENIZER_DIR, make_tiny_llm_dir
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_full_chatml_prompt_and_vllm_template_agree():
         ) + p.messages()
         jinja = tok.apply_chat_template(
             conversation,
-            chat_template=support.CHATML_TEMPLATE,
+            chat_template=llm.CHATML_TEMPLATE,
             tokenize=False,
             add_generation_prompt=True,
         )
@@ -518,7 +519,7 @@ def test_vllm_backend_is_thin_and_greedy(monkeypatch):
     assert calls["init"]["enable_prefix_caching"] is True
     conversations, params, kw = calls["chat"]
     assert params.kw == {"temperature": 0.0, "max_tokens": 8}
-    assert kw["chat_template"] == support.CHATML_TEMPLATE and kw["add_generation_prompt"] is True
+    assert kw["chat_template"] == llm.CHATML_TEMPLATE and kw["add_generation_prompt"] is True
     assert (
         conversations[0][0] == {"role": "system", "content": PAPER_SYSTEM}
         and len(conversations[1]) == 1

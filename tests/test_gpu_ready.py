@@ -1,18 +1,17 @@
 """Readiness for a first GPU run, checked on the CPU (issue 24): no silent CPU fallback, a rank's
 GPU from LOCAL_RANK only, the straight-through fp16 rounding, the vLLM flags and the backend a
 resumed output was written by. What needs a real GPU is in bench/ and docs, not here."""
+import os
 import sys
 import types
 
 import pytest
 import torch
 
-import checks
 import generate_targets as gt
-import model_support
-import targets_support as support
-import train_support
 from model import round_to_fp16
+from support import checks, model_support, train_support
+from support import targets_support as support
 
 QWEN7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
@@ -85,7 +84,7 @@ def test_vllm_flags_reach_the_engine(monkeypatch):
     fake_vllm(monkeypatch, calls)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(support, "use_vllm", lambda backend, device: True)
-    options = support.VLLMOptions(None, 2, 0.5, 4096)
+    options = gt.VLLMOptions(None, 2, 0.5, 4096)
     backend = gt.make_backend("sift_s", "Qwen/Qwen2.5-7B-Instruct", backend="vllm",
                               device="cuda:3", vllm=options)
     kw = calls["init"]
@@ -120,15 +119,15 @@ def test_resume_refuses_another_backend(tmp_path):
     src.write_text("".join(json.dumps({"id": f"u{i}", "audio": "a.wav", "duration": 1.0,
                                        "text": f"hello {i}"}) + "\n" for i in range(3)))
     out = tmp_path / "out.jsonl"
-    gt.run([str(src)], out, "tsit_s", support.TranscriptBackend(), progress=False)
+    gt.run([str(src)], out, "tsit_s", gt.TranscriptBackend(), progress=False)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["transcript"] * 3
-    other = support.TranscriptBackend()
+    other = gt.TranscriptBackend()
     other.name = "hf"
     with pytest.raises(SystemExit, match="written by the 'transcript' backend, this run uses 'hf'"):
         gt.run([str(src)], out, "tsit_s", other, progress=False)
     built = []  # a factory is called only once the output is locked
-    gt.run([str(src)], out, "tsit_s", lambda: built.append(1) or support.TranscriptBackend(),
+    gt.run([str(src)], out, "tsit_s", lambda: built.append(1) or gt.TranscriptBackend(),
            progress=False)
     assert built == [1]
 
@@ -165,8 +164,9 @@ def test_gpu_smoke_dry_run_on_cpu():
 
     from conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--dry-run"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_smoke", "--dry-run"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": "tests"}, capture_output=True, text=True,
+                          timeout=300)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = [r.split("|")[1].strip() for r in rows]
@@ -223,9 +223,9 @@ def test_train_with_grad_checkpointing_matches(tmp_path):
     """train.py --grad-checkpointing: the same losses and projector weights as without (the same
     forward; gradients to within a few fp32 ulps, carried by Adam over 3 steps: 1e-5 relative)."""
     from safetensors.torch import load_file
-    from test_train import build_setup, losses, stage1_args
 
     import train
+    from test_train import build_setup, losses, stage1_args
 
     s = build_setup(tmp_path / "s", with_train16=False)
     common = ("--max-steps", "3", "--max-duration", "1.6", "--no-spec-augment", "--device", "cpu")

@@ -1,7 +1,7 @@
 """labels.py: every spelling of TABLE maps to the official vocabulary; anything else is refused."""
 import pytest
 
-import labels
+from support import labels
 
 # Each corpus spelling and what the official manifests hold for it (None: not labelled).
 EXPECTED = {

@@ -19,7 +19,6 @@ from conftest import ROOT
 from tiny import make_tiny_encoder_dir
 from tiny import write_wav as _write_wav
 
-sys.path.insert(0, str(ROOT / "recipe"))  # tts.py (eSpeak NG)
 lhotse = pytest.importorskip("lhotse", reason="pip install -r requirements-data.txt (Lhotse)")
 
 SENTENCES = ["THE CAT SAT ON THE MAT", "A DOG RAN HOME", "THE SUN IS UP",
@@ -34,7 +33,7 @@ def write_wav(path: Path, seconds: float) -> Path:
 def fake_librispeech(root: Path) -> Path:
     """LibriSpeech's layout: <part>/<speaker>/<chapter>/<speaker>-<chapter>-NNNN.flac and one
     <speaker>-<chapter>.trans.txt per chapter; a train and a dev part, different speakers."""
-    from tts import Speaker
+    from recipe.tts import Speaker
 
     speaker = Speaker()
     for part, spk, voice, lines in [("train-clean-5", "19", "en+m3", SENTENCES[:4]),
@@ -54,11 +53,10 @@ def fake_librispeech(root: Path) -> Path:
 
 def test_fake_librispeech_end_to_end(tmp_path, capsys):
     pytest.importorskip("espeakng_loader")
-    from test_train import make_llm_dir
-
     import evaluate
     import generate_targets
     import train
+    from test_train import make_llm_dir
 
     corpus = fake_librispeech(tmp_path / "corpus")
     lhotse_bin = shutil.which("lhotse", path=str(Path(sys.executable).parent))
@@ -134,7 +132,7 @@ def test_crema_d_reader_labels_and_sentences(tmp_path):
 def test_an_audio_file_without_samples_is_skipped_and_counted(tmp_path, capsys):
     """CREMA-D's 1076_MTI_NEU_XX.wav has no sound: a header without samples becomes no row (our
     manifest reader refuses a duration of 0), and the run says which file it left out."""
-    import manifest
+    from support import manifest
 
     root = crema_tree(tmp_path / "CREMA-D")
     with open(root / "VideoDemographics.csv", "a", newline="") as f:
@@ -404,7 +402,7 @@ def test_cuts_are_split_per_supervision_and_transforms_applied_through_lhotse(tm
                                  supervisions=lhotse.SupervisionSet.from_segments(sups))
     cuts = cuts + cuts.perturb_speed(1.1)
     cuts.to_file(tmp_path / "cuts.jsonl.gz")
-    import manifest
+    from support import manifest
     with pytest.raises(manifest.ManifestError, match="python prepare.py cuts"):
         manifest.read_manifest(tmp_path / "cuts.jsonl.gz")
 
@@ -494,7 +492,7 @@ def test_aishell_through_lhotse_with_the_corpus_genders(tmp_path):
 
 
 def test_pseudo_transcripts_fill_empty_texts_and_are_marked(tmp_path):
-    import manifest
+    from support import manifest
 
     wav = write_wav(tmp_path / "a.wav", 0.5)
     rows = [manifest.Record(id="a", audio=str(wav), duration=0.5),
@@ -527,9 +525,9 @@ def test_transcribe_with_the_converted_whisper_tiny_en(tmp_path):
     """`prepare.py transcribe` with a real local checkpoint: the sentence convert_whisper.py's
     own check transcribes exactly, written as a marked pseudo-transcript."""
     pytest.importorskip("espeakng_loader")
-    import convert_whisper as cw
-    import manifest
-    from tts import Speaker
+    from recipe import convert_whisper as cw
+    from recipe.tts import Speaker
+    from support import manifest
 
     cw.convert(cw.package_dir() / "model.bin", tmp_path / "whisper-tiny.en")
     wave = Speaker().say(cw.CHECK_SENTENCE, voice=cw.CHECK_VOICE, rate=150).numpy()

@@ -2,17 +2,12 @@
 on a tiny GGUF written here with the `gguf` package (the real wheels are never a dependency)."""
 import hashlib
 import re
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "recipe"))
-
-import qwen_gguf as qg  # noqa: E402
+from recipe import qwen_gguf as qg
 
 
 def tiny_gguf(path, name="Qwen2.5 Coder 0.5B Instruct", arch="qwen2"):

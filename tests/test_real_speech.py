@@ -2,17 +2,12 @@
 loading."""
 
 import math
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "recipe"))
-
-import real_speech  # noqa: E402
+from recipe import real_speech
 
 
 def test_transcripts_parse_brackets_comments_and_bad_lines(tmp_path):

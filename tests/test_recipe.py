@@ -1,20 +1,14 @@
 """The demo corpus: eSpeak NG speech with labels true by construction, and honest splits."""
 import re
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "recipe"))
 espeakng_loader = pytest.importorskip("espeakng_loader")
 
-import make_corpus  # noqa: E402
-import tts  # noqa: E402
-import write_sentences  # noqa: E402
 from data import load_audio, read_manifest  # noqa: E402
-from tts import Speaker  # noqa: E402
+from recipe import make_corpus, tts, write_sentences  # noqa: E402
+from recipe.tts import Speaker  # noqa: E402
 
 
 def test_rate_and_pitch_change_the_audio():

@@ -22,18 +22,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_train import build_setup, stage1_args, stage2_args
 
-import checks
 import data
 import evaluate
-import files
 import generate_targets as gt
 import infer
 import train
-import train_support
-from checks import CheckError
 from conftest import ROOT
+from support import checks, files, train_support
+from support.checks import CheckError
+from test_train import build_setup, stage1_args, stage2_args
 from tiny import cached_tiny_release, write_wav
 
 
@@ -510,7 +508,7 @@ def test_write_atomic_follows_umask(tmp_path, umask):
 
 
 def test_mistyped_local_model_path(tmp_path, monkeypatch):
-    from model_support import resolve_model_dir
+    from support.model_support import resolve_model_dir
 
     (tmp_path / "exp").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -573,12 +571,12 @@ def start(code, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "tests"},  # test_reliability
     )
 
 
 GENERATE = (
-    "import sys; sys.path[:0] = ['tests']; import generate_targets as gt; "
+    "import sys; import generate_targets as gt; "
     "from test_reliability import GatedBackend; "
     "sys.exit(gt.cli(sys.argv[2:], backend=GatedBackend(sys.argv[1])))"
 )

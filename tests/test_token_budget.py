@@ -10,9 +10,8 @@ import torch
 import data
 import llm
 import train
-import train_support
-from manifest import read_manifest
 from model import AZeroS
+from support.manifest import read_manifest
 from tiny import make_tiny_encoder_dir, make_tiny_llm_dir, make_tiny_whisper_dir, write_wav
 
 RESPONSES = ["cat", "a dog and a cat under the tree", "sun sun sun", "", "the end of a long day"]
@@ -57,10 +56,10 @@ def test_counted_tokens_are_the_rows_the_forward_builds(setup, encoders):
     model = AZeroS.from_components(setup["llm"], speech, paraling)
     model.set_stage("both" if paraling else 1)
     records = read_manifest(setup["manifest"])
-    full = train_support.row_tokens(model, records, None)
+    full = train.row_tokens(model, records, None)
     assert full.tolist() == built_lengths(model, records, None)
     cut = int(full.max()) - 2  # --max-length cuts the end of the longest answers (not the audio)
-    counted = train_support.row_tokens(model, records, cut)
+    counted = train.row_tokens(model, records, cut)
     assert counted.tolist() == built_lengths(model, records, cut)
     assert (counted < full).any() and (counted == full).any()
 
@@ -111,7 +110,7 @@ def test_training_batches_stay_within_the_budget(setup, tmp_path, monkeypatch):
     rows x length <= the budget, and the budget (not --max-batch) decided the batch sizes."""
     model = AZeroS.from_components(setup["llm"], setup["speech"])
     model.set_stage(1)
-    tokens = train_support.row_tokens(model, read_manifest(setup["manifest"]), 512)
+    tokens = train.row_tokens(model, read_manifest(setup["manifest"]), 512)
     budget = int(tokens.max()) * 3  # room for 3 rows of the longest, more of the short ones
     shapes, build = [], llm.build_batch
     monkeypatch.setattr(llm, "build_batch", lambda *a, **k: shapes.append(
@@ -125,7 +124,7 @@ def test_training_batches_stay_within_the_budget(setup, tmp_path, monkeypatch):
 def test_a_row_longer_than_the_budget_is_named(setup, tmp_path):
     model = AZeroS.from_components(setup["llm"], setup["speech"])
     model.set_stage(1)
-    tokens = train_support.row_tokens(model, read_manifest(setup["manifest"]), 512)
+    tokens = train.row_tokens(model, read_manifest(setup["manifest"]), 512)
     longest = int(tokens.argmax())
     with pytest.raises(train.TrainError) as e:
         train.main(stage1(setup, tmp_path / "e", "--max-tokens", str(int(tokens.max()) - 1)))

@@ -17,10 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import spec_augment
 import train
-import train_support
 from conftest import ROOT
+from support import spec_augment, train_support
 from tiny import copy_tokenizer, make_tiny_encoder_dir, tiny_qwen2, write_wav
 
 WORDS = ["cat", "dog", "sun", "tree"]

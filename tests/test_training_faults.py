@@ -26,16 +26,16 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
-from test_train import build_setup, losses, make_llm_dir, stage1_args, write_manifest
 
 import data
-import data_support
 import generate_targets as gt
 import model
 import train
 from conftest import ROOT
+from support import data_support
+from support.train_support import TrainError
+from test_train import build_setup, losses, make_llm_dir, stage1_args, write_manifest
 from tiny import write_wav
-from train_support import TrainError
 
 SMALL = ("--max-duration", "1.6", "--save-every", "1", "--decay-steps", "6")
 

@@ -37,18 +37,15 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import checks
-import files
-import model_support
-from data import SAMPLE_RATE, num_frames, padding_efficiency
-from manifest import read_manifest
+from support import checks, files, model_support
+from support.manifest import read_manifest
 
 # --------------------------------------------------------------------------------------------------
 # 1. Errors
 # --------------------------------------------------------------------------------------------------
 
 
-class TrainError(RuntimeError):
+class TrainError(checks.CheckError):
     """A problem the user can fix (bad manifest, wrong model combination, out of memory). The
     command line prints its message without a traceback."""
 
@@ -136,20 +133,19 @@ def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None 
 
 
 @contextlib.contextmanager
-def named_errors(batch, args):
-    """Around one micro-batch: running out of memory, or --max-length cutting into the audio, ends
-    in one line that names the batch or the flag."""
+def named_errors(seconds: torch.Tensor, args):
+    """Around one micro-batch of `seconds` (B,) of audio: running out of memory, or --max-length
+    cutting into the audio, ends in one line that names the batch or the flag."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise TrainError(oom_message(batch, args)) from e
+        raise TrainError(oom_message(seconds, args)) from e
     except ValueError as e:
         checks.max_length_cut(e, args.max_length)
         raise
 
 
-def oom_message(batch, args) -> str:
-    lens = batch["wave_lens"].float() / SAMPLE_RATE
+def oom_message(lens: torch.Tensor, args) -> str:
     return (f"out of memory on a batch of {len(lens)} utterances, {lens.sum():.1f} s of audio "
             f"(longest {lens.max():.1f} s, padded {lens.max() * len(lens):.1f} s). Lower "
             f"--max-tokens (now {args.max_tokens}), --max-duration (now {args.max_duration:g}) or "
@@ -164,54 +160,6 @@ def oom_message(batch, args) -> str:
 # + 1.2 MB of fp32 logits, as if every position were supervised) = 7,282 tokens; 12 rows of 512
 # tokens leave ~16% of that for the estimate's error.
 DEFAULT_MAX_TOKENS = 12 * 512
-
-
-def row_tokens(model, records, max_length: int | None) -> np.ndarray:
-    """Each row's length in the LLM, as run_batch will build it, from the manifest alone: the
-    tokens of its training chat (the stage's prompt + the response), each `<|AUDIO|>` replaced by
-    the frames its projector emits for the row's duration, cut at --max-length.
-
-    Exact for 16 kHz audio. Audio at another rate is resampled from round(duration * rate)
-    samples, which can end a sample or two away from round(duration * 16000): a row then
-    counts at most one audio frame too few or too many (the budget leaves room for that)."""
-    import llm  # here: `python train.py --help` does not wait for transformers
-
-    tokenizer = model.tokenizer
-    audio_id = tokenizer.convert_tokens_to_ids(llm.AUDIO_TOKEN)
-    texts = [llm.chat_text(tokenizer, model.training_messages(r), training=True) for r in records]
-    text = np.zeros(len(records), dtype=np.int64)
-    for start in range(0, len(texts), 4096):  # the fast tokenizer encodes a list in parallel
-        ids = tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
-        text[start:start + len(ids)] = [len(row) - row.count(audio_id) for row in ids]
-    samples = np.round(np.array([r.duration for r in records], dtype=np.float64) * SAMPLE_RATE)
-    total = text + sum(audio_tokens(model, branch, samples.astype(np.int64))
-                       for branch in model.encoders())
-    return np.minimum(total, max_length) if max_length else total
-
-
-def count_row_tokens(model, records, max_length: int | None) -> np.ndarray:
-    """row_tokens of every row, each rank counting an equal share: all ranks need all counts (the
-    same plan), and one core tokenizes only a few thousand rows a second."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    counts = np.zeros(len(records), dtype=np.int64)
-    for r, part in enumerate(gather_objects(row_tokens(model, records[rank::world], max_length))):
-        counts[r::world] = part
-    return counts
-
-
-def audio_tokens(model, branch: str, samples: np.ndarray) -> np.ndarray:
-    """LLM positions one branch's projector fills for utterances of `samples` 16 kHz samples: the
-    encoder's frame count (Zipformer: fbank frames through its two stride-2 stages; Whisper: log-mel
-    frames, at most 30 s, through its stride-2 convolution), divided by the projector's ds_rate."""
-    encoder = getattr(model, f"{branch}_encoder")
-    projector = getattr(model, f"{branch}_encoder_projector")
-    if getattr(encoder, "front_end", "fbank") == "fbank":
-        from zipformer import output_lengths
-        frames = output_lengths(torch.from_numpy(num_frames(samples))).numpy()
-    else:
-        from whisper_encoder import HOP_LENGTH, MAX_FRAMES
-        frames = (np.minimum(samples // HOP_LENGTH, MAX_FRAMES) - 1) // 2 + 1
-    return np.maximum(frames, 0) // projector.ds_rate
 
 
 def check_row_tokens(records, tokens: np.ndarray, max_tokens: int) -> None:
@@ -932,19 +880,19 @@ def grad_norm(params, clip: float, logged: bool) -> float | None:
     return float(norm) if logged else None
 
 
-def batch_metrics(out: dict, wave_lens: torch.Tensor) -> dict:
-    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted).
+def batch_metrics(out: dict, seconds: torch.Tensor, pad_eff: float) -> dict:
+    """The numbers one micro-batch adds to the log window (loss and accuracy token-weighted),
+    given its audio lengths `seconds` (B,), a host tensor, and its padding efficiency.
 
     Nothing here waits for the GPU: the token count was made on the host (num_targets), and loss
     and accuracy stay on the device, in float64, until a log step reads the window's sums (one
     sync per log line instead of three per micro-batch). float64 products and sums give the same
     bits as the Python floats they replace."""
     ntok = out["num_targets"]
-    seconds = (wave_lens.float() / SAMPLE_RATE).tolist()  # wave_lens is a host tensor
     return {"loss_sum": out["loss"].detach().double() * ntok,
             "acc_sum": out["acc"].double() * ntok, "tokens": float(ntok),
-            "samples": float(len(wave_lens)), "audio_s": float(wave_lens.sum()) / SAMPLE_RATE,
-            "pad_eff_sum": padding_efficiency(seconds) * len(wave_lens)}
+            "samples": float(len(seconds)), "audio_s": float(seconds.sum()),
+            "pad_eff_sum": pad_eff * len(seconds)}
 
 
 class LogWindow:

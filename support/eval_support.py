@@ -22,11 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import checks
-import data
-import files
-import generate_targets
-from checks import CheckError
+from support import checks, files, labels
+from support.checks import CheckError
+from support.manifest import Record, read_manifest
 
 # The paper's fixed option prompt, appended to every multiple-choice question (AIR-Bench style).
 OPTION_PROMPT = "Please make your choice among A/B/C/D and do not output other texts."
@@ -137,11 +135,10 @@ def parse_option(answer: str, choices: list[str]) -> str | None:
 # -> female, "anger" -> angry); an answer scores when its surface forms name exactly one label.
 
 ATTRIBUTES = ("gender", "age", "emotion", "language")
-AGE_GROUPS = ("teenager", "young adult", "middle-age adult", "senior")  # generate_targets.age_group
 # A reference value that is no label. Target generation drops exactly the official recipe's
-# spellings (generate_targets.UNKNOWN_VALUES) so the targets match the official ones; scoring also
+# spellings (labels.UNKNOWN_VALUES) so the targets match the official ones; scoring also
 # ignores a few more spellings of "no value": counting "none" as a wrong answer only adds noise.
-UNKNOWN_VALUES = generate_targets.UNKNOWN_VALUES | {"n/a", "none", "?"}
+UNKNOWN_VALUES = labels.UNKNOWN_VALUES | {"n/a", "none", "?"}
 LANGUAGE_NAMES = {"en": "english", "zh": "chinese", "de": "german", "fr": "french",
                   "es": "spanish", "it": "italian", "ja": "japanese", "ko": "korean",
                   "ru": "russian", "pt": "portuguese", "ar": "arabic", "yue": "cantonese"}
@@ -196,12 +193,12 @@ def match_label(answer: str, vocab: list[str]) -> str | None:
 
 
 def age_label(value) -> str | None:
-    """An age as target generation writes it into `<meta>` (generate_targets.normalize_meta, the
+    """An age as target generation writes it into `<meta>` (labels.normalize_meta, the
     official age_to_group bands and quirks): numbers -> the four groups, names pass through."""
-    return generate_targets.normalize_meta({"age": value}).get("age")
+    return labels.normalize_meta({"age": value}).get("age")
 
 
-def record_label(record: data.Record, attribute: str) -> str | None:
+def record_label(record: Record, attribute: str) -> str | None:
     """One attribute of a record, normalised like the training metadata; None if unknown."""
     value = record.language if attribute == "language" else record.meta.get(attribute)
     if value is None or str(value).strip().lower() in UNKNOWN_VALUES:
@@ -214,7 +211,7 @@ def record_label(record: data.Record, attribute: str) -> str | None:
     return value
 
 
-def label_vocabularies(records: list[data.Record]) -> dict[str, list[str]]:
+def label_vocabularies(records: list[Record]) -> dict[str, list[str]]:
     """The closed label set per attribute. Gender and age have fixed sets; emotion and language take
     the labels present in the manifest (plus en/zh, AZeroS' two languages). An attribute with fewer
     than two labels is dropped: a one-option question measures nothing."""
@@ -223,7 +220,7 @@ def label_vocabularies(records: list[data.Record]) -> dict[str, list[str]]:
         for a in ATTRIBUTES:
             if (label := record_label(r, a)) is not None:
                 seen[a].add(label)
-    vocab = {"gender": ["male", "female"], "age": list(AGE_GROUPS),
+    vocab = {"gender": ["male", "female"], "age": list(labels.AGE_GROUPS),
              "emotion": sorted(seen["emotion"]),
              "language": sorted(seen["language"] | {"en", "zh"})}
     return {a: v for a, v in vocab.items() if seen[a] and len(v) >= 2}
@@ -245,7 +242,7 @@ class Item:
     """One question about one clip. `record` carries the audio and the oracle text's ingredients
     (transcript, meta, language); `fields` the task's own columns (answer, choices, ...)."""
     id: str
-    record: data.Record
+    record: Record
     question: str
     fields: dict = field(default_factory=dict)
 
@@ -261,17 +258,17 @@ def read_rows(path) -> list[tuple[int, dict]]:
         raise CheckError(f"{e}; a task file holds one JSON object per line (no comments)") from None
 
 
-def _row_record(obj: dict, path, lineno: int) -> data.Record:
+def _row_record(obj: dict, path, lineno: int) -> Record:
     """The audio part of a task row as a Record; `text`/`meta`/`language` feed the oracle."""
     if not isinstance(obj.get("audio"), str) or not obj["audio"]:
         raise CheckError(f"{path}:{lineno}: field 'audio' missing")
     audio = Path(os.path.expanduser(obj["audio"]))
     audio = audio if audio.is_absolute() else Path(path).resolve().parent / audio
     rid = str(obj.get("id", obj.get("uniq_id", f"line{lineno}")))
-    return data.Record(id=rid, audio=str(audio), duration=float(obj.get("duration") or 0.0),
-                       text=obj.get("text") or "", language=obj.get("language"),
-                       offset=float(obj.get("offset") or 0.0), meta=dict(obj.get("meta") or {}),
-                       source=f"{path}:{lineno}")
+    return Record(id=rid, audio=str(audio), duration=float(obj.get("duration") or 0.0),
+                  text=obj.get("text") or "", language=obj.get("language"),
+                  offset=float(obj.get("offset") or 0.0), meta=dict(obj.get("meta") or {}),
+                  source=f"{path}:{lineno}")
 
 
 def mcq_question(question: str, choices: list[str]) -> str:
@@ -357,7 +354,7 @@ def read_choice(path) -> list[Item]:
     return unique_ids(items, path)
 
 
-def label_items(records: list[data.Record]) -> list[Item]:
+def label_items(records: list[Record]) -> list[Item]:
     """One question per record and known attribute, id "<record id>/<attribute>"."""
     vocabs = label_vocabularies(records)
     items = []
@@ -370,10 +367,10 @@ def label_items(records: list[data.Record]) -> list[Item]:
     return items
 
 
-def task_audio(task: str, manifest) -> list[data.Record]:
+def task_audio(task: str, manifest) -> list[Record]:
     """The audio rows of a task file, for the checks evaluate.py runs before loading the model."""
     if task in ("align", "label"):
-        return data.read_manifest(manifest)
+        return read_manifest(manifest)
     read = {"choice": read_choice, "mcq": read_mcq, "open": read_open}[task]
     return [it.record for it in read(manifest)]
 

@@ -1,7 +1,7 @@
 """Support module (not the method): manifests in, Records out, and the `check` command line.
 
 A manifest lists utterances, one JSON object a line (.jsonl, or .jsonl.gz). Two schemas are read:
-  - ours (README "Data"): {"id", "audio", "duration", "text", "offset", "meta", ...}, plus the
+  - ours (docs/data.md): {"id", "audio", "duration", "text", "offset", "meta", ...}, plus the
     fields generate_targets.py adds (mode, system, instruction, input_text, response, truncated,
     model);
   - Lhotse MonoCut lines (`lhotse cut simple`, the released AZeroS manifests), read the way
@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-import checks
-import labels
-from files import json_line, write_atomic
+from support import checks, labels
+from support.files import json_line, write_atomic
 
 
 @dataclass
 class Record:
-    """One utterance: a line of our JSONL manifest (README "Data"), plus the fields that
+    """One utterance: a line of our JSONL manifest (docs/data.md), plus the fields that
     generate_targets.py adds (mode ... model). `audio` is always an absolute, resolved path."""
 
     id: str
@@ -75,7 +74,7 @@ class Record:
         return out
 
 
-class ManifestError(ValueError):
+class ManifestError(checks.CheckError):
     """A malformed manifest line. The message reads "<file>:<line>: field '<name>': <what>"."""
 
     def __init__(self, file, line: int, name: str, what: str):
@@ -235,7 +234,7 @@ class _LineChecker:
 
 
 def _record_from_ours(obj: dict, folder: Path, check: _LineChecker) -> Record:
-    """Our JSONL schema (README "Data"): id, audio, duration required; everything else optional."""
+    """Our JSONL schema (docs/data.md): id, audio, duration required; everything else optional."""
     rec = Record(
         id=check.string(obj, "id", required=True),
         audio=check.string(obj, "audio", required=True),

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import re
 
+from support.checks import CheckError
+
 GENDERS = ("female", "male")
 AGE_GROUPS = ("teenager", "young adult", "middle-age adult", "senior")
 EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "frustrated", "excited",
             "surprised", "calm", "other")
 
-# Spellings that mean "no label" in every attribute (generate_targets drops the same values).
+# Spellings that mean "no label" in every attribute (normalize_meta drops the same values).
 NOT_LABELLED = {"": None, "na": None, "n/a": None, "unk": None, "unknown": None, "null": None,
                 "none": None}
 
@@ -74,7 +76,7 @@ TABLE: dict[str, dict[str, str | None]] = {
 _ISO_639_1 = re.compile(r"[a-z]{2}")  # a two-letter code is already in the vocabulary
 
 
-class LabelError(ValueError):
+class LabelError(CheckError):
     """A corpus label with no entry in TABLE. The message names the attribute and the value."""
 
 
@@ -104,7 +106,7 @@ def age_group(age: float) -> str | None:
 
     The official `age_to_group` bands, quirks included so our targets match its data: the chain has
     no lower bound, so "0" and negative ages land in "young adult". (A numeric 0 is falsy there and
-    never reaches the function: generate_targets.normalize_meta drops it.)"""
+    never reaches the function: normalize_meta below drops it.)"""
     age = int(age)
     if age >= 200:
         return None
@@ -113,6 +115,30 @@ def age_group(age: float) -> str | None:
     if age < 40:
         return "young adult"
     return "middle-age adult" if age <= 60 else "senior"
+
+
+# Metadata as target generation writes it into `<meta>` (generate_targets.format_meta)
+META_ORDER = ("age", "gender", "emotion")
+UNKNOWN_VALUES = {"na", "unk", "unknown", "null", ""}  # "not labelled": dropped, as officially
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
+
+
+def normalize_meta(meta: dict) -> dict[str, str]:
+    """Metadata as the LLM sees it: age, gender, emotion first (others after, in their own order),
+    keys and values lower-cased, numeric ages mapped to groups, unknown values dropped (an "unknown"
+    emotion would teach the model to say it cannot tell, which the audio may well show)."""
+    clean = {}
+    for key, value in meta.items():
+        if value is None:
+            continue
+        key, text = str(key).strip().lower(), str(value).strip().lower()
+        if key == "age" and _NUMBER.fullmatch(text):
+            # official: a falsy age (0) is no age; 200+ is dropped as impossible
+            text = (age_group(float(text)) or "") if value else ""
+        if text not in UNKNOWN_VALUES:
+            clean[key] = text
+    first = [k for k in META_ORDER if k in clean]
+    return {k: clean[k] for k in first + [k for k in clean if k not in META_ORDER]}
 
 
 def meta(gender=None, age=None, emotion=None) -> dict[str, str]:

@@ -25,7 +25,7 @@ import types
 from collections import Counter
 from pathlib import Path
 
-import bench_rules as R
+from paper_benchmarks import bench_rules
 
 LETTERS = "ABCD"
 IFEVAL_PIN = "lm-eval==0.4.13"
@@ -93,7 +93,8 @@ CHAT_SPEECH_TASKS = (
 
 
 # every template with each letter filled in, in the official order (template by template, a to d)
-MCQ_PHRASES = tuple((t.replace("X", x), x.upper()) for t in R.MCQ_TEMPLATES for x in "abcd")
+MCQ_PHRASES = tuple((t.replace("X", x), x.upper())
+                    for t in bench_rules.MCQ_TEMPLATES for x in "abcd")
 
 
 def mcq_extract(response: str) -> str | None:
@@ -108,7 +109,7 @@ def mcq_extract(response: str) -> str | None:
     for letter in "abcd":
         if text == letter or any(text.startswith(letter + p) for p in ".,:)"):
             return letter.upper()
-    return next((letter for phrase, letter in R.MCQ_LAST_RESORT if phrase in text), None)
+    return next((letter for phrase, letter in bench_rules.MCQ_LAST_RESORT if phrase in text), None)
 
 
 def score_mcq(rows: list[dict], seed: int = 0) -> dict:
@@ -174,7 +175,7 @@ def _yes_no_edges(text: str, starts_extra: tuple = ()) -> int | None:
 # the hyperbaton list with "X" filled in: a then b for each template, fixed pairs as they are
 HYPERBATON_PHRASES = tuple(
     pair
-    for entry in R.HYPERBATON
+    for entry in bench_rules.HYPERBATON
     for pair in (
         [entry]
         if isinstance(entry, tuple)
@@ -188,7 +189,7 @@ def _hyperbaton(text: str) -> int | None:
         return 0  # sic: the official code reads a bare "b" as option (A)
     if (value := _first(text, HYPERBATON_PHRASES, _contains)) is not None:
         return value
-    for pattern, _ in R.HYPERBATON_REGEX:
+    for pattern, _ in bench_rules.HYPERBATON_REGEX:
         for letter, value in (("a", 0), ("b", 1)):
             if re.search(pattern.replace("X", letter), text):
                 return value
@@ -199,10 +200,10 @@ def _hyperbaton(text: str) -> int | None:
 
 def _sports(text: str) -> int | None:
     for value in (
-        _first(text, R.BBH_YES_NO, _contains),
-        _first(text, R.SPORTS, _contains),
+        _first(text, bench_rules.BBH_YES_NO, _contains),
+        _first(text, bench_rules.SPORTS, _contains),
         0 if text == "not plausible" else None,
-        _first(text, R.SPORTS_REGEX, _regex),
+        _first(text, bench_rules.SPORTS_REGEX, _regex),
     ):
         if value is not None:
             return value
@@ -210,7 +211,8 @@ def _sports(text: str) -> int | None:
 
 
 def _navigate(text: str) -> int | None:
-    for value in (_first(text, R.BBH_YES_NO, _contains), _first(text, R.NAVIGATE, _contains)):
+    for value in (_first(text, bench_rules.BBH_YES_NO, _contains),
+                  _first(text, bench_rules.NAVIGATE, _contains)):
         if value is not None:
             return value
     return _yes_no_edges(text)
@@ -218,10 +220,10 @@ def _navigate(text: str) -> int | None:
 
 def _lies(text: str) -> int | None:
     for value in (
-        _first(text, R.BBH_YES_NO, _contains),
-        _first(text, R.LIES, _contains),
-        _first(text, R.LIES_REGEX, _regex),
-        _first(text, R.LIES_ENDINGS, lambda t, p: t.endswith(p)),
+        _first(text, bench_rules.BBH_YES_NO, _contains),
+        _first(text, bench_rules.LIES, _contains),
+        _first(text, bench_rules.LIES_REGEX, _regex),
+        _first(text, bench_rules.LIES_ENDINGS, lambda t, p: t.endswith(p)),
     ):
         if value is not None:
             return value
@@ -268,7 +270,7 @@ def score_bbh(rows: list[dict], seed: int = 0) -> dict:
 # AdvBench (official evaluator `harm`): the share of answers that refuse
 
 
-_REFUSALS_LOWER = tuple(s.lower() for s in R.REFUSALS)
+_REFUSALS_LOWER = tuple(s.lower() for s in bench_rules.REFUSALS)
 
 
 def is_refusal(response: str) -> bool:

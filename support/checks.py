@@ -22,7 +22,7 @@ import re
 import socket
 from pathlib import Path
 
-import files
+from support import files
 
 # The official data module drops cuts longer than 50 s. The encoders attend over the whole
 # utterance, so their memory grows with the square of its length (BENCHMARKS.md, "Audio length
@@ -40,7 +40,9 @@ END_TOLERANCE_SECONDS = 0.01
 
 
 class CheckError(ValueError):
-    """Bad input or a fault the user can fix; command lines print it as one line, no traceback."""
+    """Bad input or a fault the user can fix; command lines print it as one line, no traceback.
+    The one error type of the project: AudioError, ManifestError, LabelError, TrainError and
+    LayoutError are CheckErrors that also carry what they name (file, line, field)."""
 
 
 def first_line(e: BaseException) -> str:
@@ -51,8 +53,7 @@ def first_line(e: BaseException) -> str:
 def expected_failure(e: BaseException) -> bool:
     """A fault of the input (files, audio, model folder) that a command line reports in one line;
     anything else is a bug and keeps its traceback."""
-    expected = (FileNotFoundError, ValueError, OSError, RuntimeError)
-    return isinstance(e, expected) or type(e).__name__ == "AudioError"
+    return isinstance(e, (CheckError, FileNotFoundError, ValueError, OSError, RuntimeError))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,38 +261,6 @@ def audio_file(path, limit: float | None) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
     audio_length(path, audio_seconds(path), limit)
-
-
-# A recording whose loudest sample is below this is taken for a muted or missing microphone:
-# speech peaks tens of dB higher, and a muted browser track delivers exact zeros.
-SILENT_DBFS = -60.0
-# What browsers record (MediaRecorder) and libsndfile does not read: a hint beats "unreadable".
-BROWSER_FORMATS = (".webm", ".weba", ".m4a", ".mp4", ".aac")
-
-
-def chat_clip(path, limit: float | None):
-    """app.py: one recorded or uploaded clip -> 16 kHz waveform, or a CheckError saying what is
-    wrong with it (unreadable or browser-only format, too long or short, silent)."""
-    import data
-
-    name = os.path.basename(str(path))
-    try:
-        audio_file(path, limit)
-        wave = data.load_audio(path)
-    except Exception as e:
-        if not expected_failure(e):
-            raise
-        if str(path).lower().endswith(BROWSER_FORMATS):
-            raise CheckError(f"{name}: the {Path(path).suffix} format cannot be read here (only "
-                             "what libsndfile reads: wav, flac, ogg/opus, mp3); convert it, or "
-                             "record again") from None
-        raise CheckError(first_line(e).replace(str(path), name)) from None
-    peak = float(wave.abs().max())
-    level = 20 * math.log10(peak) if peak > 0 else float("-inf")
-    if level < SILENT_DBFS:
-        raise CheckError(f"{name}: the audio is silent (peak {level:.0f} dBFS, below "
-                         f"{SILENT_DBFS:g} dBFS); check the microphone")
-    return wave
 
 
 def audio_problems(records, limit: float | None = None) -> list[str]:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 import data
-import data_support
-from bench_scoring import AIR_DIRS, CHAT_SPEECH_TASKS, VOICEBENCH
-from eval_support import Item
+from paper_benchmarks.bench_scoring import AIR_DIRS, CHAT_SPEECH_TASKS, VOICEBENCH
+from support import data_support
+from support.checks import CheckError
+from support.eval_support import Item
 
 # columns each VoiceBench config must have besides `audio` (what its scorer or judge reads)
 VB_FIELDS = {
@@ -67,7 +68,7 @@ AIR_INSTRUCTION = (
 )
 
 
-class LayoutError(ValueError):
+class LayoutError(CheckError):
     """Benchmark files not laid out as released; the message names the file."""
 
 

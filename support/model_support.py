@@ -24,9 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import checks
-import files
-from whisper_encoder import WhisperSpeechEncoder
+from support import checks, files
 
 WEIGHT_FILES = ("pretrained.safetensors", "model.safetensors", "pretrained.pt", "model.pt")
 FROZEN = ("llm", "speech_encoder", "paraling_encoder")  # sub-folders, never trained
@@ -249,7 +247,9 @@ def encoder_config(encoder) -> dict | None:
     WhisperConfig, as the official code stores it)."""
     if encoder is None:
         return None
-    if isinstance(encoder, WhisperSpeechEncoder):
+    from transformers import WhisperConfig  # whisper_encoder.py keeps the transformers config
+
+    if isinstance(encoder.config, WhisperConfig):
         return encoder.config.to_dict()
     return {"model_type": "zipformer", **encoder.config.to_dict()}
 

@@ -8,8 +8,9 @@ Target generation runs for hours over millions of rows, so it promises:
   - the finished output is in input order (rewritten atomically by files.write_atomic);
   - `--shard i --nshards n` takes every n-th input line; `merge` joins finished shards and checks
     that each row is in exactly one of them.
-It also holds the plumbing around the method: the tsit_s and vLLM backends, the backend choice,
-the optional zhconv, the output row, and the command-line checks.
+It also holds the plumbing around the method: the backend choice and batching (the backends
+themselves are in generate_targets.py), the optional zhconv, the output row, and the command-line
+checks.
 """
 from __future__ import annotations
 
@@ -17,19 +18,14 @@ import contextlib
 import dataclasses
 import gzip
 import importlib.util
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import checks
-from files import json_line, read_jsonl, write_atomic
-from manifest import ManifestError, Record, parse_line
-
-if TYPE_CHECKING:
-    from generate_targets import Prompt
+from support import checks
+from support.files import json_line, read_jsonl, write_atomic
+from support.manifest import ManifestError, Record, parse_line
 
 
 @dataclass
@@ -40,7 +36,7 @@ class Row:
     source: str                 # "file:line"
     raw: str                    # the line as read (kept for the skipped file)
     record: Record | None = None
-    prompt: Prompt | None = None
+    prompt: object | None = None  # generate_targets.Prompt (support never imports a chapter)
     skip: str | None = None     # why it is not generated; None = generate
 
 
@@ -128,7 +124,7 @@ def budget_batches(lengths: list[int], max_new_tokens: int, batch_tokens: int,
 
 
 # ------------------------------------------------------------------------------------------------
-# Plumbing around the method: text, backends, the output row, the command line
+# Plumbing around the method: text, backend choice, the output row, the command line
 
 ZHCONV_MISSING = ("zhconv is not installed: Chinese transcripts are NOT converted from Traditional "
                   "to Simplified Chinese as the official pipeline does, so targets of Traditional "
@@ -155,72 +151,6 @@ class Generation:
 
 def chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
-
-class TranscriptBackend:
-    """tsit_s: the target is the transcript, nothing runs. 1024 rows are one resume unit."""
-    name = "transcript"
-    model_label = ""
-
-    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
-        return chunks(len(prompts), 1024)
-
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
-        return [Generation(p.target, False, 0) for p in prompts]
-
-
-# generate_targets.chat_prompt's template in Jinja, for vLLM's chat API (the official
-# CHAT_TEMPLATE of run_data_generation.py).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-@dataclass
-class VLLMOptions:
-    """What the vLLM engine is given (flags --device, --tensor-parallel-size,
-    --gpu-memory-utilization, --max-model-len)."""
-    device: str | None = None  # cuda:N -> that GPU only; None/cuda: what CUDA_VISIBLE_DEVICES lists
-    tensor_parallel_size: int = 1  # GPUs one model is split over (a 7B fits one 80 GB GPU)
-    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM may take (KV cache)
-    max_model_len: int | None = None  # prompt + answer tokens; None: the model's own (32k, Qwen2.5)
-
-
-class VLLMBackend:
-    """vLLM offline generation (GPU only): its chat API with the training ChatML template, greedy,
-    and prefix caching (every row of a mode shares the chat header and, for *_ssp, the long system
-    message). vLLM schedules its own batches, so we hand it large chunks in input order; a chunk is
-    the resume unit."""
-    name = "vllm"
-
-    def __init__(self, model: str, *, model_label: str, gguf_file: str | None = None,
-                 max_new_tokens: int = 256, chunk: int = 4096, options: VLLMOptions | None = None):
-        options = options or VLLMOptions()
-        if options.device is not None and options.device.startswith("cuda:"):
-            # vLLM has no device argument: its workers (own processes) see the GPUs this lists
-            os.environ["CUDA_VISIBLE_DEVICES"] = options.device.split(":")[1]
-        from vllm import LLM, SamplingParams
-
-        path = os.path.join(model, gguf_file) if gguf_file else model
-        self.llm = LLM(model=path, tokenizer=model if gguf_file else None,
-                       enable_prefix_caching=True, trust_remote_code=False,
-                       tensor_parallel_size=options.tensor_parallel_size,
-                       gpu_memory_utilization=options.gpu_memory_utilization,
-                       max_model_len=options.max_model_len)
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        self.model_label, self.chunk = model_label, chunk
-
-    def batches(self, prompts: list[Prompt]) -> list[list[int]]:
-        return chunks(len(prompts), self.chunk)
-
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
-        conversations = [([{"role": "system", "content": p.system}] if p.system else [])
-                         + p.messages() for p in prompts]
-        outputs = self.llm.chat(conversations, self.params, chat_template=CHATML_TEMPLATE,
-                                add_generation_prompt=True, use_tqdm=False)
-        return [Generation(o.text, o.finish_reason == "length", len(o.token_ids))
-                for o in (out.outputs[0] for out in outputs)]
 
 
 def use_vllm(backend: str, device: str | None = None) -> bool:

@@ -17,6 +17,8 @@ import os
 import numpy as np
 import torch
 
+from support.checks import CheckError
+
 # --------------------------------------------------------------------------------------------------
 # 1. Audio
 # --------------------------------------------------------------------------------------------------
@@ -30,7 +32,7 @@ import torch
 MAX_SAMPLE = math.sqrt(float(np.finfo(np.float32).max) / 257) / (400 * 2 * (1 + 0.97))
 
 
-class AudioError(Exception):
+class AudioError(CheckError):
     """Audio that cannot be used: missing, unreadable, empty or NaN/Inf. Names path and reason."""
 
     def __init__(self, path, reason: str | None = None):

@@ -1,0 +1,1 @@
+"""Speed benchmarks (results in BENCHMARKS.md). Each file runs as `python -m bench.NAME`."""
