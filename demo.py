@@ -4,9 +4,11 @@ AZeroS teaches a frozen LLM to hear by training only small projectors, with targ
 writes itself (SIFT). This script runs the whole method end to end with the project's own entry
 points, in phases:
 
-  1. corpus    eSpeak NG speech with exact transcripts and labels (gender, speed, pitch); held-out
-               voices and sentences form the test set (recipe/make_corpus.py). Stands in for the
-               paper's real corpora.
+  1. corpus    eSpeak NG speech of thousands of distinct sentences in 234 voices, with exact
+               transcripts and labels (gender, speed, pitch), plus real Asterisk recordings
+               (recipe/make_corpus.py, recipe/real_speech.py). Three held-out sets: trained
+               sentences in new voices, new sentences, real speech with new sentences. Stands in
+               for the paper's real corpora.
   2. targets   Sec. 3.3 self-generated data: the frozen LLM (SmolLM2-135M-Instruct here,
                Qwen2.5-7B in the paper) answers the TEXT stand-in of each utterance with no
                instruction (generate_targets.py): sift_s = transcript;
@@ -24,17 +26,17 @@ points, in phases:
                (train.py --stage 1, targets sift_s).
   5. stage2    stage 2: the paralinguistic projector learns the same for transcript + metadata,
                the stage-1 projector stays frozen (train.py --stage 2, targets sift_sp + sift_s).
-  6. eval      Sec. 5 evaluation on the held-out test split (evaluate.py): `align` = cross-entropy
+  6. eval      Sec. 5 evaluation on each held-out set (evaluate.py): `align` = cross-entropy
                of the self-generated target given audio vs the oracle text; `choice` = the
                zero-shot question "Is the speaker a man or a woman?" (never seen in training),
-               scored by the likelihood of the two answers, asked of stage 2 only; `open` with
+               scored by the likelihood of the two answers, asked of stage 2 on the new
+               sentences; `open` with
                "Repeat what was said." scored by word recall. Every task is run for the audio
                model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also
                measures how much the self-generated targets depend on gender at all
-               (`gender_signal`).
-               With the Asterisk prompts installed (recipe/real_speech.py), held-out REAL human
-               speech is scored too: sift_s loss and "Repeat what was said.".
-  7. report    a Markdown table, one example conversation through infer.py, and the model folder
+               (`gender_signal`). Without the Asterisk prompts the real-speech set is left out.
+  7. report    a Markdown table, stage 1's learning curve on the new sentences (train.py
+               --valid), one example conversation through infer.py, and the model folder
                <out>/stage2 that `python infer.py some.wav "prompt" --model <out>/stage2` uses.
 
 Every phase writes <out>/done/<phase>.json when it finishes; a re-run skips it
@@ -59,13 +61,13 @@ ROOT = Path(__file__).resolve().parent
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning (cpu_runtime.py: why)
 cpu_runtime.set_wait_policy()
 
-# Three sizes, chosen by CPU time. `default` fits 20 minutes on a 2-core CPU in fp32 (AVX2 and no
-# bf16 arithmetic: the slowest CPUs measured) even with another process holding one of the cores
-# (measured: 13.6 min quiet, 18.2 beside a busy loop); `long` trains 2-5x more steps on more
-# utterances for a stronger stage 1 (about 30 minutes in fp32); `quick` is for the test suite. The
-# budget (utterances with LLM targets, training steps, answer lengths) is what makes CPU time: the
-# frozen LLM's forward and backward pass dominates every training step. The corpus itself is cheap,
-# so the encoders see all of its training split. docs/demo.md has the measured tables.
+# Three sizes, chosen by CPU time. The projector must learn words, not which sentence was said, so
+# every training sentence is a new one (recipe/sentence_pool.txt) and the budget goes to distinct
+# sentences (each costs one target) and projector steps (each one forward and backward pass of
+# the frozen LLM: the dominant cost). `default`: 2,000 sentences and 400 stage-1 steps, ~34 min in
+# fp32 on 2 AVX2 cores by the estimate below; stage 1 then closes 42% of the gap on new sentences
+# and was still improving (docs/demo.md). `long` doubles the sentences and gives 2.5x the steps
+# (~78 min), meant to pass 50%, not yet run. `quick` is for the test suite.
 SIZES = {
     "default": dict(train_sentences=2000, voices_per_sentence=1, held_out_sentences=200,
                     test_rows=24, repeat_rows=12, real_train=160, stage2_rows=192,
