@@ -74,17 +74,11 @@ def staged_folder(out, what: str | None = None):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staged.", suffix=".tmp"))
-    try:
+    with temporary_folder(tmp, what):
         yield tmp
         for item in sorted(tmp.iterdir()):
             if not (item.is_dir() and (out / item.name).exists()):
                 os.replace(item, out / item.name)
-    except OSError as e:
-        if what is not None and not isinstance(e, WriteError):
-            raise WriteError(f"{what}: {e}") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -95,9 +89,17 @@ def atomic_folder(path, what: str | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; mkdir would not
-    try:
+    with temporary_folder(tmp, what):
         yield tmp
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def temporary_folder(tmp: Path, what: str | None):
+    """`tmp` is removed however the block ends (after a rename it is gone already); an OSError
+    (a full disk) becomes one WriteError naming `what`."""
+    try:
+        yield
     except OSError as e:
         if what is not None and not isinstance(e, WriteError):
             raise WriteError(f"{what}: {e}") from None
