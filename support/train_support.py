@@ -247,15 +247,21 @@ def failure_key() -> str:
     return f"azeros/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
+_watch: tuple | None = None  # (thread, stop event) of this process's rank watch
+
+
 def watch_ranks(interval: float = 1.0) -> None:
-    """Start the thread that ends this process (status 1) once another rank posted a failure."""
+    """Start the thread that ends this process (status 1) once another rank posted a failure.
+    close_distributed stops it before the process group goes: a thread still inside a store call
+    at exit could abort the process ("terminate called without an active exception")."""
     import threading
 
+    global _watch
     store, key, me = dist.distributed_c10d._get_default_store(), failure_key(), str(dist.get_rank())
+    stop = threading.Event()
 
     def watch():
-        while True:
-            time.sleep(interval)
+        while not stop.wait(interval):
             try:
                 failed = store.check([key]) and store.get(key).decode() != me
             except Exception:  # the store is gone: the run is over
@@ -263,7 +269,9 @@ def watch_ranks(interval: float = 1.0) -> None:
             if failed:  # that rank printed its line; this one has nothing to add
                 os._exit(1)
 
-    threading.Thread(target=watch, name="rank-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="rank-watch", daemon=True)
+    thread.start()
+    _watch = (thread, stop)
 
 
 def stop_all(message: str):
@@ -309,6 +317,12 @@ def is_distributed() -> bool:
 
 
 def close_distributed() -> None:
+    global _watch
+    if _watch is not None:  # the watch thread ends before the store and the process group do
+        thread, stop = _watch
+        stop.set()
+        thread.join(timeout=30)
+        _watch = None
     if is_distributed():
         dist.destroy_process_group()
 
