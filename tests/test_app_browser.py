@@ -122,20 +122,32 @@ def test_upload_record_stream_and_speak(server):
         first = finished_turn(page, 1)
         spoken = spoken_reply(page)
 
-        # turn 2: a recording from the (fake) microphone
+        # turn 2: a recording from the (fake) microphone. Chromium's fake device sometimes hands
+        # over its file only after a moment: a recording that the page answers "Not answered"
+        # (silent or missing audio; seen in 2 of 5 fresh-clone CI runs) is recorded again.
         page.get_by_label("Record audio").click()
-        page.get_by_role("button", name="Record", exact=True).click()
-        page.wait_for_timeout(2000)
-        page.get_by_role("button", name="Stop", exact=True).click()
-        page.locator(CLIP).wait_for()
-        page.get_by_role("button", name="Send").click()
-        second = finished_turn(page, 2, resend=page.get_by_role("button", name="Send"))
+        for attempt in range(3):
+            page.get_by_role("button", name="Record", exact=True).click()
+            page.wait_for_timeout(3000)
+            page.get_by_role("button", name="Stop", exact=True).click()
+            page.locator(CLIP).wait_for()
+            page.wait_for_timeout(1000)  # the clip becomes the input's value
+            page.get_by_role("button", name="Send").click()
+            status = page.locator("#status").get_by_text("turn 2: first token after")
+            refused = page.get_by_text("Not answered:").nth(attempt)
+            status.or_(refused).wait_for(timeout=300_000)
+            if status.is_visible():
+                break
+            page.get_by_label("Record audio").click()  # a fresh recorder for the next attempt
+        second = finished_turn(page, 2, bots=2 + attempt)
         if os.environ.get("AZEROS_APP_SCREENSHOT"):
             page.screenshot(path=os.environ["AZEROS_APP_SCREENSHOT"])
 
         # bad input is answered in the chat; Clear empties it
         page.get_by_role("button", name="Send").click()
-        page.get_by_text("Not answered: an empty turn: record or upload audio").wait_for()
+        empty = page.get_by_text("Not answered:").nth(attempt)  # after any refused recording
+        empty.wait_for()
+        assert empty.inner_text().startswith("Not answered: an empty turn: record or upload audio")
         page.locator("#clear").click()
         page.locator('[data-testid="bot"]').first.wait_for(state="detached")
         browser.close()
@@ -149,20 +161,13 @@ def test_upload_record_stream_and_speak(server):
     assert spoken.frames > 0.3 * spoken.samplerate  # eSpeak NG read the answer aloud
 
 
-def finished_turn(page, n: int, resend=None) -> list[str]:
+def finished_turn(page, n: int, bots: int | None = None) -> list[str]:
     """Wait for the n-th answer to finish -> the texts the page showed for it as it streamed.
-    `resend`: a Send button clicked once more if the turn has not started after 60 s: on a loaded
-    machine a click right after a recording stopped was once lost (no turn reached the server)."""
-    status = page.locator("#status").get_by_text(f"turn {n}: first token after")
-    if resend is not None:
-        try:
-            status.wait_for(timeout=60_000)
-        except sync_api.TimeoutError:
-            if page.locator('[data-testid="bot"]').count() < n:  # nothing answered: click again
-                resend.click()
-    status.wait_for(timeout=300_000)
-    assert page.locator('[data-testid="bot"]').count() == n
-    seen = [text for count, text in page.evaluate("window.seen") if count == n]
+    `bots`: the chat's assistant messages by then (n, plus any "Not answered" notes)."""
+    bots = n if bots is None else bots
+    page.locator("#status").get_by_text(f"turn {n}: first token after").wait_for(timeout=300_000)
+    assert page.locator('[data-testid="bot"]').count() == bots
+    seen = [text for count, text in page.evaluate("window.seen") if count == bots]
     assert seen and not any("Not answered" in s for s in seen), seen
     return seen
 
