@@ -368,20 +368,15 @@ def build_page(app: App, examples: list[list[str]], title: str):
     return page
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
+    """Load the model, then serve the chat page until the server stops."""
     args = parse_args(argv)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home
-    try:
-        if importlib.util.find_spec("gradio") is None:  # before a minute of loading the model
-            raise checks.CheckError("app.py needs gradio: pip install -r requirements-app.txt")
-        checks.numbers(args, positive=("max_new_tokens",), non_negative=("max_audio_seconds",))
-        checks.device(args.device)
-        app = App(load_model(args), args.max_new_tokens, args.max_audio_seconds)
-    except Exception as e:
-        if not checks.expected_failure(e):
-            raise
-        print(f"error: {checks.first_line(e)}", file=sys.stderr)
-        return 1
+    if importlib.util.find_spec("gradio") is None:  # before a minute of loading the model
+        raise checks.CheckError("app.py needs gradio: pip install -r requirements-app.txt")
+    checks.numbers(args, positive=("max_new_tokens",), non_negative=("max_audio_seconds",))
+    checks.device(args.device)
+    app = App(load_model(args), args.max_new_tokens, args.max_audio_seconds)
     corpus = Path(args.model).resolve().parent / "corpus"
     manifests = args.examples if args.examples is not None else [
         corpus / "test_sentences.jsonl", corpus / "real_test.jsonl"]
@@ -390,7 +385,6 @@ def main(argv=None) -> int:
     page.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, footer_links=[],
         allowed_paths=sorted({str(Path(a).parent) for a, _ in examples}))
-    return 0
 
 
 def load_model(args):
@@ -404,5 +398,10 @@ def load_model(args):
     return AZeroS.from_pretrained(args.model, device=device, dtype=dtype)
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

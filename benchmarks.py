@@ -726,53 +726,55 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+    """Answer one benchmark (voicebench, airbench-*), score a run, or summarise scored runs;
+    returns the answering info, the score summary, or the summaries."""
     args = parse_args(argv)
-    try:
-        if args.command == "score":
-            judge = None
-            if args.judge_url:
-                if not args.judge_model:
-                    sys.exit("--judge-url needs --judge-model")
-                judge = JudgeOptions(
-                    args.judge_url,
-                    args.judge_model,
-                    args.judge_key,
-                    args.judge_workers,
-                    chat_temperature=args.chat_temperature,
-                    seed=args.seed,
-                )
-            summary = score_run(Path(args.out), judge, args.panda, args.sdqa_gpt_only, args.seed)
-            print(summary_markdown({args.out: summary}), end="")
-            return
-        if args.command == "summary":
-            runs = {r: json.loads((Path(r) / "summary.json").read_text()) for r in args.runs}
-            print(summary_markdown(runs), end="")
-            return
-        if args.command == "voicebench":
-            benches = voicebench_sets(args.data, [s for s in args.subsets.split(",") if s])
-            name, extra = "voicebench", None
-        elif args.command == "airbench-foundation":
-            extra = None if args.no_extra_prompt else eval_support.OPTION_PROMPT
-            benches, name = (
-                {"foundation": bench_data.read_air_foundation(args.data, extra=extra)},
-                "air_foundation",
+    if args.command == "score":
+        judge = None
+        if args.judge_url:
+            if not args.judge_model:
+                raise checks.CheckError("--judge-url needs --judge-model")
+            judge = JudgeOptions(
+                args.judge_url,
+                args.judge_model,
+                args.judge_key,
+                args.judge_workers,
+                chat_temperature=args.chat_temperature,
+                seed=args.seed,
             )
-        else:
-            benches, name, extra = {"chat": bench_data.read_air_chat(args.data)}, "air_chat", None
-    except (checks.CheckError, ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        summary = score_run(Path(args.out), judge, args.panda, args.sdqa_gpt_only, args.seed)
+        print(summary_markdown({args.out: summary}), end="")
+        return summary
+    if args.command == "summary":
+        runs = {r: json.loads((Path(r) / "summary.json").read_text()) for r in args.runs}
+        print(summary_markdown(runs), end="")
+        return runs
+    if args.command == "voicebench":
+        benches = voicebench_sets(args.data, [s for s in args.subsets.split(",") if s])
+        name, extra = "voicebench", None
+    elif args.command == "airbench-foundation":
+        extra = None if args.no_extra_prompt else eval_support.OPTION_PROMPT
+        benches, name = (
+            {"foundation": bench_data.read_air_foundation(args.data, extra=extra)},
+            "air_foundation",
+        )
+    else:
+        benches, name, extra = {"chat": bench_data.read_air_chat(args.data)}, "air_chat", None
     opts = RunOptions(args.model, Path(args.out), args.batch_size, args.max_new_tokens, args.limit)
-    try:
-        info = answer_benchmark(load_model(args), name, benches, opts, extra)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    info = answer_benchmark(load_model(args), name, benches, opts, extra)
     print(
         f"{name}: {info['answered']} answered, {info['skipped']} skipped "
         f"of {info['items']} items -> "
         f"{Path(args.out) / name / 'answers.jsonl'}"
     )
+    return info
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

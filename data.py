@@ -433,4 +433,4 @@ def padding_efficiency(durations) -> float:
 if __name__ == "__main__":  # python data.py check m.jsonl ...: see support/manifest.py
     from support import manifest
 
-    sys.exit(manifest.main())
+    sys.exit(manifest.cli())

@@ -364,16 +364,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+    """Answer and score one task; print its table and return the results."""
     args = parse_args(argv)
-    try:
-        run(args)
-    except (checks.CheckError, FileNotFoundError) as e:
-        print(f"error: {checks.first_line(e)}", file=sys.stderr)  # one line, no traceback
-        sys.exit(1)
-
-
-def run(args) -> None:
     checks.files_exist([args.manifest], "--manifest")  # these three before the model loads
     device = checks.pick_device(args.device)  # never a silent CPU run of a 7B model
     checks.cpu_fallback(model_support.release_llm_parameters(args.model), args.device, device,
@@ -384,7 +377,8 @@ def run(args) -> None:
 
     systems = [s for s in args.systems.split(",") if s]
     if not set(systems) <= set(SYSTEMS):
-        sys.exit(f"--systems: unknown system in {args.systems!r}; use {','.join(SYSTEMS)}")
+        raise checks.CheckError(f"--systems: unknown system in {args.systems!r}; "
+                                f"use {','.join(SYSTEMS)}")
     out = Path(args.out or Path("eval") / args.task)
     if out.is_dir():  # another run on this --out is named before the model loads, not after
         with checks.exclusive_lock(out / f"{args.task}_answers.jsonl"):
@@ -398,7 +392,13 @@ def run(args) -> None:
                        max_new_tokens=args.max_new_tokens, systems=systems, limit=args.limit)
     print(eval_support.markdown_table(args.task, results), end="")
     print(f"written: {out / (args.task + '_results.json')}, {out / (args.task + '_results.md')}")
+    return results
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

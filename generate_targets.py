@@ -41,7 +41,7 @@ from dataclasses import dataclass
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch loads MKL (train.py says why)
 
 from support import checks, targets_support
-from support.files import WriteError, append_jsonl
+from support.files import append_jsonl
 from support.labels import normalize_meta  # the official label vocabulary lives there
 from support.manifest import Record
 from support.targets_support import Generation, Row, Summary
@@ -302,7 +302,7 @@ def make_backend(mode: str, model: str | None, *, gguf_file=None, backend="auto"
     if mode == "tsit_s":
         return TranscriptBackend()
     if not model:
-        raise SystemExit(f"--model is required for mode {mode}")
+        raise checks.CheckError(f"--model is required for mode {mode}")
     label = f"{model}:{gguf_file}" if gguf_file else str(model)  # the `model` field
     if targets_support.use_vllm(backend, device):
         options = dataclasses.replace(vllm or VLLMOptions(), device=device)
@@ -425,13 +425,8 @@ def main(argv=None, backend=None) -> Summary:
 
 
 def cli(argv=None, backend=None) -> int:
-    """main() with the user-fixable errors as one line on stderr and exit status 1."""
-    try:
-        main(argv, backend)
-    except (checks.CheckError, FileNotFoundError, WriteError) as e:  # WriteError: a full disk
-        print(f"error: {checks.first_line(e)}", file=sys.stderr)
-        return 1
-    return 0
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(lambda argv: main(argv, backend), argv)
 
 
 if __name__ == "__main__":

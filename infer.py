@@ -59,7 +59,10 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], str]:
     return inputs[:-1], last
 
 
-def run(args) -> int:
+def main(argv=None) -> list[str]:
+    """Answer the prompt about each audio file; print and return the answers."""
+    args = parse_args(argv)
+    checks.infer_args(args)  # files, audio and options, before the slow imports and the model
     from support import model_support
 
     model_support.quiet_libraries()  # stdout is for the answer, from the first import on
@@ -80,30 +83,20 @@ def run(args) -> int:
     options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p)
     if not waves:  # a plain text question goes straight to the frozen LLM
         question = [[{"role": "user", "content": args.prompt}]]
-        model.generate(None, question, replace(options, stream=True), system=args.system)
-        return 0
+        return model.generate(None, question, replace(options, stream=True), system=args.system)
     messages = [[model.user_message(args.prompt)] for _ in waves]
     if len(waves) == 1:
-        model.generate(waves, messages, replace(options, stream=True), system=args.system)
-        return 0
-    for path, text in zip(args.audio, model.generate(waves, messages, options, system=args.system)):
+        return model.generate(waves, messages, replace(options, stream=True), system=args.system)
+    answers = model.generate(waves, messages, options, system=args.system)
+    for path, text in zip(args.audio, answers):
         print(f"{path}\t{text.strip()}", flush=True)
-    return 0
+    return answers
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        checks.infer_args(args)  # files, audio and options, before the slow imports and the model
-        return run(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        if not checks.expected_failure(e):
-            raise  # a bug: keep the traceback
-        print(f"error: {checks.first_line(e)}", file=sys.stderr)  # one line, no traceback
-        return 1
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

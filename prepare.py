@@ -534,14 +534,8 @@ def main(argv=None) -> list[Record]:
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except Exception as e:
-        if not checks.expected_failure(e):
-            raise
-        print(f"error: {checks.first_line(e)}", file=sys.stderr)
-        return 1
-    return 0
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":

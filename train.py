@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -527,14 +528,13 @@ def validate(model, loaders, args, device, cache) -> dict:
             "valid_tokens": tokens}
 
 
-def cli():
+def cli(argv=None) -> int:
+    """main() under the one error path of the commands (support/checks.py), with two torchrun
+    rules: on a bad input every rank stops with this rank's line, and a bug (what run_command
+    re-raises) is a traceback that stops every rank too."""
     try:
-        main()
-    # user-fixable: one line, no traceback; under torchrun every rank stops with this rank's line
-    except (checks.CheckError, FileNotFoundError) as e:
-        train_support.close_bars()  # the error on a line of its own
-        train_support.stop_all(f"error: {e}")
-    except Exception:  # a bug, a CUDA error: its traceback; under torchrun every rank stops too
+        return checks.run_command(main, argv, report=train_support.report_error)
+    except Exception:
         if not train_support.is_distributed():
             raise
         train_support.stop_all(traceback.format_exc().rstrip())
@@ -543,4 +543,4 @@ def cli():
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

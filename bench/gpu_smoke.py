@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from support import checks
+
 QWEN7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -36,8 +38,6 @@ PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16; MFU is relative to it
 
 
 def check_cuda(device, dry):
-    from support import checks
-
     if dry:
         return "skipped (dry run)", ""
     problem = checks.cuda_problem()
@@ -102,9 +102,9 @@ def check_pipeline(device, dry):
                            "--max-duration", "3.2", *dev))
     wav = next((tmp / "train8_wav").glob("*.wav"))
     with contextlib.redirect_stdout(open(os.devnull, "w")):
-        rc = infer.main([str(wav), "Describe it.", "--model", str(tmp / "s2"),
-                         "--max-new-tokens", "4", *dev])
-    assert rc == 0, rc
+        answers = infer.main([str(wav), "Describe it.", "--model", str(tmp / "s2"),
+                              "--max-new-tokens", "4", *dev])
+    assert len(answers) == 1, answers
     return "ok", f"stage 1 -> resume -> stage 2 -> infer on {device.type}"
 
 
@@ -165,13 +165,15 @@ CHECKS = {"cuda": check_cuda, "step_7b": check_step_7b, "pipeline": check_pipeli
           "nccl": check_nccl, "encoders": check_encoders, "batching": check_batching}
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
+    """Run the checks; print a row per check and return {check: (status, numbers)}. A failed
+    check does not stop the others; any failure ends in a CheckError naming how many."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes")
     p.add_argument("--only", nargs="+", choices=list(CHECKS), help="run these checks only")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    failed = 0
+    results = {}
     print(f"| {'check':<9} | {'result':<8} | numbers")
     print(f"|{'-' * 11}|{'-' * 10}|{'-' * 60}")
     for name in args.only or CHECKS:
@@ -179,11 +181,21 @@ def main(argv=None) -> int:
         try:
             status, numbers = CHECKS[name](device, args.dry_run)
         except Exception as e:  # a smoke test reports every failure and goes on
-            status, numbers, failed = "FAILED", f"{type(e).__name__}: {e}"[:300], failed + 1
+            status, numbers = "FAILED", f"{type(e).__name__}: {e}"[:300]
         print(f"| {name:<9} | {status:<8} | {numbers} ({time.perf_counter() - start:.1f} s)",
               flush=True)
-    return 1 if failed else 0
+        results[name] = (status, numbers)
+    failed = [name for name, (status, _) in results.items() if status == "FAILED"]
+    if failed:
+        raise checks.CheckError(f"{len(failed)} of {len(results)} checks failed: "
+                                f"{', '.join(failed)}")
+    return results
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -2,7 +2,8 @@
 
 The tutorial files (train.py, infer.py, evaluate.py, generate_targets.py) call these with one line
 each, so their reading path stays about AZeroS. Every check fails with `CheckError`: a single line
-naming the file (manifest file:line and field, where there is one) and the flag that changes it.
+naming the file (manifest file:line and field, where there is one) and the flag that changes it;
+`run_command`, every command's `cli`, prints it as `error: <line>` and exits with status 1.
 
   1. Arguments: positive budgets, sampling ranges, a device that exists, input files.
   2. Audio: length limits, and header-only checks of every file a manifest names.
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 from support import files
@@ -54,6 +56,27 @@ def expected_failure(e: BaseException) -> bool:
     """A fault of the input (files, audio, model folder) that a command line reports in one line;
     anything else is a bug and keeps its traceback."""
     return isinstance(e, (CheckError, FileNotFoundError, ValueError, OSError, RuntimeError))
+
+
+def print_error(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def run_command(main, argv=None, report=print_error) -> int:
+    """The one error path of the commands: every `cli(argv)` is `run_command(main, argv)`. main
+    does the work and raises; here a user-fixable failure (expected_failure) becomes the single
+    line `error: <first line>` (exit status 1), Ctrl-C exit status 130, and a bug keeps its
+    traceback. `report` prints the line (train.py's also stops every rank under torchrun)."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if not expected_failure(e):
+            raise
+        report(f"error: {first_line(e)}")
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------

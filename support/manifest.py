@@ -417,7 +417,9 @@ def check_manifest(path, out=sys.stdout, max_audio_seconds: float | None = None)
     return not errors and not problems and bool(records)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> list[bool]:
+    """`python data.py check m.jsonl ...`: a report per manifest, then OK, or a CheckError naming
+    how many have problems. Returns, per manifest, whether it is clean."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Validate AZeroS manifests.")
@@ -429,9 +431,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     checks.positive_flags(parser, args, non_negative=("max_audio_seconds",))
     ok = [check_manifest(m, max_audio_seconds=args.max_audio_seconds) for m in args.manifests]
-    print("OK" if all(ok) else f"PROBLEMS in {ok.count(False)} of {len(ok)} manifest(s)")
-    return 0 if all(ok) else 1
+    if not all(ok):
+        raise checks.CheckError(f"PROBLEMS in {ok.count(False)} of {len(ok)} manifest(s)")
+    print("OK")
+    return ok
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

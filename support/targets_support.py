@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from support import checks
+from support.checks import CheckError
 from support.files import json_line, read_jsonl, write_atomic
 from support.manifest import ManifestError, Record, parse_line
 
@@ -161,10 +162,10 @@ def use_vllm(backend: str, device: str | None = None) -> bool:
     on_cpu = device is not None and device.startswith("cpu")
     if backend == "vllm":
         if not installed:
-            raise checks.CheckError("--backend vllm: vLLM is not installed (pip install vllm), or "
+            raise CheckError("--backend vllm: vLLM is not installed (pip install vllm), or "
                                     "use --backend hf")
         if on_cpu:
-            raise checks.CheckError("--backend vllm runs on GPUs only; drop --device cpu or use "
+            raise CheckError("--backend vllm runs on GPUs only; drop --device cpu or use "
                                     "--backend hf")
         return True
     return backend == "auto" and installed and not on_cpu and checks.cuda_problem() is None
@@ -219,10 +220,10 @@ def locked_output(out, shard: int, nshards: int):
     """Yield this shard's output path, locked (`<output>.lock`) for the whole run: two runs never
     append to one file; the second stops here, naming the first."""
     if not 0 <= shard < nshards:
-        raise SystemExit(f"--shard {shard} is not in 0..{nshards - 1}")
+        raise CheckError(f"--shard {shard} is not in 0..{nshards - 1}")
     path = shard_path(out, shard, nshards)
     if path.suffix == ".gz":
-        raise SystemExit("write a plain .jsonl (appends to gzip cannot be repaired after a kill); "
+        raise CheckError("write a plain .jsonl (appends to gzip cannot be repaired after a kill); "
                          "compress later")
     path.parent.mkdir(parents=True, exist_ok=True)
     with checks.exclusive_lock(path):
@@ -246,27 +247,27 @@ def resume(path: Path, rows: list[Row], mode: str, label: str,
     try:
         lines = read_jsonl(path, repair=True)
     except ValueError as e:
-        raise SystemExit(f"{e}; the file is corrupt, refusing to append") from None
+        raise CheckError(f"{e}; the file is corrupt, refusing to append") from None
     todo_ids = {r.record.id for r in rows if r.skip is None}
     done, first = {}, {}
     for n, obj in lines:
         where = f"{path}:{n}"
         if obj.get("id") not in todo_ids:
-            raise SystemExit(f"{where}: id {obj.get('id')!r} is not a row of these inputs/this "
+            raise CheckError(f"{where}: id {obj.get('id')!r} is not a row of these inputs/this "
                              "shard; wrong --out, --in or --shard?")
         if obj["id"] in done:
             # an identical repeat (left by two runs before outputs were locked) is dropped; the
             # final rewrite in input order keeps one copy. A differing one cannot be decided here.
             if obj == done[obj["id"]]:
                 continue
-            raise SystemExit(f"{where}: id {obj['id']!r} written twice with different content "
+            raise CheckError(f"{where}: id {obj['id']!r} written twice with different content "
                              f"(first on line {first[obj['id']]})")
         if obj.get("mode") != mode or obj.get("model", "") != label:
-            raise SystemExit(f"{where}: written by mode={obj.get('mode')!r} "
+            raise CheckError(f"{where}: written by mode={obj.get('mode')!r} "
                              f"model={obj.get('model')!r}, this run is mode={mode!r} "
                              f"model={label!r}; use another --out")
         if backend and obj.get("backend") != backend:
-            raise SystemExit(f"{where}: written by the {obj.get('backend')!r} backend, this run "
+            raise CheckError(f"{where}: written by the {obj.get('backend')!r} backend, this run "
                              f"uses {backend!r}; resume with --backend {obj.get('backend')} or "
                              "use another --out")
         done[obj["id"]], first[obj["id"]] = obj, n
@@ -340,7 +341,7 @@ def finish(rows: list[Row], done: dict[str, dict], out: Path, summary: Summary) 
     generated = [r for r in rows if r.skip is None]
     missing = [r.record.id for r in generated if r.record.id not in done]
     if missing:
-        raise SystemExit(f"{len(missing)} rows missing from {out} (first: {missing[:3]}); "
+        raise CheckError(f"{len(missing)} rows missing from {out} (first: {missing[:3]}); "
                          "run again to resume")
     skipped = [r for r in rows if r.skip is not None]
     objs = [done[r.record.id] for r in generated]
@@ -375,7 +376,7 @@ def merge(rows: list[Row], blank: int, out, nshards: int, mode: str | None) -> S
         try:
             lines = read_jsonl(path)
         except ValueError as e:
-            raise SystemExit(f"{e} (an unfinished or corrupt shard?)") from None
+            raise CheckError(f"{e} (an unfinished or corrupt shard?)") from None
         for n, obj in lines:
             modes.add((obj.get("mode"), obj.get("model")))
             if obj.get("id") not in expected:
@@ -391,5 +392,5 @@ def merge(rows: list[Row], blank: int, out, nshards: int, mode: str | None) -> S
     if len(modes) > 1 or (mode and modes and next(iter(modes))[0] != mode):
         errors.append(f"shards disagree on mode/model (or with --mode): {sorted(modes, key=str)}")
     if errors:
-        raise SystemExit("merge failed:\n  " + "\n  ".join(errors[:20]))
+        raise CheckError("merge failed: " + "; ".join(errors[:20]))  # one line
     return finish(rows, done, Path(out), Summary(blank_lines=blank))

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,13 +121,12 @@ def load_manifests(paths: list[str], what: str, max_audio_seconds: float | None 
             raise TrainError(f"{what} manifest {path} is empty: nothing to train on")
         missing = [r for r in records if r.response is None]
         if missing:
-            raise TrainError(
+            raise TrainError(  # one line: the command lines print the first line only
                 f"{what} manifest {path}: {len(missing)} of {len(records)} rows have no "
                 f"'response' (first: id {missing[0].id!r} at {missing[0].source}). SIFT trains on "
-                f"targets the frozen LLM generated itself; make them first, e.g.\n"
-                f"  python generate_targets.py --mode sift_s --model <LLM> --in {path} "
-                f"--out targets.jsonl\n"
-                f"(stage 2: --mode sift_sp) and train on the output.")
+                f"targets the frozen LLM generated itself; make them first, e.g. "
+                f"`python generate_targets.py --mode sift_s --model <LLM> --in {path} "
+                f"--out targets.jsonl` (stage 2: --mode sift_sp), and train on the output.")
         checks.training_rows(records, path, what, max_audio_seconds)
         manifests.append(records)
     return manifests
@@ -274,14 +274,21 @@ def watch_ranks(interval: float = 1.0) -> None:
     _watch = (thread, stop)
 
 
+def report_error(line: str) -> None:
+    """train.py's `error: ...` line: on a line of its own after the progress bars; under torchrun
+    every rank stops with it (stop_all)."""
+    close_bars()
+    if is_distributed():
+        stop_all(line)
+    print(line, file=sys.stderr)
+
+
 def stop_all(message: str):
     """End the run with this rank's `message` (one line, or a traceback). Under DDP also tell the
     other ranks (their watch_ranks thread ends them within a second), unless one failed first: then
     this error is only the echo of that one (e.g. gloo's "connection closed") and stays silent.
     os._exit skips destroy_process_group and exit handlers, which can wait on collectives that the
     other ranks will never join."""
-    import sys
-
     if not is_distributed():
         print(message, file=sys.stderr)
         sys.exit(1)

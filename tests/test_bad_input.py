@@ -81,18 +81,18 @@ def test_manifest_weight_must_be_positive_and_finite(tmp_path, weight):
 
 
 def test_top_p_without_temperature_is_refused(release, capsys):
-    assert infer.main(["hi", "--model", str(release), "--top-p", "0.9"]) == 1
+    assert infer.cli(["hi", "--model", str(release), "--top-p", "0.9"]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         "--top-p applies only when sampling: add --temperature T (> 0); without it decoding is "
         "greedy")
-    assert infer.main(["hi", "--model", str(release), "--temperature", "nan"]) == 1
+    assert infer.cli(["hi", "--model", str(release), "--temperature", "nan"]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         "--temperature must be a finite number, got nan")
 
 
 def test_infer_max_audio_seconds_nan_does_not_lift_the_limit(release, tmp_path, capsys):
     wav = write_wav(tmp_path / "a.wav", 0.5)
-    assert infer.main([str(wav), "hi", "--model", str(release), "--max-audio-seconds", "nan"]) == 1
+    assert infer.cli([str(wav), "hi", "--model", str(release), "--max-audio-seconds", "nan"]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         "--max-audio-seconds must be a finite number, got nan")
 
@@ -169,11 +169,10 @@ def test_another_judge_model_does_not_reuse_outputs(odd_judge, tmp_path):
 
 
 def test_score_out_typo_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        B.main(["score", "--out", str(tmp_path / "rnu")])
-    assert e.value.code == (f"error: --out {tmp_path / 'rnu'}: no such folder (expected "
-                            "voicebench/, air_foundation/ or air_chat/ with a run.json); answer "
-                            "a benchmark into it first")
+    assert B.cli(["score", "--out", str(tmp_path / "rnu")]) == 1
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'rnu'}: no such folder (expected "
+                                       "voicebench/, air_foundation/ or air_chat/ with a "
+                                       "run.json); answer a benchmark into it first\n")
     assert not (tmp_path / "rnu").exists()
 
 
@@ -183,7 +182,7 @@ def test_score_out_typo_is_one_line(tmp_path, capsys):
 
 def test_prompt_longer_than_the_context_is_refused(release, capsys):
     prompt = "hello " * 20000  # 120k characters
-    assert infer.main([prompt, "--model", str(release)]) == 1
+    assert infer.cli([prompt, "--model", str(release)]) == 1
     message = one_line_error(capsys.readouterr().err)
     tokens = int(message.split()[3])  # "a prompt of N tokens ..."
     assert tokens > 4096 and message == (
@@ -193,7 +192,7 @@ def test_prompt_longer_than_the_context_is_refused(release, capsys):
 
 def test_max_new_tokens_past_the_context_is_refused(release, tmp_path, capsys):
     wav = write_wav(tmp_path / "a.wav", 1.0)
-    assert infer.main([str(wav), "hi", "--model", str(release), "--max-new-tokens",
+    assert infer.cli([str(wav), "hi", "--model", str(release), "--max-new-tokens",
                        "100000000"]) == 1
     message = one_line_error(capsys.readouterr().err)
     prompt = int(message.split()[6])  # "--max-new-tokens M after a prompt of N tokens ..."
@@ -215,7 +214,7 @@ def test_number_written_as_a_string_in_a_config(release, tmp_path, capsys, part,
     config = json.loads((folder / part).read_text())
     config[key] = value
     (folder / part).write_text(json.dumps(config))
-    assert infer.main(["hi", "--model", str(folder)]) == 1
+    assert infer.cli(["hi", "--model", str(folder)]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         f"{folder / part}: field '{key}' is the string '{value}', not a number; write it without "
         "quotes")
@@ -225,10 +224,8 @@ def test_comment_line_in_a_task_file(release, tmp_path, capsys):
     wav = write_wav(tmp_path / "a.wav", 1.0)
     task = tmp_path / "open.jsonl"
     task.write_text("# open questions\n" + json.dumps({"audio": str(wav)}) + "\n")
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--model", str(release), "--manifest", str(task), "--task", "open",
-                       "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert e.value.code == 1
+    assert evaluate.cli(["--model", str(release), "--manifest", str(task), "--task", "open",
+                         "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         f"{task}:1: not valid JSON (Expecting value); a task file holds one JSON object per line "
         "(no comments)")
@@ -303,9 +300,7 @@ def test_two_evaluate_runs_into_one_out(release, tmp_path, capsys):
     argv = ["--model", str(release), "--manifest", str(task), "--task", "open", "--out", str(out),
             "--device", "cpu", "--max-new-tokens", "2", "--systems", "audio"]
     with checks.exclusive_lock(out / "open_answers.jsonl"):  # a first run, still answering
-        with pytest.raises(SystemExit) as e:
-            evaluate.main(argv)
-    assert e.value.code == 1
+        assert evaluate.cli(argv) == 1
     last = capsys.readouterr().err.split("\r")[-1].splitlines()[-1] + "\n"  # after the bars
     assert one_line_error(last) == (
         f"{out / 'open_answers.jsonl'} is being written by another run (pid {os.getpid()} on "
@@ -318,7 +313,7 @@ def test_two_evaluate_runs_into_one_out(release, tmp_path, capsys):
 def test_folder_named_like_an_audio_file(release, tmp_path, capsys):
     folder = tmp_path / "x.wav"
     folder.mkdir()
-    assert infer.main([str(folder), "hi", "--model", str(release)]) == 1
+    assert infer.cli([str(folder), "hi", "--model", str(release)]) == 1
     assert one_line_error(capsys.readouterr().err) == f"{folder}: a folder, not an audio file"
 
 

@@ -27,6 +27,7 @@ import llm
 from conftest import ROOT
 from data import Record
 from support import targets_support as support
+from support.checks import CheckError
 from tiny import TOKENIZER_DIR, make_tiny_llm_dir
 
 # ------------------------------------------------------------------------------------------------
@@ -440,13 +441,13 @@ def test_shards_merge_to_the_single_run_and_catch_gaps_and_duplicates(tmp_path):
     shard1 = support.shard_path(out, 1, 3)
     lines = shard1.read_text().splitlines(keepends=True)
     shard1.write_text("".join(lines + lines[:1]))
-    with pytest.raises(SystemExit, match="duplicate id"):
+    with pytest.raises(CheckError, match="duplicate id"):
         gt.main(["--merge", "--nshards", "3", "--in", *map(str, inputs), "--out", str(out)])
     shard1.write_text("".join(lines[1:]))
-    with pytest.raises(SystemExit, match="gaps"):
+    with pytest.raises(CheckError, match="gaps"):
         gt.main(["--merge", "--nshards", "3", "--in", *map(str, inputs), "--out", str(out)])
     support.shard_path(out, 2, 3).unlink()
-    with pytest.raises(SystemExit, match="missing"):
+    with pytest.raises(CheckError, match="missing"):
         gt.main(["--merge", "--nshards", "3", "--in", *map(str, inputs), "--out", str(out)])
 
 
@@ -456,13 +457,13 @@ def test_resume_refuses_foreign_or_corrupt_outputs(tmp_path):
     gt.main(["--mode", "tsit_s", "--in", *map(str, inputs), "--out", str(out), "--no-progress"])
     first = json.loads(out.read_text().splitlines()[0])
     out.write_text(json.dumps({**first, "mode": "sift_s"}) + "\n")
-    with pytest.raises(SystemExit, match="mode='sift_s'"):
+    with pytest.raises(CheckError, match="mode='sift_s'"):
         gt.main(["--mode", "tsit_s", "--in", *map(str, inputs), "--out", str(out), "--no-progress"])
     out.write_text("not json\n" + json.dumps(first) + "\n")
-    with pytest.raises(SystemExit, match="corrupt"):
+    with pytest.raises(CheckError, match="corrupt"):
         gt.main(["--mode", "tsit_s", "--in", *map(str, inputs), "--out", str(out), "--no-progress"])
     out.write_text(json.dumps({**first, "id": "stranger"}) + "\n")
-    with pytest.raises(SystemExit, match="not a row of these inputs"):
+    with pytest.raises(CheckError, match="not a row of these inputs"):
         gt.main(["--mode", "tsit_s", "--in", *map(str, inputs), "--out", str(out), "--no-progress"])
 
 

@@ -124,7 +124,8 @@ def test_resume_refuses_another_backend(tmp_path):
     assert [r["backend"] for r in rows] == ["transcript"] * 3
     other = gt.TranscriptBackend()
     other.name = "hf"
-    with pytest.raises(SystemExit, match="written by the 'transcript' backend, this run uses 'hf'"):
+    with pytest.raises(checks.CheckError,
+                       match="written by the 'transcript' backend, this run uses 'hf'"):
         gt.run([str(src)], out, "tsit_s", other, progress=False)
     built = []  # a factory is called only once the output is locked
     gt.run([str(src)], out, "tsit_s", lambda: built.append(1) or gt.TranscriptBackend(),

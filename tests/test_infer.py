@@ -50,7 +50,7 @@ def test_split_inputs():
 def test_errors_and_modes_in_process(release, tmp_path, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")
-    assert infer.main([str(bad), "hi", "--model", str(release)]) == 1
+    assert infer.cli([str(bad), "hi", "--model", str(release)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "bad.wav" in err
 
@@ -58,7 +58,7 @@ def test_errors_and_modes_in_process(release, tmp_path, capsys):
     shutil.copytree(release, incomplete)
     shutil.rmtree(incomplete / "llm")
     wav = write_wav(tmp_path / "x.wav", 1.0)
-    assert infer.main([str(wav), "hi", "--model", str(incomplete)]) == 1
+    assert infer.cli([str(wav), "hi", "--model", str(incomplete)]) == 1
     assert (
         capsys.readouterr().err
         == f"error: model folder incomplete: {incomplete / 'llm'} is missing\n"
@@ -67,7 +67,7 @@ def test_errors_and_modes_in_process(release, tmp_path, capsys):
     # two files: one batched call, one "path<TAB>answer" line each
     wav2 = write_wav(tmp_path / "y.wav", 0.7, seed=1)
     assert (
-        infer.main(
+        infer.cli(
             [str(wav), str(wav2), "Describe.", "--model", str(release), "--max-new-tokens", "4"]
         )
         == 0
@@ -77,7 +77,7 @@ def test_errors_and_modes_in_process(release, tmp_path, capsys):
 
     # no audio: a text question for the frozen LLM
     assert (
-        infer.main(
+        infer.cli(
             ["hello", "--model", str(release), "--max-new-tokens", "4", "--system", "Be brief."]
         )
         == 0

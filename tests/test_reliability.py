@@ -76,7 +76,7 @@ def one_line_error(err: str) -> str:
 def test_missing_audio_alone_is_an_error_not_a_prompt(release, tmp_path, capsys):
     missing = tmp_path / "nope.wav"
     assert infer.split_inputs([str(missing)]) == ([str(missing)], "")
-    assert infer.main([str(missing), "--model", str(release)]) == 1
+    assert infer.cli([str(missing), "--model", str(release)]) == 1
     assert one_line_error(capsys.readouterr().err) == f"audio file not found: {missing}"
     # a prompt that merely ends in a file name is still a prompt
     assert infer.split_inputs(["what is in a.wav"]) == ([], "what is in a.wav")
@@ -171,7 +171,7 @@ def long_wav(tmp_path_factory):
 
 
 def test_long_audio_is_refused_by_infer(release, long_wav, capsys):
-    assert infer.main([str(long_wav), "hi", "--model", str(release)]) == 1
+    assert infer.cli([str(long_wav), "hi", "--model", str(release)]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         f"{long_wav}: 51.0 s of audio is over the limit of 50 s (the encoders' memory grows "
         "with the square of the length); cut it, or raise --max-audio-seconds"
@@ -206,8 +206,8 @@ def test_long_audio_is_refused_before_training(setup, long_wav, tmp_path, monkey
 
 def test_long_audio_is_refused_by_evaluate(release, long_wav, tmp_path, capsys):
     manifest = rows(tmp_path / "eval.jsonl", [row(0, long_wav, 51.0)])
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(
+    assert (
+        evaluate.cli(
             [
                 "--model",
                 str(release),
@@ -221,7 +221,8 @@ def test_long_audio_is_refused_by_evaluate(release, long_wav, tmp_path, capsys):
                 "cpu",
             ]
         )
-    assert e.value.code == 1
+        == 1
+    )
     assert one_line_error(capsys.readouterr().err).startswith(
         f"{manifest}:1: field 'duration': 51.0 s of audio"
     )
@@ -310,7 +311,7 @@ def test_corrupt_model_files_are_named(release, tmp_path, capsys, name):
     target = broken / name
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # truncated
     wav = write_wav(tmp_path / "x.wav", 1.0)
-    assert infer.main([str(wav), "hi", "--model", str(broken)]) == 1
+    assert infer.cli([str(wav), "hi", "--model", str(broken)]) == 1
     message = one_line_error(capsys.readouterr().err)
     assert message.startswith(f"{target}: ") and (
         "corrupt" in message or "not valid JSON" in message
@@ -383,7 +384,7 @@ def test_cuda_without_cuda(setup, release, tmp_path, capsys):
     msg = "--device cuda: CUDA is not available on this machine; use --device cpu"
     with pytest.raises(CheckError, match=msg):
         train.main(stage1_args(setup, tmp_path / "x", "--device", "cuda"))
-    assert infer.main(["hi", "--model", str(release), "--device", "cuda"]) == 1
+    assert infer.cli(["hi", "--model", str(release), "--device", "cuda"]) == 1
     assert one_line_error(capsys.readouterr().err) == msg
 
 
@@ -419,7 +420,7 @@ def test_max_new_tokens_zero_is_refused_before_loading(tmp_path, capsys):
             ["--mode", "sift_s", "--model", "m", "--in", "a", "--out", "b", "--max-new-tokens", "0"]
         )
     assert "--max-new-tokens must be positive, got 0" in capsys.readouterr().err
-    assert infer.main(["hi", "--model", str(tmp_path / "nothing"), "--max-new-tokens", "0"]) == 1
+    assert infer.cli(["hi", "--model", str(tmp_path / "nothing"), "--max-new-tokens", "0"]) == 1
     assert one_line_error(capsys.readouterr().err) == "--max-new-tokens must be positive, got 0"
     with pytest.raises(SystemExit):
         evaluate.parse_args(
@@ -429,8 +430,8 @@ def test_max_new_tokens_zero_is_refused_before_loading(tmp_path, capsys):
 
 
 def test_evaluate_missing_manifest(release, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(
+    assert (
+        evaluate.cli(
             [
                 "--model",
                 str(release),
@@ -442,7 +443,8 @@ def test_evaluate_missing_manifest(release, tmp_path, capsys):
                 "cpu",
             ]
         )
-    assert e.value.code == 1
+        == 1
+    )
     assert (
         one_line_error(capsys.readouterr().err)
         == f"--manifest {tmp_path / 'nope.jsonl'}: no such file"
@@ -491,7 +493,7 @@ def test_stage1_refuses_init(setup, tmp_path):
 
 
 def test_top_p_out_of_range(release, capsys):
-    assert infer.main(["hi", "--model", str(release), "--temperature", "1", "--top-p", "2"]) == 1
+    assert infer.cli(["hi", "--model", str(release), "--temperature", "1", "--top-p", "2"]) == 1
     assert one_line_error(capsys.readouterr().err) == "--top-p must be in (0, 1], got 2"
 
 
@@ -540,7 +542,7 @@ def test_resume_drops_identical_duplicates_and_names_differing_ones(tmp_path):
     assert changed != lines[2]
     out.write_text("".join(lines[:4]) + changed)
     with pytest.raises(
-        SystemExit,
+        CheckError,
         match=f"{out}:5: id 'u2' written twice with different content \\(first on line 3\\)",
     ):
         gt.main(["--mode", "tsit_s", "--in", str(manifest), "--out", str(out), "--no-progress"])
