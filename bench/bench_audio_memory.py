@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import data
+from support import checks
 from zipformer import ZipformerConfig, ZipformerEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,14 +57,14 @@ def run_case(config: str, seconds: float) -> dict:
             "time_s": elapsed, "peak_over_start_mib": peak - before}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["small", "tta_m10"], default="small")
     p.add_argument("--seconds", type=float, nargs="+", default=[10, 30, 60, 120])
     p.add_argument("--threads", type=int, default=2)
     # internal: run one length and print JSON
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(run_case(args.config, args.seconds[0])))
@@ -82,5 +83,10 @@ def main():
               f"{peak * 60 / seconds:.0f} |", flush=True)
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

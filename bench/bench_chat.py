@@ -17,12 +17,15 @@ from pathlib import Path
 import demo  # noqa: F401  (before torch: OMP_WAIT_POLICY=PASSIVE, see bench_generate.py)
 
 # isort: split
+import sys
+
 import torch
 
 import data
 from app import Conversation
 from llm import GenerationOptions
 from model import AZeroS
+from support import checks
 
 QUESTIONS = ("What is said, and by whom?", "And in this one?", "Which of the two was faster?")
 
@@ -81,5 +84,10 @@ def main(argv=None):
               f"| {r['clips']} | {prompt} | {refeed:.3f} |", flush=True)
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

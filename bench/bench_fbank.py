@@ -14,12 +14,14 @@ that contender is faster than data.fbank.
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
 import data
+from support import checks
 
 
 def knf_loop(waves):
@@ -59,12 +61,12 @@ def timed(fn, repeats, sync=lambda: None):
     return statistics.median(times)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num", type=int, default=32)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
     lengths = rng.uniform(2.0, 20.0, args.num)
@@ -101,5 +103,10 @@ def main():
         print(f"| {name:<50} | {t * 1e3:>9.1f} | {audio_s / t:>11.0f} | {ours_t / t:>12.2f}x |")
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import demo
 import generate_targets as gt
 from llm import load_llm
+from support import checks
 
 WORDS = ("the weather is great today and we should go out for a walk in the park before it starts "
          "to rain i think the meeting was moved to thursday because nobody could make it on monday "
@@ -78,7 +80,7 @@ def time_batches(backend, prompts, batches) -> dict:
             "prompt_slots": prompt_slots, "row_steps": row_steps, "responses": responses}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model",
                    help="HF id/folder or .gguf (default: the bundled SmolLM2-135M-Instruct GGUF)")
@@ -89,7 +91,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved repetitions; the best CPU time counts")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     model_path = args.model or demo.smollm2_path()
     import torch
@@ -144,5 +146,10 @@ def main():
               f"{base['cpu'] / r['cpu']:.2f}x | {same}/{len(prompts)} |")
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import evaluate as ev
 from paper_benchmarks import bench_rules as R
 from paper_benchmarks import bench_scoring as S
+from support import checks
 
 FILLER = (
     "let me think about this question step by step before I answer it properly",
@@ -247,5 +249,10 @@ def main(argv=None) -> None:
         )
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

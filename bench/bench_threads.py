@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from support import checks
+
 ROOT = Path(__file__).resolve().parent.parent
 BURN = (
     "import time, sys\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
@@ -139,7 +141,7 @@ def run(workload: str, threads: int, policy: str, burners: int, steps: int, time
     }
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -153,7 +155,7 @@ def main():
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         return child(args.child, args.threads, args.steps)
 
@@ -180,5 +182,10 @@ def main():
                 )
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -26,12 +26,14 @@ untimed ones and reports:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 import llm as llm_lib
 from projector import Projector
+from support import checks
 from support.model_support import per_token_parameters
 
 CONFIGS = {
@@ -147,7 +149,7 @@ def bench(name: str, device, batch: int, audio_s: float, prompt_tokens: int, ans
     return row
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-configs", nargs="*", default=["tiny", "small", "smollm2-135m"],
                    choices=list(CONFIGS))
@@ -166,7 +168,7 @@ def main():
                    help="where the output head runs: every position (HF) or the answer (ours)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     rows = []
     for name in args.cpu_configs:
@@ -205,5 +207,10 @@ def main():
               f"| {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {mfu} | {mem} |")
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -21,6 +21,7 @@ interchangeable.
 """
 import argparse
 import platform
+import sys
 import time
 from datetime import date
 from functools import partial
@@ -28,6 +29,7 @@ from functools import partial
 import torch
 
 import whisper_encoder as W
+from support import checks
 
 SIZES = {  # d_model, layers, heads (openai-whisper's model dimensions)
     "tiny": (384, 4, 6), "base": (512, 6, 8), "small": (768, 12, 12), "medium": (1024, 24, 16)}
@@ -68,14 +70,14 @@ def best_time(fn, repeats: int, device) -> tuple[float, object]:
     return min(times), out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=list(SIZES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import WhisperFeatureExtractor
 
@@ -106,5 +108,10 @@ def main():
                   f"| {t_ref / t_ours:.2f}x | {diff:.2e} |")
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

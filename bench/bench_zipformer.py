@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from support import checks
 from zipformer import ZipformerConfig, ZipformerEncoder
 
 LENGTHS_S = [10.0, 8.7, 7.3, 6.0]
@@ -78,14 +79,14 @@ def run_case(device: str, dtype: str, mode: str, repeats: int, save: str | None)
     return {"sec_per_batch": sec, "peak_mib": peak_mib}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads (default: PyTorch's choice)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: device,dtype,mode,save_path
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
@@ -128,5 +129,10 @@ def main():
                   f"| {r['peak_mib']:.0f} | {d} |")
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

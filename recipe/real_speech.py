@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from data import Record, load_audio, write_manifest
+from support import checks
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
@@ -34,7 +35,7 @@ INSTALL = f"sudo apt-get install {PACKAGES}"
 SPEAKER = {"gender": "female"}  # one speaker, Allison Smith
 
 
-class NotInstalled(RuntimeError):
+class NotInstalled(checks.CheckError):
     """The Debian packages are missing; the message says how to install them."""
 
 
@@ -87,7 +88,7 @@ def load(record: Record):
     return load_audio(record.audio)
 
 
-def main(argv=None):
+def main(argv=None) -> list[Record]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -96,14 +97,17 @@ def main(argv=None):
         "--min-words", type=int, default=1, help="keep prompts with at least this many words"
     )
     args = p.parse_args(argv)
-    try:
-        recs = records(min_words=args.min_words)
-    except NotInstalled as e:
-        sys.exit(str(e))
+    recs = records(min_words=args.min_words)
     write_manifest(recs, args.out)
     minutes = sum(r.duration for r in recs) / 60
     print(f"{len(recs)} real recordings, {minutes:.1f} min -> {args.out}")
+    return recs
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

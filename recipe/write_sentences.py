@@ -20,7 +20,10 @@ The committed pool is exactly this command's output.
 import argparse
 import random
 import re
+import sys
 from pathlib import Path
+
+from support import checks
 
 MIN_WORDS, MAX_WORDS = 4, 12
 
@@ -124,7 +127,7 @@ def write_pool(n: int, seed: int = 0) -> list[str]:
     return pool
 
 
-def main(argv=None):
+def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).with_name("sentence_pool.txt")))
@@ -135,7 +138,13 @@ def main(argv=None):
     Path(args.out).write_text("".join(s + "\n" for s in pool))
     vocabulary = {w.strip(",.?") for s in pool for w in s.split()}
     print(f"{len(pool)} distinct sentences, {len(vocabulary)} distinct words -> {args.out}")
+    return pool
+
+
+def cli(argv=None) -> int:
+    """main() with a bad input as one line on stderr and exit status 1 (support/checks.py)."""
+    return checks.run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recipe import convert_whisper as cw
+from support.checks import CheckError
 
 TYPE_IDS = {
     torch.float32: 0,
@@ -227,7 +228,7 @@ def test_mapping_refuses_a_nonzero_k_bias_and_a_missing_array(tmp_path):
 def test_sha256_mismatch_refuses_to_convert(tmp_path):
     fake = tmp_path / "model.bin"
     fake.write_bytes(b"not the weights")
-    with pytest.raises(SystemExit, match="refusing to convert unknown weights"):
+    with pytest.raises(CheckError, match="refusing to convert unknown weights"):
         cw.check_sha256(fake, cw.SHA256["model.bin"])
 
 
