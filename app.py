@@ -112,7 +112,7 @@ class Conversation:
         """A waveform -> its LLM-width audio segments (paralinguistic, speech), computed once."""
         self.work["clips"] += 1
         with self.model.autocast():
-            return self.model.audio_segments(*self.model.features([wave]))[0]
+            return self.model.audio_segments(self.model.features([wave]))[0]
 
     def history(self, messages: list[dict], segments: list[torch.Tensor]) -> tuple[str, list[int]]:
         """The whole conversation up to the new answer -> (text, ids). A ChatML template only

@@ -94,7 +94,7 @@ def target_nll(model, messages: list[list[dict]], waves=None,
     waveforms, on ready-made frames (oracle_segments), or on a text-only prompt (the oracle)."""
     with model.autocast():  # the training precision (bf16 on CUDA)
         if waves is not None:
-            out = model.forward(messages, *model.features(waves))
+            out = model.forward(messages, model.features(waves))
         else:
             out = model.forward(messages, segments=segments)
     return [(float(s), int(n)) for s, n in zip(out["row_nll"].tolist(), out["row_tokens"].tolist())]
@@ -240,7 +240,7 @@ def choice_nll(model, items: list[Item], system: str) -> list[list[float]]:
             out = model.forward(messages)
         else:
             waves = load_waves([it.record for it in items], silent=system == "silent")
-            enc = model.encode(*model.features(waves))
+            enc = model.encode(model.features(waves))
             row = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])  # -> its clip
             enc = {b: (x[row.to(x.device)], lens[row.to(lens.device)])
                    for b, (x, lens) in enc.items()}

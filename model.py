@@ -239,23 +239,22 @@ class AZeroS(nn.Module):
             used["paraling"] = self.paraling_encoder
         return used
 
-    def front_end(self, waves, wave_lens=None, device=None) -> tuple:
-        """16 kHz waveforms (list of 1-D tensors, or padded (B, N) with wave_lens) -> (feats,
-        feat_lens) for the encoders in use: Kaldi fbank for a Zipformer, Whisper's own log-mel for
-        Whisper. When the two read different front ends (a Whisper speech encoder beside a
-        Zipformer paralinguistic one), feats and feat_lens are {branch: tensor} dicts."""
+    def front_end(self, waves, wave_lens=None, device=None, augment=None) -> dict:
+        """16 kHz waveforms (list of 1-D tensors, or padded (B, N) with wave_lens) -> {branch:
+        (feats, feat_lens)} for the encoders in use: Kaldi fbank for a Zipformer, Whisper's own
+        log-mel for Whisper. Each kind is computed once: branches that read the same front end
+        share its tensors. `augment(feats, feat_lens) -> feats` (training's SpecAugment) runs once
+        per kind too, so such branches also share its masks."""
         import data
         computed, per_branch = {}, {}
         for branch, encoder in self.encoders().items():
             kind = getattr(encoder, "front_end", "fbank")
             if kind not in computed:
-                computed[kind] = (encoder.features(waves, wave_lens, device) if kind != "fbank"
-                                  else data.fbank(waves, wave_lens, device=device))
+                feats, lens = (encoder.features(waves, wave_lens, device) if kind != "fbank"
+                               else data.fbank(waves, wave_lens, device=device))
+                computed[kind] = (augment(feats, lens) if augment else feats), lens
             per_branch[branch] = computed[kind]
-        if len(computed) == 1:
-            return next(iter(computed.values()))
-        return ({b: f for b, (f, _) in per_branch.items()},
-                {b: n for b, (_, n) in per_branch.items()})
+        return per_branch
 
     def autocast(self):
         """Inference in the precision training used: the front end, encoders and projectors ran
@@ -265,29 +264,23 @@ class AZeroS(nn.Module):
         device = self.speech_encoder_projector.linear1.weight.device
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def features(self, audio) -> tuple:
-        """Waveforms (list of 16 kHz float arrays) or a (feats, feat_lens) tuple -> the encoders'
-        input features (see front_end), computed on our device (the GPU's fbank, as training)."""
+    def features(self, waves) -> dict:
+        """Waveforms (list of 16 kHz float arrays) -> the encoders' input features, {branch:
+        (feats, feat_lens)} as front_end returns them, computed on our device (the GPU's fbank, as
+        training)."""
         device = self.speech_encoder_projector.linear1.weight.device
-        if isinstance(audio, tuple) and len(audio) == 2:
-            feats, lens = audio
-        else:
-            waves = [torch.as_tensor(w, dtype=torch.float32) for w in audio]
-            feats, lens = self.front_end(waves, device=device)
-        if isinstance(feats, dict):
-            return ({b: f.to(device) for b, f in feats.items()},
-                    {b: torch.as_tensor(n).to(device) for b, n in lens.items()})
-        return feats.to(device), torch.as_tensor(lens).to(device)
+        waves = [torch.as_tensor(w, dtype=torch.float32) for w in waves]
+        return {branch: (feats.to(device), torch.as_tensor(lens).to(device))
+                for branch, (feats, lens) in self.front_end(waves, device=device).items()}
 
     @torch.no_grad()
-    def encode(self, feats, feat_lens) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The frozen encoders -> {"speech": (out, lens), "paraling": (out, lens)} (paraling if
-        used). The result does not depend on the projectors, so training can cache it."""
+    def encode(self, feats: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The frozen encoders on the features of front_end -> {"speech": (out, lens), "paraling":
+        (out, lens)} (paraling if used). The result does not depend on the projectors, so training
+        can cache it."""
         out = {}
         for branch, encoder in self.encoders().items():
-            x, lens = feats, feat_lens
-            if isinstance(feats, dict):
-                x, lens = feats[branch], feat_lens[branch]
+            x, lens = feats[branch]
             out[branch] = encoder(x, lens.clamp(max=x.shape[1]))
         return out
 
@@ -304,9 +297,10 @@ class AZeroS(nn.Module):
             per_branch.append([y[b, :n] for b, n in enumerate(y_lens.tolist())])
         return [list(row) for row in zip(*per_branch)]
 
-    def audio_segments(self, feats=None, feat_lens=None, encoder_outputs=None):
+    def audio_segments(self, feats=None, encoder_outputs=None):
+        """Features (see front_end) or encoder outputs (see encode) -> project's segments."""
         if encoder_outputs is None:
-            encoder_outputs = self.encode(feats, feat_lens)
+            encoder_outputs = self.encode(feats)
         return self.project(encoder_outputs)
 
     # ----------------------------------------------------------------------------------------------
@@ -329,7 +323,7 @@ class AZeroS(nn.Module):
         return [user, {"role": "assistant", "content": record.response,
                        "truncated": bool(record.truncated)}]
 
-    def forward(self, messages: list[list[dict]], feats=None, feat_lens=None, encoder_outputs=None,
+    def forward(self, messages: list[list[dict]], feats=None, encoder_outputs=None,
                 max_length: int | None = None, segments: list[list[torch.Tensor]] | None = None):
         """Teacher-forced pass -> {"loss", "logits", "acc", "num_tokens", "num_targets", "labels",
         "row_nll", "row_tokens"}. loss: mean next-token cross entropy over the supervised tokens
@@ -338,11 +332,12 @@ class AZeroS(nn.Module):
         log-likelihood of row b's answer (evaluation);
         logits: (num_tokens, vocab), only at the positions that predict a supervised token.
 
-        The audio comes as fbank features, cached encoder outputs, or ready-made `segments` (per
-        row, LLM-width frames in placeholder order, as audio_segments returns; evaluation feeds the
-        oracle text's embeddings this way). With none of them the prompts are text only."""
+        The audio comes as features ({branch: (feats, feat_lens)}, as `features` returns them),
+        cached encoder outputs, or ready-made `segments` (per row, LLM-width frames in placeholder
+        order, as audio_segments returns; evaluation feeds the oracle text's embeddings this way).
+        With none of them the prompts are text only."""
         if segments is None and (feats is not None or encoder_outputs is not None):
-            segments = self.audio_segments(feats, feat_lens, encoder_outputs)
+            segments = self.audio_segments(feats, encoder_outputs)
         batch = llm.build_batch(self.llm, self.tokenizer, messages, segments, training=True,
                                 max_length=max_length)
         logits, targets, mask = llm.answer_logits(self.llm, batch)
@@ -357,11 +352,15 @@ class AZeroS(nn.Module):
 
     @torch.no_grad()
     def generate(self, audio, messages: list[list[dict]],
-                 options: llm.GenerationOptions | None = None, *, system: str | None = None):
-        """Answer each row. audio: list of waveforms, a (feats, feat_lens) tuple, or None (text
-        only). options: decoding (default: greedy, at most 200 new tokens, as the official code)."""
+                 options: llm.GenerationOptions | None = None, *, system: str | None = None,
+                 feats: dict | None = None):
+        """Answer each row. audio: list of waveforms, or None: text only, or the features given
+        as `feats` (as `features` returns them). options: decoding (default: greedy, at most 200
+        new tokens, as the official code)."""
         with self.autocast():  # the training precision for the audio side
-            segments = None if audio is None else self.audio_segments(*self.features(audio))
+            if audio is not None:
+                feats = self.features(audio)
+            segments = None if feats is None else self.audio_segments(feats)
         batch = llm.build_batch(self.llm, self.tokenizer, messages, segments, training=False,
                                 system=system)
         return llm.generate(self.llm, self.tokenizer, batch, options or llm.GenerationOptions())

@@ -477,13 +477,12 @@ def encoder_outputs(model, batch, device, cache, specaug_gen: torch.Generator | 
     branches = ["speech"] + (["paraling"] if model.use_paraling else [])
     per_utt = cache.get(records, branches, device) if cache is not None else None
     if per_utt is None:
-        feats, feat_lens = model.front_end(batch["waves"], batch["wave_lens"], device=device)
-        if specaug_gen is not None and isinstance(feats, dict):  # Whisper + Zipformer front ends
-            feats = {b: SPEC_AUGMENT(f, feat_lens[b], specaug_gen) for b, f in feats.items()}
-        elif specaug_gen is not None:
-            feats = SPEC_AUGMENT(feats, feat_lens, specaug_gen)
+        # once per front end: two Zipformers read one fbank, and one set of masks
+        augment = None if specaug_gen is None else (
+            lambda feats, lens: SPEC_AUGMENT(feats, lens, specaug_gen))
+        feats = model.front_end(batch["waves"], batch["wave_lens"], device=device, augment=augment)
         with train_support.autocast(device, precision):
-            out = model.encode(feats, feat_lens)
+            out = model.encode(feats)
         per_utt = {b: unpad(*out[b]) for b in branches}  # per utterance: what the cache stores
         if cache is not None:
             cache.put(records, per_utt)

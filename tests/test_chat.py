@@ -42,7 +42,7 @@ def answer(conv, wave, text, options=GREEDY) -> str:
 def refeed(model, prompt_ids: list[int], waves: list, options=GREEDY) -> list[int]:
     """The official way: every clip encoded again, the whole conversation fed to generate()."""
     with model.autocast():
-        segments = [s for w in waves for s in model.audio_segments(*model.features([w]))[0]]
+        segments = [s for w in waves for s in model.audio_segments(model.features([w]))[0]]
     ids = torch.tensor([prompt_ids])
     embeds = model.llm.get_input_embeddings()(ids)
     if segments:

@@ -384,7 +384,7 @@ def test_align_on_audio_runs_and_resumes(tiny, tmp_path, monkeypatch):
     records = data.read_manifest(manifest)
     waves = ev.load_waves(records, silent=False)
     with torch.no_grad():
-        out = model.forward([model.training_messages(r) for r in records], *model.features(waves))
+        out = model.forward([model.training_messages(r) for r in records], model.features(waves))
     rows = [json.loads(x) for x in lines if json.loads(x)["system"] == "audio"]
     total = sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)
     assert total == pytest.approx(float(out["loss"]), rel=1e-5)
@@ -571,7 +571,7 @@ def test_choice_nll_equals_single_forward_and_resumes(tiny, tmp_path, monkeypatc
                         out = model.forward(msgs)
                     else:
                         wave = ev.load_waves([it.record], silent=system == "silent")
-                        out = model.forward(msgs, *model.features(wave))
+                        out = model.forward(msgs, model.features(wave))
                     assert stored[it.id, system][k] == pytest.approx(
                         float(out["row_nll"][0]), rel=1e-5
                     )

@@ -48,6 +48,11 @@ def prompt(model):
     return [model.user_message("Describe the audio.")]
 
 
+def fixture_fbank(model) -> dict:
+    """The fixture's fbank as the features of both encoders (both read one fbank)."""
+    return {branch: (EXP["gen_x"], EXP["gen_x_lens"]) for branch in model.encoders()}
+
+
 def greedy(model, segments, n_rows, return_logits=False):
     """Greedy ids (and step logits) from already projected audio, 16 new tokens like the fixture."""
     batch = llm.build_batch(
@@ -65,7 +70,7 @@ def greedy(model, segments, n_rows, return_logits=False):
 
 
 def test_parity_generate_from_fixture_features(official):
-    segments = official.audio_segments(EXP["gen_x"], EXP["gen_x_lens"])
+    segments = official.audio_segments(fixture_fbank(official))
     assert [s.shape[0] for s in segments[0]] == [8, 8]  # paralinguistic first, then semantic
     batch, ids, logits = greedy(official, segments, 1)
     assert torch.equal(batch.input_ids, EXP["gen_prompt_input_ids"])
@@ -137,7 +142,7 @@ def test_parity_training_forward(official, source):
     if (
         source == "our_encoders"
     ):  # fixture fbank through our Zipformers: a few fp16 steps differ (see above)
-        out, tol, logit_tol = official(msgs, EXP["gen_x"], EXP["gen_x_lens"]), 2e-4, 1e-2
+        out, tol, logit_tol = official(msgs, fixture_fbank(official)), 2e-4, 1e-2
     else:
         out, tol, logit_tol = official(msgs, encoder_outputs=OFFICIAL_ENC), TOL, TOL
     assert torch.equal(out["labels"], EXP["fwd_labels"])
@@ -213,7 +218,7 @@ def test_save_load_round_trip_is_bit_identical(tiny, tmp_path):
         for w in ("weight", "bias")
     }
     again = AZeroS.from_pretrained(tmp_path / "copy")
-    enc = model.encode(*model.features([torch.randn(16000) * 0.1]))
+    enc = model.encode(model.features([torch.randn(16000) * 0.1]))
     for a, b in zip(model.project(enc)[0], again.project(enc)[0]):
         assert torch.equal(a, b)
     model.save_pretrained(tmp_path / "written", link_frozen=False)
@@ -260,9 +265,14 @@ def test_load_errors_name_the_problem(tiny, tmp_path):
 
 def test_audio_token_counts_for_both_encoders(tiny):
     _, model = tiny
-    feats, lens = model.features([torch.randn(n) * 0.1 for n in (16000, 9000)])
+    feats = model.features([torch.randn(n) * 0.1 for n in (16000, 9000)])
+    assert feats["speech"][0] is feats["paraling"][0]  # two Zipformers: one fbank, computed once
+    augmented = []  # training's SpecAugment: one draw of masks for that one fbank
+    model.front_end([torch.randn(9000) * 0.1], augment=lambda f, n: augmented.append(n) or f + 1)
+    assert len(augmented) == 1
+    lens = feats["speech"][1]
     expected = (output_lengths(lens) // 4).tolist()  # both tiny encoders share the 25 Hz frame rate
-    segments = model.audio_segments(feats, lens)
+    segments = model.audio_segments(feats)
     assert [[s.shape[0] for s in row] for row in segments] == [[n, n] for n in expected]
     msgs = [[model.user_message("hi"), {"role": "assistant", "content": "ok"}]] * 2
     batch = llm.build_batch(model.llm, model.tokenizer, msgs, segments, training=True)
@@ -273,12 +283,12 @@ def test_audio_token_counts_for_both_encoders(tiny):
     with pytest.raises(
         ValueError, match=r"row 0: the prompt has 1 <\|AUDIO\|> placeholder\(s\) but .* 2 segment"
     ):
-        model(bad, feats, lens)
+        model(bad, feats)
 
 
 def test_stages_train_one_projector(tiny):
     _, model = tiny
-    feats, lens = model.features([torch.randn(12000) * 0.1])
+    feats = model.features([torch.randn(12000) * 0.1])
     try:
         model.set_stage(1)
         assert model.audio_placeholder == llm.AUDIO_TOKEN  # stage 1: semantic branch alone
@@ -293,7 +303,7 @@ def test_stages_train_one_projector(tiny):
         assert (
             msgs[0][0] == {"role": "user", "content": llm.AUDIO_TOKEN} and msgs[0][1]["truncated"]
         )
-        model(msgs, feats, lens)["loss"].backward()
+        model(msgs, feats)["loss"].backward()
         assert model.speech_encoder_projector.linear1.weight.grad is not None
         assert model.paraling_encoder_projector.linear1.weight.grad is None
         model.set_stage(2)
@@ -304,11 +314,9 @@ def test_stages_train_one_projector(tiny):
         msgs = model.training_messages(record)
         assert [m["role"] for m in msgs] == ["user", "assistant"]
         assert msgs[0]["content"] == f"{model.audio_placeholder} Describe."
-        enc = model.encode(
-            feats, lens
-        )  # encoder outputs can be cached and passed instead of features
+        enc = model.encode(feats)  # encoder outputs can be cached and passed instead of features
         loss = model([msgs], encoder_outputs=enc)["loss"]
-        assert loss.requires_grad and torch.allclose(loss, model([msgs], feats, lens)["loss"])
+        assert loss.requires_grad and torch.allclose(loss, model([msgs], feats)["loss"])
     finally:
         model.set_stage(None)
         model.eval()
@@ -337,10 +345,10 @@ def test_stage1_release_without_paraling_encoder():
     model = AZeroS.from_pretrained(cached_tiny_release(paraling=False))
     assert model.paraling_encoder is None and model.config["paraling_encoder_config"] is None
     assert model.audio_placeholder == llm.AUDIO_TOKEN
-    feats, lens = model.features([torch.randn(8000) * 0.1])
-    assert [len(row) for row in model.audio_segments(feats, lens)] == [1]
+    feats = model.features([torch.randn(8000) * 0.1])
+    assert [len(row) for row in model.audio_segments(feats)] == [1]
     assert isinstance(
-        model.generate((feats, lens), [prompt(model)], llm.GenerationOptions(3))[0], str
+        model.generate(None, [prompt(model)], llm.GenerationOptions(3), feats=feats)[0], str
     )
     with pytest.raises(ValueError, match="stage 2"):
         model.set_stage(2)

@@ -269,10 +269,10 @@ def test_out_of_memory_message(setup):
     class OOMModel:
         use_paraling = False
 
-        def front_end(self, waves, wave_lens, device=None):
-            return torch.zeros(len(wave_lens), 300, 80), wave_lens // 160
+        def front_end(self, waves, wave_lens, device=None, augment=None):
+            return {"speech": (torch.zeros(len(wave_lens), 300, 80), wave_lens // 160)}
 
-        def encode(self, feats, feat_lens):
+        def encode(self, feats):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
     args = train.parse_args(stage1_args(setup, "x", "--max-duration", "100"))
@@ -488,7 +488,7 @@ def test_cached_encoders_equal_uncached(setup, tmp_path, monkeypatch):
     calls = []
     encode = AZeroS.encode
     monkeypatch.setattr(
-        AZeroS, "encode", lambda self, f, n: calls.append(len(n)) or encode(self, f, n)
+        AZeroS, "encode", lambda self, f: calls.append(len(f["speech"][1])) or encode(self, f)
     )
     common = ("--max-duration", "1.6", "--epochs", "3", "--num-buckets", "1", "--no-spec-augment")
     plain = train.main(stage1_args(setup, tmp_path / "plain", *common))

@@ -197,9 +197,10 @@ def test_model_with_whisper_encoder_saves_and_reloads(folders, tmp_path):
     holds the encoder alone, and the reloaded model gives bit-identical logits and answers."""
     model = AZeroS.from_components(str(folders["llm"]), str(folders["whisper"]))
     wave = speech_like(2.0)
-    feats, lens = model.features([wave])
-    assert lens.tolist() == [200] and feats.shape[-1] == 80
-    assert [s.shape[0] for s in model.audio_segments(feats, lens)[0]] == [100 // 4]  # 50 Hz / 4
+    feats = model.features([wave])
+    x, lens = feats["speech"]
+    assert lens.tolist() == [200] and x.shape[-1] == 80
+    assert [s.shape[0] for s in model.audio_segments(feats)[0]] == [100 // 4]  # 50 Hz / 4
 
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -213,7 +214,7 @@ def test_model_with_whisper_encoder_saves_and_reloads(folders, tmp_path):
     again = AZeroS.from_pretrained(tmp_path / "m")
     assert isinstance(again.speech_encoder, W.WhisperSpeechEncoder)
     msgs = [[again.user_message("Describe."), {"role": "assistant", "content": "a cat"}]]
-    a, b = model(msgs, *model.features([wave])), again(msgs, *again.features([wave]))
+    a, b = model(msgs, model.features([wave])), again(msgs, again.features([wave]))
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["logits"], b["logits"])
     ask = [[model.user_message("Describe.")]]
     options = llm.GenerationOptions(8)
@@ -222,20 +223,22 @@ def test_model_with_whisper_encoder_saves_and_reloads(folders, tmp_path):
 
 def test_whisper_beside_a_zipformer_reads_two_front_ends(folders):
     """A Whisper semantic encoder with a Zipformer paralinguistic one: each reads its own front end
-    (log-mel, Kaldi fbank), so the features come as {branch: tensor} dicts."""
+    (log-mel, Kaldi fbank), so each branch has its own (feats, feat_lens)."""
     import data
 
     model = AZeroS.from_components(
         str(folders["llm"]), str(folders["whisper"]), str(folders["zipformer"])
     )
     waves = [speech_like(1.5, 0), speech_like(0.9, 1)]
-    feats, lens = model.features(waves)
+    feats = model.features(waves)
     assert set(feats) == {"speech", "paraling"}
-    assert lens["speech"].tolist() == [150, 90] and lens["paraling"].tolist() == [150, 90]
-    assert torch.equal(feats["paraling"], data.fbank(waves)[0])
-    assert torch.equal(feats["speech"], W.log_mel(waves)[0])
-    segments = model.audio_segments(feats, lens)
+    assert feats["speech"][1].tolist() == [150, 90] and feats["paraling"][1].tolist() == [150, 90]
+    assert torch.equal(feats["paraling"][0], data.fbank(waves)[0])
+    assert torch.equal(feats["speech"][0], W.log_mel(waves)[0])
+    segments = model.audio_segments(feats)
     assert [[s.shape[0] for s in row] for row in segments] == [[9, 18], [5, 11]]  # (para, semantic)
+    augmented = model.front_end(waves, augment=lambda f, n: f + 1)  # SpecAugment: each kind once
+    assert all(torch.equal(augmented[b][0], feats[b][0] + 1) for b in feats)
     ask = [model.user_message("Who?")]
     both = model.generate(waves, [ask] * 2, llm.GenerationOptions(4))
     assert both == [model.generate([w], [ask], llm.GenerationOptions(4))[0] for w in waves]
