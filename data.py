@@ -18,20 +18,20 @@ to within 1e-3 (tests/test_data_fbank.py): float32 FFT rounding in very weak mel
 kaldi-native-fbank is itself ~1e-3 away from an exact float64 computation.
 
 Support (not the method): support/manifest.py reads and validates manifests (and runs
-`python data.py check m.jsonl ...`); support/data_support.py checks audio and fbank input and keeps
-the sampler's DDP and resume bookkeeping; support/checks.py checks audio files before long jobs.
+`python data.py check m.jsonl ...`); support/data_support.py checks audio and fbank input;
+support/sampler.py plans the duration-bucketed batches (DDP, exact resume); support/checks.py
+checks audio files before long jobs.
 """
 from __future__ import annotations
 
 import math
 import sys
-import warnings
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from support import data_support
+from support import data_support, sampler
 
 # Re-exported so that `data.read_manifest`, `data.AudioError` etc. keep working.
 from support.data_support import AudioError  # noqa: F401
@@ -272,119 +272,14 @@ def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class DurationBucketSampler(data_support.ResumableSampler):
-    """Batches of utterances of similar length, for `DataLoader(batch_sampler=...)`.
-
-    Yields lists of GLOBAL indices into the concatenation of the manifests whose `durations` are
-    given (manifest 0's utterances first, then manifest 1's, ...).
-
-    One epoch, all of it decided by (seed, epoch), so every rank computes the same plan:
-      1. Mixing. Manifest m contributes `weights[m] * len(m)` utterances: weight 1 = each utterance
-         once, 2 = each utterance twice, 0.5 = a random half (drawn without replacement, a fresh
-         half every epoch). Default: all weights 1, i.e. an epoch is every utterance exactly once.
-      2. Buckets. Sort by duration, cut into `num_buckets` groups of equal count (fewer if a bucket
-         would hold less than max_batch utterances), shuffle inside each bucket.
-      3. Packing. Fill batches greedily inside each bucket. A batch is padded to its longest
-         utterance, so the duration cap counts PADDED seconds: longest * count <= max_duration;
-         and count <= max_batch. An utterance longer than max_duration alone still forms a batch
-         of one (with a warning): it is never dropped silently. With `tokens` (each row's length
-         in the LLM) and `max_tokens`, also longest row * count <= max_tokens: the frozen LLM runs
-         on the padded (count, longest) block, so its activation memory follows that product,
-         not the seconds. A row longer than max_tokens alone is an error (train.py names it).
-      4. Shuffle the batch order, then deal the batches round-robin to the ranks. Every DDP rank
-         must run the same number of steps: the largest batches are split until the count divides
-         by world_size, or with drop_last=True the last few are dropped (`self.num_dropped`).
-
-    set_epoch, iteration and the exact mid-epoch resume (state_dict / load_state_dict) come from
-    data_support.ResumableSampler.
+class DurationBucketSampler(sampler.BucketSampler):
+    """Batches of utterances of similar length, for `DataLoader(batch_sampler=...)`: lists of
+    global indices into the concatenated manifests, each batch padded to its longest utterance and
+    capped in padded seconds (`max_duration`), rows (`max_batch`) and, with `max_tokens`, padded
+    LLM tokens. One epoch's plan (mixing by weight, duration buckets, greedy packing, shuffled
+    batches dealt round-robin to the DDP ranks) and the exact mid-epoch resume are
+    support/sampler.py's; nothing is dropped silently.
     """
-
-    def __init__(self, durations, weights=None, max_duration: float = 200.0, max_batch: int = 64,
-                 num_buckets: int = 30, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, shuffle: bool = True, tokens=None,
-                 max_tokens: int | None = None):
-        if durations and not isinstance(durations[0], (list, tuple, np.ndarray)):
-            durations = [durations]  # a single manifest given as a flat list
-            tokens = [tokens] if tokens is not None else None
-        self.durations = [np.asarray(d, dtype=np.float64) for d in durations]
-        self.weights = ([1.0] * len(self.durations) if weights is None
-                        else [float(w) for w in weights])
-        data_support.check_sampler(self.weights, len(self.durations), rank, world_size)
-        super().__init__()  # epoch 0, nothing done yet
-        self.max_duration, self.max_batch = float(max_duration), int(max_batch)
-        self.num_buckets, self.seed = int(num_buckets), seed
-        self.rank, self.world_size = rank, world_size
-        self.drop_last, self.shuffle = drop_last, shuffle
-        self.offsets = np.cumsum([0] + [len(d) for d in self.durations])[:-1]
-        self.all_durations = np.concatenate(self.durations) if self.durations else np.zeros(0)
-        # rows' token counts (all zero without a token budget: the cap then never binds)
-        self.max_tokens = int(max_tokens) if max_tokens else 0
-        self.all_tokens = data_support.row_token_array(tokens, self.durations, self.max_tokens)
-        self._plan_cache: tuple[int, list[list[int]]] | None = None
-
-    # -- the plan of one epoch ---------------------------------------------------------------------
-
-    def epoch_batches(self) -> list[list[int]]:
-        """All batches of the current epoch for THIS rank, in order (cached per epoch)."""
-        if self._plan_cache is not None and self._plan_cache[0] == self.epoch:
-            return self._plan_cache[1]
-        pool = self._epoch_pool()
-        order = np.argsort(self.all_durations[pool], kind="stable")
-        pool = pool[order]
-        # Small pools get fewer buckets: a bucket should fill at least one batch, or its leftover
-        # partial batch costs a step for nothing.
-        num_buckets = max(1, min(self.num_buckets, len(pool) // self.max_batch))
-        batches = []
-        for b, bucket in enumerate(np.array_split(pool, num_buckets)):
-            if self.shuffle:
-                bucket = bucket[self._rng(2, b).permutation(len(bucket))]
-            batches += self._pack(bucket)
-        if self.shuffle:
-            batches = [batches[j] for j in self._rng(3).permutation(len(batches))]
-        batches, self._num_dropped = data_support.equalise_for_ranks(
-            batches, self.world_size, self.drop_last)
-        mine = batches[self.rank::self.world_size]
-        self._plan_cache = (self.epoch, mine)
-        return mine
-
-    def _rng(self, *salt: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, *salt])
-
-    def _epoch_pool(self) -> np.ndarray:
-        """Step 1: the global indices this epoch draws (with repeats for weights > 1)."""
-        pool = []
-        for m, (durs, w) in enumerate(zip(self.durations, self.weights)):
-            ids = self.offsets[m] + np.arange(len(durs))
-            whole, frac = int(w), w - int(w)
-            pool += [ids] * whole
-            extra = int(round(frac * len(ids)))
-            if extra:
-                if self.shuffle:
-                    pick = self._rng(1, m).choice(len(ids), extra, replace=False)
-                else:
-                    pick = np.arange(extra)
-                pool.append(ids[np.sort(pick)])
-        return np.concatenate(pool) if pool else np.zeros(0, dtype=np.int64)
-
-    def _pack(self, bucket: np.ndarray) -> list[list[int]]:
-        """Step 3: greedy packing under all caps (padded seconds, padded tokens and count)."""
-        batches, current, longest, most = [], [], 0.0, 0
-        for i in bucket.tolist():
-            d, t = self.all_durations[i], int(self.all_tokens[i])
-            if d > self.max_duration:
-                warnings.warn(f"utterance {i} lasts {d:.2f} s > max_duration {self.max_duration} s:"
-                              " it gets a batch of its own", stacklevel=3)
-            new_longest, new_most = max(longest, d), max(most, t)
-            too_long = new_longest * (len(current) + 1) > self.max_duration
-            too_many = self.max_tokens and new_most * (len(current) + 1) > self.max_tokens
-            if current and (too_long or too_many or len(current) >= self.max_batch):
-                batches.append(current)
-                current, new_longest, new_most = [], d, t
-            current.append(i)
-            longest, most = new_longest, new_most
-        if current:
-            batches.append(current)
-        return batches
 
     @property
     def padding_efficiency(self) -> float:

@@ -1,12 +1,11 @@
-"""Support module (not the method): data.py's input checks and its sampler's bookkeeping.
+"""Support module (not the method): data.py's input checks.
 
 data.py reads as the method, wav -> waveform -> fbank -> batches. What keeps it safe lives here:
   1. Audio: every way reading a segment can fail (missing, unreadable, empty, NaN/Inf, no such
      channel) becomes one `AudioError` naming the file and the reason.
   2. Feature input: `padded_batch` turns what `fbank` accepts into one (B, N) tensor and (B,)
      lengths, refusing shapes that cannot be waveforms.
-  3. Sampler: argument checks, the DDP rule that gives every rank the same number of steps, and
-     `ResumableSampler`, the DataLoader protocol that resumes exactly in the middle of an epoch.
+The batch sampler's plan and bookkeeping are support/sampler.py's.
 """
 from __future__ import annotations
 
@@ -115,108 +114,3 @@ def padded_batch(waves, lengths, device, dtype) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape "
                          f"{tuple(batch.shape)}")
     return batch, lengths
-
-
-# --------------------------------------------------------------------------------------------------
-# 3. Sampler
-# --------------------------------------------------------------------------------------------------
-
-
-def check_sampler(weights: list[float], num_manifests: int, rank: int, world_size: int) -> None:
-    if len(weights) != num_manifests:
-        raise ValueError(f"{len(weights)} weights for {num_manifests} manifests")
-    if any(w < 0 for w in weights):
-        raise ValueError(f"weights must be >= 0, got {weights}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, {world_size})")
-
-
-def row_token_array(tokens, durations: list[np.ndarray], max_tokens: int) -> np.ndarray:
-    """The sampler's per-row token counts, one flat int64 array over all manifests, checked: one
-    list per manifest, one count per row, and no row over the budget (a row the budget cannot
-    hold would otherwise be packed alone and run out of memory, or be dropped silently)."""
-    if tokens is None:
-        if max_tokens:
-            raise ValueError("max_tokens needs the rows' token counts (tokens=)")
-        return np.zeros(sum(len(d) for d in durations), dtype=np.int64)
-    if len(tokens) != len(durations) or any(len(t) != len(d) for t, d in zip(tokens, durations)):
-        raise ValueError(f"tokens: {[len(t) for t in tokens]} rows per manifest, durations: "
-                         f"{[len(d) for d in durations]}")
-    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens]) if tokens else \
-        np.zeros(0, dtype=np.int64)
-    if max_tokens and len(flat) and flat.max() > max_tokens:
-        i = int(flat.argmax())
-        raise ValueError(f"row {i} has {flat[i]} tokens, more than max_tokens {max_tokens}")
-    return flat
-
-
-def equalise_for_ranks(batches: list[list[int]], world_size: int,
-                       drop_last: bool) -> tuple[list[list[int]], int]:
-    """Make the number of batches a multiple of world_size -> (batches, utterances dropped).
-
-    Every DDP rank must run the same number of steps, or the all-reduce of the last step waits
-    forever. drop_last=False: the largest batches are split in two until the count divides, so
-    every utterance is still used exactly once. drop_last=True: the last (count % world_size)
-    batches are dropped, and the number of utterances they held is returned.
-    """
-    remainder = len(batches) % world_size
-    if remainder == 0:
-        return batches, 0
-    if drop_last:
-        dropped = batches[len(batches) - remainder:]
-        return batches[: len(batches) - remainder], sum(len(b) for b in dropped)
-    for _ in range(world_size - remainder):
-        k = max(range(len(batches)), key=lambda j: len(batches[j]))
-        if len(batches[k]) < 2:  # fewer utterances than ranks: nothing left to split
-            raise ValueError(f"{sum(len(b) for b in batches)} utterances cannot fill "
-                             f"{world_size} ranks; use drop_last=True or fewer ranks")
-        half = len(batches[k]) // 2
-        batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
-    return batches, 0
-
-
-class ResumableSampler:
-    """The DataLoader batch-sampler protocol over a subclass's `epoch_batches()` (this rank's
-    batches of `self.epoch`, the same list on every call), resumable in the middle of an epoch.
-
-    `state_dict()` is {"epoch", "batches_done"}; after `load_state_dict`, the next pass skips
-    exactly `batches_done` batches of that epoch and yields the rest unchanged. With DataLoader
-    workers the sampler runs ahead of training (prefetch), so save the number of batches the
-    training loop actually consumed, not this object's own counter.
-    """
-
-    def __init__(self):
-        self.epoch, self.batches_done = 0, 0
-        self._num_dropped = 0  # set by epoch_batches(): what drop_last removed this epoch
-
-    def epoch_batches(self) -> list[list[int]]:
-        raise NotImplementedError
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch`. Calling it again with the current epoch (e.g. right after
-        load_state_dict) keeps the resume position."""
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def __iter__(self):
-        batches = self.epoch_batches()
-        for i in range(self.batches_done, len(batches)):
-            self.batches_done = i + 1
-            yield list(batches[i])
-        self.batches_done = 0  # the epoch is complete; a new pass starts from its beginning
-
-    def __len__(self) -> int:
-        """Batches of the current epoch for this rank, including any a resume will skip."""
-        return len(self.epoch_batches())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
-
-    @property
-    def num_dropped(self) -> int:
-        """Utterances (all ranks together) that drop_last=True removed from the current epoch."""
-        self.epoch_batches()
-        return self._num_dropped
