@@ -56,6 +56,7 @@ from support import checks, model_support
 
 QUESTIONS = ("", "Repeat what was said.", "Is the speaker a man or a woman?")  # as demo.py asks
 EXAMPLES = 6
+ANSWERING = "answering..."  # the status line while an answer streams (Stop acts on it)
 
 # --------------------------------------------------------------------------------------------------
 # 1. The chat: one conversation with a model, the LLM's KV cache kept between turns
@@ -293,7 +294,7 @@ class App:
             for reply in conv.ask(wave, text, options):
                 first = first or time.perf_counter() - start
                 history[-1] = {"role": "assistant", "content": reply}
-                yield conv, history, None, "answering...", None, ""
+                yield conv, history, None, ANSWERING, None, ""
             whole = time.perf_counter() - start
             status = (f"turn {len(conv.messages) // 2}: first token after {first or whole:.2f} "
                       f"s, whole answer {whole:.2f} s ({len(conv.answer)} tokens)")
@@ -314,6 +315,14 @@ class App:
         self.speaker = self.speaker or Speaker()
         wave = self.speaker.say(answer)
         return self.speaker.sample_rate, (wave.clamp(-1, 1) * 32767).short().numpy()
+
+
+def stopped(history: list, status: str) -> tuple[list, str]:
+    """Stop pressed -> (chat history, status line): a note under an answer cut short; nothing
+    when no answer was running."""
+    if status != ANSWERING:
+        return history, status
+    return [*history, note("Stopped: this answer is not part of the conversation.")], "stopped"
 
 
 def note(text: str) -> dict:
@@ -347,6 +356,7 @@ def build_page(app: App, examples: list[list[str]], title: str):
                 text = gr.Textbox(label="Message", placeholder="optional with audio", lines=2)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
+                    stop = gr.Button("Stop answering", elem_id="stop")
                     clear = gr.Button("Clear", elem_id="clear")
         status = gr.Markdown("", elem_id="status")
         reply_audio = gr.Audio(label="Spoken reply", type="numpy", autoplay=True,
@@ -361,8 +371,13 @@ def build_page(app: App, examples: list[list[str]], title: str):
 
         turn = dict(fn=app.respond, inputs=[conv, chatbot, audio, text, system, temperature],
                     outputs=[conv, chatbot, answer, status, audio, text])
-        for event in (send.click, text.submit):
-            event(**turn).then(app.speak, [answer, spoken], reply_audio)
+        turns = [event(**turn) for event in (send.click, text.submit)]
+        for t in turns:
+            t.then(app.speak, [answer, spoken], reply_audio)
+        # Stop cancels the running turn: gradio stops iterating respond(), so Conversation.ask
+        # never completes and the half answer does not join the conversation (its cached keys are
+        # cut off at the next turn); the page says so under it
+        stop.click(stopped, inputs=[chatbot, status], outputs=[chatbot, status], cancels=turns)
         clear.click(lambda: (None, [], None, "", None, "", None),
                     outputs=[conv, chatbot, answer, status, audio, text, reply_audio])
     return page

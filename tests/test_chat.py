@@ -223,3 +223,26 @@ def test_spoken_reply():
     rate, samples = page.speak("hello there", True)
     assert rate == 16000 and samples.dtype == np.int16 and 0.2 * rate < len(samples) < 5 * rate
     assert np.abs(samples).max() > 1000  # speech, not silence
+
+
+def test_stop_cancels_the_running_turn_and_says_so(model):
+    """The page's Stop button cancels both ways a turn starts (Send, Enter) and notes the cut
+    answer; pressed with no answer running it changes nothing."""
+    pytest.importorskip("gradio")
+    import app
+
+    page = app.build_page(app.App(model, max_new_tokens=6, max_audio_seconds=50), [], "tiny")
+    fns = list(page.fns.values())
+    ids = {b.elem_id: i for i, b in page.blocks.items() if getattr(b, "elem_id", None)}
+    turns = {f._id for f in fns if getattr(f.fn, "__name__", "") == "respond"}
+    on_stop = [f for f in fns if (ids["stop"], "click") in f.targets]
+    # the click runs `stopped` and gradio's own cancel function, which holds the cancelled ids
+    assert len(turns) == 2 and "stopped" in [getattr(f.fn, "__name__", "") for f in on_stop]
+    assert {i for f in on_stop for i in f.cancels} == turns
+
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    cut, status = app.stopped(history, app.ANSWERING)
+    assert cut[:2] == history and status == "stopped"
+    assert cut[2]["content"] == "Stopped: this answer is not part of the conversation."
+    assert app.stopped(history, "turn 1: first token after 0.10 s") == (
+        history, "turn 1: first token after 0.10 s")
