@@ -89,11 +89,12 @@ SIZES = {
 # Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2, for the estimate printed at the
 # start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector step of
 # stage 1 and of stage 2 (batch 8), an evaluation row per system (stage 2's rows carry two encoders
-# and longer prompts: eval_row2), a 24-token answer (BENCHMARKS.md has the table). Where bf16
+# and longer prompts: eval_row2), a 24-token answer; refit on the quiet default run of 2026-12-06
+# (BENCHMARKS.md has the table; stage 1's rate includes its 8 validations). Where bf16
 # arithmetic is faster (AVX512-BF16/AMX; cpu_runtime.py decides) the model phases run BF16_SPEEDUP
 # times faster (measured 2.3x on an AVX512-BF16 EPYC); target generation stays fp32.
-RATES = dict(whisper=10, llm_load=3, utterance=0.015, target_row=0.23, encoder_step=1.8,
-             train_step=2.3, stage2_step=3.6, eval_row=0.18, eval_row2=0.33, answer=0.65)
+RATES = dict(whisper=10, llm_load=3, utterance=0.008, target_row=0.135, encoder_step=1.8,
+             train_step=2.7, stage2_step=2.1, eval_row=0.13, eval_row2=0.24, answer=0.46)
 BF16_SPEEDUP = 2.3
 # Another --llm: the phases that run it take time ~ (its parameters / SmolLM2's) ** exponent, with
 # parameters counted as one token's matrix products use them (the input embedding is a lookup).
