@@ -66,13 +66,15 @@ def run_command(main, argv=None, report=print_error) -> int:
     """The one error path of the commands: every `cli(argv)` is `run_command(main, argv)`. main
     does the work and raises; here a user-fixable failure (expected_failure) becomes the single
     line `error: <first line>` (exit status 1), Ctrl-C exit status 130, and a bug keeps its
-    traceback. `report` prints the line (train.py's also stops every rank under torchrun)."""
+    traceback. `report` prints the line (train.py's also stops every rank under torchrun).
+    AZEROS_TRACEBACK=1 in the environment keeps the traceback of every failure, for debugging (a
+    RuntimeError can be a bad file or a bug)."""
     try:
         main(argv)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        if not expected_failure(e):
+        if not expected_failure(e) or os.environ.get("AZEROS_TRACEBACK", "") not in ("", "0"):
             raise
         report(f"error: {first_line(e)}")
         return 1

@@ -343,3 +343,25 @@ def test_llm_config_with_auto_map_never_runs_folder_code(tmp_path, monkeypatch):
                             "(auto_map), which AZeroS never does; use an LLM that transformers "
                             "implements")
     assert not marker.exists()
+
+
+def test_run_command_is_the_one_error_path(monkeypatch, capsys):
+    """A user-fixable error is one line and exit status 1, Ctrl-C 130, a bug its traceback, and
+    AZEROS_TRACEBACK=1 keeps the traceback of a user-fixable error too."""
+    from support import checks
+
+    def main_raising(error):
+        def main(argv):
+            raise error
+        return main
+
+    monkeypatch.delenv("AZEROS_TRACEBACK", raising=False)
+    assert checks.run_command(main_raising(checks.CheckError("m.jsonl:3: no 'text'\nmore"))) == 1
+    assert capsys.readouterr().err == "error: m.jsonl:3: no 'text'\n"
+    assert checks.run_command(main_raising(KeyboardInterrupt())) == 130
+    with pytest.raises(KeyError):
+        checks.run_command(main_raising(KeyError("a bug")))
+    assert checks.run_command(lambda argv: {"result": argv}, ["x"]) == 0
+    monkeypatch.setenv("AZEROS_TRACEBACK", "1")
+    with pytest.raises(checks.CheckError, match="m.jsonl:3"):
+        checks.run_command(main_raising(checks.CheckError("m.jsonl:3: no 'text'")))
