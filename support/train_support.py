@@ -284,14 +284,11 @@ def report_error(line: str) -> None:
 
 
 def stop_all(message: str):
-    """End the run with this rank's `message` (one line, or a traceback). Under DDP also tell the
-    other ranks (their watch_ranks thread ends them within a second), unless one failed first: then
+    """End this torchrun rank with its `message` (one line, or a traceback) and tell the other
+    ranks (their watch_ranks thread ends them within a second), unless one failed first: then
     this error is only the echo of that one (e.g. gloo's "connection closed") and stays silent.
     os._exit skips destroy_process_group and exit handlers, which can wait on collectives that the
-    other ranks will never join."""
-    if not is_distributed():
-        print(message, file=sys.stderr)
-        sys.exit(1)
+    other ranks will never join. Without torchrun the callers print and return instead."""
     rank = dist.get_rank()
     try:
         store = dist.distributed_c10d._get_default_store()
