@@ -18,6 +18,7 @@ file keeps the machinery beside it, so the loop can be read top to bottom:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -252,8 +253,9 @@ _watch: tuple | None = None  # (thread, stop event) of this process's rank watch
 
 def watch_ranks(interval: float = 1.0) -> None:
     """Start the thread that ends this process (status 1) once another rank posted a failure.
-    close_distributed stops it before the process group goes: a thread still inside a store call
-    at exit could abort the process ("terminate called without an active exception")."""
+    It stops before the process group goes (close_distributed, and at exit for any script that
+    skips that): a thread still inside a store call at exit can abort the process ("terminate
+    called without an active exception"), as a CI run of the suite once did."""
     import threading
 
     global _watch
@@ -272,6 +274,16 @@ def watch_ranks(interval: float = 1.0) -> None:
     thread = threading.Thread(target=watch, name="rank-watch", daemon=True)
     thread.start()
     _watch = (thread, stop)
+    atexit.register(stop_watch)  # also for a script that never calls close_distributed
+
+
+def stop_watch() -> None:
+    global _watch
+    if _watch is not None:
+        thread, stop = _watch
+        stop.set()
+        thread.join(timeout=30)
+        _watch = None
 
 
 def report_error(line: str) -> None:
@@ -321,12 +333,7 @@ def is_distributed() -> bool:
 
 
 def close_distributed() -> None:
-    global _watch
-    if _watch is not None:  # the watch thread ends before the store and the process group do
-        thread, stop = _watch
-        stop.set()
-        thread.join(timeout=30)
-        _watch = None
+    stop_watch()  # the watch thread ends before the store and the process group do
     if is_distributed():
         dist.destroy_process_group()
 

@@ -142,6 +142,7 @@ model = AZeroS.from_components({llm!r}, {speech!r})
 model.set_stage(1)
 counts = train.count_row_tokens(model, read_manifest({manifest!r}), None)
 open(f"counts.{{rank}}.json", "w").write(json.dumps(counts.tolist()))  # a file: no mixed lines
+train_support.close_distributed()  # as train.cli: the rank watch ends before the process group
 """
 
 
