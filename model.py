@@ -357,6 +357,8 @@ class AZeroS(nn.Module):
         """Answer each row. audio: list of waveforms, or None: text only, or the features given
         as `feats` (as `features` returns them). options: decoding (default: greedy, at most 200
         new tokens, as the official code)."""
+        if audio is not None and feats is not None:
+            raise ValueError("generate: give the audio or its feats, not both")
         with self.autocast():  # the training precision for the audio side
             if audio is not None:
                 feats = self.features(audio)

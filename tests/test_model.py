@@ -350,5 +350,7 @@ def test_stage1_release_without_paraling_encoder():
     assert isinstance(
         model.generate(None, [prompt(model)], llm.GenerationOptions(3), feats=feats)[0], str
     )
+    with pytest.raises(ValueError, match="the audio or its feats, not both"):
+        model.generate([torch.zeros(8000)], [prompt(model)], feats=feats)
     with pytest.raises(ValueError, match="stage 2"):
         model.set_stage(2)
