@@ -562,18 +562,22 @@ def results_table(evals: dict) -> str:
 
 
 def example_conversation(out: Path, size: dict) -> str:
-    """Talk to the final model through the project's CLI, exactly as a user would, about a
-    held-out sentence in a held-out voice."""
+    """Talk to both stages' models through the project's CLI, exactly as a user would, about a
+    held-out sentence in a held-out voice: stage 1 is asked for the words, stage 2 also for the
+    voice."""
     from data import read_manifest
 
     rec = read_manifest(out / "corpus" / "test_sentences.jsonl")[0]
     lines = [f"audio: {rec.audio}", f"  (truth: \"{rec.text}\", {rec.meta})"]
-    for prompt in (GENDER_QUESTION, REPEAT_QUESTION):
-        cmd = [sys.executable, str(ROOT / "infer.py"), rec.audio, prompt,
-               "--model", str(out / "stage2"),
-               "--device", "cpu", "--max-new-tokens", str(size["eval_tokens"] * 2)]
-        answer = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-        lines += [f"user: {prompt}", f"assistant: {answer}"]
+    for stage, prompts in (("stage1", [REPEAT_QUESTION]),
+                           ("stage2", [GENDER_QUESTION, REPEAT_QUESTION])):
+        for prompt in prompts:
+            cmd = [sys.executable, str(ROOT / "infer.py"), rec.audio, prompt,
+                   "--model", str(out / stage),
+                   "--device", "cpu", "--max-new-tokens", str(size["eval_tokens"] * 2)]
+            answer = subprocess.run(cmd, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            lines += [f"user ({stage} model): {prompt}", f"assistant: {answer}"]
     return "\n".join(lines) + "\n"
 
 

@@ -116,10 +116,14 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     encoder_config = json.loads((out / "stage1" / "speech_encoder" / "config.json").read_text())
     assert encoder_config["model_type"] == "whisper"
 
-    # The stage-2 folder is a release-layout model with both encoders, and infer.py answers from it.
+    # The stage-2 folder is a release-layout model with both encoders, and infer.py answers from it
+    # and from stage 1's folder (the example conversation: one question to stage 1, two to stage 2).
     config = json.loads((out / "stage2" / "config.json").read_text())
     assert config["model_type"] == "azeros" and config["paraling_encoder_config"]
-    assert "assistant: " in result["example"] and result["example"].count("user: ") == 2
+    example = result["example"]
+    assert example.count("user (stage1 model): ") == 1
+    assert example.count("user (stage2 model): ") == 2
+    assert example.count("assistant: ") == 3
     wav = json.loads((out / "corpus" / "test_sentences.jsonl").read_text().splitlines()[0])["audio"]
     wav = wav if wav.startswith("/") else str(out / "corpus" / wav)
     cmd = [sys.executable, str(ROOT / "infer.py"), wav, "Is the speaker male or female?",
