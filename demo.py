@@ -67,24 +67,27 @@ cpu_runtime.set_wait_policy()
 # sentences (each costs one target) and projector steps (each one forward and backward pass of
 # the frozen LLM: the dominant cost). Stage 1's learning rate was chosen on the learning curve of
 # the held-out sentences (docs/demo.md): at 400 steps of 8, 2e-3 closed 42% of the gap, 5e-3 41%,
-# 1e-2 49%, 2e-2 58%; stage 2's 24 steps keep 2e-3. `default`: 1,600 sentences and 320 stage-1
-# steps, sized for 30 min in fp32 on 2 quiet AVX2 cores. `long` has 1.5x the sentences, twice the
-# steps and twice the held-out utterances. `quick` is for the test suite.
+# 1e-2 49%, 2e-2 58%; stage 2's 24 steps keep 2e-3. The real prompts count twice an epoch
+# (real_weight): at 320 steps that closed 49% against 40-44% over three seeds at 1 (docs/demo.md).
+# `default`: 1,600 sentences and 360 stage-1 steps, sized for 30 min in fp32 on 2 quiet AVX2
+# cores. `long` has 1.5x the sentences, 640 steps and twice the held-out utterances. `quick` is
+# for the test suite.
 SIZES = {
     "default": dict(train_sentences=1600, voices_per_sentence=1, held_out_sentences=200,
                     test_rows=24, repeat_rows=12, real_train=160, stage2_rows=192,
                     max_new_tokens=32, encoder_steps=260, paraling_steps=32, encoder_batch=12,
-                    stage1_steps=320, stage2_steps=24, batch=8, stage1_lr=2e-2, stage2_lr=2e-3,
-                    eval_tokens=24),
+                    stage1_steps=360, stage2_steps=24, batch=8, stage1_lr=2e-2, stage2_lr=2e-3,
+                    real_weight=2, eval_tokens=24),
     "long": dict(train_sentences=2400, voices_per_sentence=1, held_out_sentences=200,
                  test_rows=48, repeat_rows=24, real_train=160, stage2_rows=384,
                  max_new_tokens=32, encoder_steps=260, paraling_steps=60, encoder_batch=12,
                  stage1_steps=640, stage2_steps=60, batch=8, stage1_lr=2e-2, stage2_lr=2e-3,
-                 eval_tokens=24),
+                 real_weight=2, eval_tokens=24),
     "quick": dict(train_sentences=20, voices_per_sentence=1, held_out_sentences=4, test_rows=4,
                   repeat_rows=2, real_train=4, stage2_rows=8, max_new_tokens=12,
                   encoder_steps=6, paraling_steps=4, encoder_batch=8, stage1_steps=3,
-                  stage2_steps=3, batch=4, stage1_lr=2e-3, stage2_lr=2e-3, eval_tokens=8),
+                  stage2_steps=3, batch=4, stage1_lr=2e-3, stage2_lr=2e-3, real_weight=2,
+                  eval_tokens=8),
 }
 # Seconds per unit in fp32 on a quiet 2-core AMD EPYC with AVX2, for the estimate printed at the
 # start: a target row (32 new tokens), a paralinguistic encoder step (batch 12), a projector step of
@@ -282,8 +285,10 @@ def generate(out: Path, size: dict) -> dict:
     write_manifest(list(first.values()), corpus / "distinct.jsonl")
     summary = {"distinct_sift_s": targets("sift_s", corpus / "distinct.jsonl", "distinct_sift_s")}
     shared = folder / "distinct_sift_s.jsonl"
-    summary["train_sift_s"] = share_targets(shared, corpus_files(out, ["train", "real_train"]),
-                                            folder / "train_sift_s.jsonl")
+    for name in ("train", "real_train"):  # apart: stage 1 weights the real prompts (sift_s_files)
+        for path in corpus_files(out, [name]):
+            summary[f"{name}_sift_s"] = share_targets(shared, [path],
+                                                      folder / f"{name}_sift_s.jsonl")
     for key, name in TEST_SETS.items():
         if (corpus / f"{name}.jsonl").exists():
             summary[f"{key}_sift_s"] = share_targets(shared, [corpus / f"{name}.jsonl"],
@@ -373,22 +378,31 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
         encoder = out / "whisper" if speech == "whisper" else out / "encoders" / "speech"
         # the learning curve: the loss on the held-out NEW sentences, 8 times along the way
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
-                 "--train", str(targets / "train_sift_s.jsonl"),
+                 "--train", *sift_s_files(targets, size["real_weight"]),
                  "--valid", str(targets / "sentences_sift_s.jsonl"),
                  "--valid-every", str(max(1, steps // 8))]
     else:
-        # sift_sp teaches the paraling branch; sift_s keeps plain speech in the mix
-        # the sift_s rows at half the share of the sift_sp ones, whatever their numbers
-        n_sp, n_s = (len((targets / f"train_{m}.jsonl").read_text().splitlines())
+        # sift_sp teaches the paraling branch; sift_s keeps plain speech in the mix, all its rows
+        # at half the share of the sift_sp ones, whatever their numbers
+        n_sp, n_s = (sum(len(f.read_text().splitlines()) for f in targets.glob(f"*train_{m}.jsonl"))
                      for m in ("sift_sp", "sift_s"))
         extra = ["--init", str(out / "stage1"),
                  "--paraling-encoder", str(out / "encoders" / "paraling"),
                  "--train", str(targets / "train_sift_sp.jsonl"),
-                 f"{targets / 'train_sift_s.jsonl'}:{n_sp / (2 * n_s):.6g}"]
+                 *sift_s_files(targets, 1, weight=n_sp / (2 * n_s))]
     result = train.main(common + extra)
     gc.collect()
     final = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}
     return {"steps": steps, "final": final}
+
+
+def sift_s_files(targets: Path, real_weight: float, weight: float = 1.0) -> list[str]:
+    """train.py's sift_s manifests, JSONL:WEIGHT: the eSpeak rows at `weight`, the real prompts
+    (when there are any) at `real_weight` times that."""
+    files = [f"{targets / 'train_sift_s.jsonl'}:{weight:.6g}"]
+    if (targets / "real_train_sift_s.jsonl").exists():
+        files.append(f"{targets / 'real_train_sift_s.jsonl'}:{weight * real_weight:.6g}")
+    return files
 
 
 def gender_file(records, path: Path) -> Path:
