@@ -85,6 +85,21 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert result["curve"].startswith("Stage 1 learning curve") and \
         f"{curve[-1][0]}: {curve[-1][1]:.3f}" in result["curve"]
 
+    # Stage 1 read the real prompts at twice the eSpeak rows' weight; stage 2 both at one weight
+    # that gives all sift_s rows half the sift_sp rows' share.
+    def weights(stage):
+        run = json.loads((out / stage / "run.json").read_text())
+        return {t["path"].rsplit("/", 1)[-1]: t["weight"] for t in run["train"]}
+    size = demo.SIZES["quick"]
+    assert weights("stage1") == {"train_sift_s.jsonl": 1.0, **(
+        {"real_train_sift_s.jsonl": float(size["real_weight"])} if real else {})}
+    stage2 = weights("stage2")
+    n = {name: len((out / "targets" / name).read_text().splitlines()) for name in stage2}
+    assert stage2["train_sift_sp.jsonl"] == 1.0 and len(stage2) == (3 if real else 2)
+    sift_s = [name for name in stage2 if "sift_s." in name]
+    share = n["train_sift_sp.jsonl"] / (2 * sum(n[x] for x in sift_s))
+    assert all(stage2[name] == pytest.approx(share, rel=1e-5) for name in sift_s)
+
     # sift_s targets were generated once per distinct sentence and shared by its utterances
     def rows_of(name):
         return [json.loads(x) for x in (out / "targets" / name).read_text().splitlines()]
