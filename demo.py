@@ -285,10 +285,9 @@ def generate(out: Path, size: dict) -> dict:
     write_manifest(list(first.values()), corpus / "distinct.jsonl")
     summary = {"distinct_sift_s": targets("sift_s", corpus / "distinct.jsonl", "distinct_sift_s")}
     shared = folder / "distinct_sift_s.jsonl"
-    for name in ("train", "real_train"):  # apart: stage 1 weights the real prompts (sift_s_files)
-        for path in corpus_files(out, [name]):
-            summary[f"{name}_sift_s"] = share_targets(shared, [path],
-                                                      folder / f"{name}_sift_s.jsonl")
+    for path in corpus_files(out, ["train", "real_train"]):  # apart: see sift_s_files
+        summary[f"{path.stem}_sift_s"] = share_targets(shared, [path],
+                                                       folder / f"{path.stem}_sift_s.jsonl")
     for key, name in TEST_SETS.items():
         if (corpus / f"{name}.jsonl").exists():
             summary[f"{key}_sift_s"] = share_targets(shared, [corpus / f"{name}.jsonl"],
@@ -378,30 +377,30 @@ def train_stage(out: Path, size: dict, stage: int, precision: str,
         encoder = out / "whisper" if speech == "whisper" else out / "encoders" / "speech"
         # the learning curve: the loss on the held-out NEW sentences, 8 times along the way
         extra = ["--llm", str(out / "llm"), "--speech-encoder", str(encoder),
-                 "--train", *sift_s_files(targets, size["real_weight"]),
+                 "--train", *(f"{p}:{w:g}" for p, w in sift_s_files(targets, size["real_weight"])),
                  "--valid", str(targets / "sentences_sift_s.jsonl"),
                  "--valid-every", str(max(1, steps // 8))]
     else:
         # sift_sp teaches the paraling branch; sift_s keeps plain speech in the mix, all its rows
         # at half the share of the sift_sp ones, whatever their numbers
-        n_sp, n_s = (sum(len(f.read_text().splitlines()) for f in targets.glob(f"*train_{m}.jsonl"))
-                     for m in ("sift_sp", "sift_s"))
+        sift_sp, sift_s = targets / "train_sift_sp.jsonl", sift_s_files(targets, 1)
+        n_sp = len(sift_sp.read_text().splitlines())
+        n_s = sum(len(p.read_text().splitlines()) for p, _ in sift_s)
         extra = ["--init", str(out / "stage1"),
                  "--paraling-encoder", str(out / "encoders" / "paraling"),
-                 "--train", str(targets / "train_sift_sp.jsonl"),
-                 *sift_s_files(targets, 1, weight=n_sp / (2 * n_s))]
+                 "--train", str(sift_sp), *(f"{p}:{w * n_sp / (2 * n_s):.6g}" for p, w in sift_s)]
     result = train.main(common + extra)
     gc.collect()
     final = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}
     return {"steps": steps, "final": final}
 
 
-def sift_s_files(targets: Path, real_weight: float, weight: float = 1.0) -> list[str]:
-    """train.py's sift_s manifests, JSONL:WEIGHT: the eSpeak rows at `weight`, the real prompts
-    (when there are any) at `real_weight` times that."""
-    files = [f"{targets / 'train_sift_s.jsonl'}:{weight:.6g}"]
+def sift_s_files(targets: Path, real_weight: float) -> list[tuple[Path, float]]:
+    """The sift_s training manifests with their weights: the eSpeak rows at 1, the real prompts
+    (when there are any) apart, at `real_weight`, so that stage 1 can read them more often."""
+    files = [(targets / "train_sift_s.jsonl", 1.0)]
     if (targets / "real_train_sift_s.jsonl").exists():
-        files.append(f"{targets / 'real_train_sift_s.jsonl'}:{weight * real_weight:.6g}")
+        files.append((targets / "real_train_sift_s.jsonl", float(real_weight)))
     return files
 
 
