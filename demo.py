@@ -116,6 +116,18 @@ LLM_EXPONENTS = dict(llm=0.67, targets=0.67, stage1=0.85, stage2=0.85, eval_stag
 GENDER_QUESTION = "Is the speaker a man or a woman?"
 GENDER_ANSWERS = {"male": "The speaker is a man.", "female": "The speaker is a woman."}
 REPEAT_QUESTION = "Repeat what was said."
+# "Repeat" is also scored on content words alone: any fluent answer shares the reference's
+# function words, so silence's stock reply ("The world of magic is a realm of wonder...") recalls
+# 5-20% of the words through "the", "of", "a"; the content words are what only hearing can supply.
+FUNCTION_WORDS = frozenset("""
+    a an the this that these those some any each every no not all both
+    i me my you your he him his she her it its we us our they them their
+    of to in on at by for with from into onto over under about after before up down out off
+    and or but so if than then as
+    is are was were be been being am do does did done have has had will would can could shall
+    should may might must
+    there here what which who whom whose when where why how yes please
+    """.split())
 # Real speech as long as the training clips (the eSpeak sentences last 0.8-4.7 s): 243 of the 281
 # Asterisk prompts of 3+ words. The other 38 run to 73 s; one 30-s clip costs as much as ten
 # ordinary rows, pads its whole batch to its length, and is far from anything the projector saw.
@@ -424,12 +436,14 @@ def repeat_file(records, path: Path, n: int) -> Path:
     return path
 
 
-def word_recall(response: str, reference: str) -> float:
+def word_recall(response: str, reference: str, content_only: bool = False) -> float:
     """Share of the reference's words that the answer contains (order-free): did the LLM hear the
-    words?"""
+    words? content_only: of its words outside FUNCTION_WORDS."""
     def words(s):
         return ["".join(c for c in w if c.isalnum() or c == "'") for w in s.lower().split()]
     ref, hyp = [w for w in words(reference) if w], set(words(response))
+    if content_only:
+        ref = [w for w in ref if w not in FUNCTION_WORDS]
     return sum(w in hyp for w in ref) / max(len(ref), 1)
 
 
@@ -487,6 +501,9 @@ def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> di
     oracle = answers["oracle"]
     result["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
                                     for s in ev.SYSTEMS}
+    result["repeat_content_recall"] = {
+        s: mean(word_recall(a, refs[i], content_only=True) for i, a in answers[s].items())
+        for s in ev.SYSTEMS}
     result["repeat_recall_of_oracle"] = {
         s: mean(word_recall(a, oracle[i]) for i, a in answers[s].items() if i in oracle)
         for s in ("audio", "silent")}
@@ -551,8 +568,8 @@ def results_table(evals: dict) -> str:
 
     lines = ["| model | held-out set | system | CE sift_s | CE sift_sp | gap closed % "
              "| gender acc % | gender AUC % | repeat word recall % "
-             "| repeat recall of oracle answer % |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| repeat content-word recall % | repeat recall of oracle answer % |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in (1, 2):
         for key, set_name in TEST_SET_NAMES.items():
             e = evals[f"stage{stage}"].get(key)
@@ -570,6 +587,7 @@ def results_table(evals: dict) -> str:
                     f"| {cell(gap_closed(ce) if system == 'audio' else None, '{:.0f}')} "
                     f"| {cell(g.get('accuracy'), '{:.1f}')} | {cell(g.get('auc'), '{:.1f}')} "
                     f"| {cell(100 * e['repeat_word_recall'][system], '{:.1f}')} "
+                    f"| {cell(100 * e['repeat_content_recall'][system], '{:.1f}')} "
                     f"| {cell(None if of_oracle is None else 100 * of_oracle, '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 

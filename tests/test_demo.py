@@ -27,6 +27,11 @@ PHASES = ["llm", "corpus", "targets", "whisper", "encoders", "stage1", "stage2",
 def test_word_recall_and_ctc_labels():
     assert demo.word_recall("The cat sat.", "the cat sat on the mat") == pytest.approx(4 / 6)
     assert demo.word_recall("", "hello") == 0.0
+    # content words only: "the", "on" are function words, so cat, sat, mat count (1 of 3 heard)
+    assert demo.word_recall("The cat is on the rug.", "the cat sat on the mat",
+                            content_only=True) == pytest.approx(1 / 3)
+    assert demo.word_recall("The world of magic.", "the cat sat on the mat",
+                            content_only=True) == 0.0
     ids = pretrain_encoders.char_ids("Hi, there!")
     assert ids == [pretrain_encoders.CHARS.index(c) + 1 for c in "hi there"] and 0 not in ids
 
@@ -58,9 +63,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
         # the gap column is the audio's share of the floor-to-oracle distance, from these cells
         assert float(audio[5]) == pytest.approx(100 * (ce[0] - ce[1]) / (ce[0] - ce[2]), abs=0.6)
         assert silent[5] == oracle[5] == "-"
-        for r in (silent, audio, oracle):
-            assert 0 <= float(r[8]) <= 100  # repeat word recall
-        assert oracle[9] == "-" and 0 <= float(audio[9]) <= 100  # recall of the oracle's answer
+        for r in (silent, audio, oracle):  # repeat recall: all words, content words
+            assert 0 <= float(r[8]) <= 100 and 0 <= float(r[9]) <= 100
+        assert oracle[10] == "-" and 0 <= float(audio[10]) <= 100  # recall of the oracle's answer
         asked_gender = audio[0] == "stage 2" and audio[1] == "new sentences"
         for r in (silent, audio, oracle):
             assert (r[6] != "-") == asked_gender and (r[7] != "-") == asked_gender
