@@ -30,8 +30,9 @@ points, in phases:
                of the self-generated target given audio vs the oracle text; `choice` = the
                zero-shot question "Is the speaker a man or a woman?" (never seen in training),
                scored by the likelihood of the two answers, asked of stage 2 on the new
-               sentences; `open` with
-               "Repeat what was said." scored by word recall. Every task is run for the audio
+               sentences; `open` with "Repeat what was said." scored by word recall (all words,
+               and content words); stage 1 also answers it as a `choice` between the clip's
+               transcript and another sentence's. Every task is run for the audio
                model, the oracle text (upper bound) and silent audio (the floor). Stage 2 also
                measures how much the self-generated targets depend on gender at all
                (`gender_signal`). Without the Asterisk prompts the real-speech set is left out.
@@ -128,6 +129,8 @@ FUNCTION_WORDS = frozenset("""
     should may might must
     there here what which who whom whose when where why how yes please
     """.split())
+# The same question scored by likelihood: the transcript against the sentence 1, 5 and 11 rows on
+REPEAT_DISTRACTORS = (1, 5, 11)
 # Real speech as long as the training clips (the eSpeak sentences last 0.8-4.7 s): 243 of the 281
 # Asterisk prompts of 3+ words. The other 38 run to 73 s; one 30-s clip costs as much as ten
 # ordinary rows, pads its whole batch to its length, and is far from anything the projector saw.
@@ -180,9 +183,11 @@ def estimate(size: dict, quick: bool, precision: str, speech: str = "whisper") -
     # sift_s once per distinct sentence (trained, held-out, real), sift_sp per stage-2 utterance
     n_targets = (size["train_sentences"] + size["real_train"] + tests
                  + size["stage2_rows"] + 2 * size["test_rows"])
-    # per stage and system: an align row per test utterance (stage 2: + 2 gender answers on one
-    # set), and the "Repeat" answers of each set
-    n_eval = {s: 3 * (tests + (2 * size["test_rows"] if s == 2 else 0)) for s in (1, 2)}
+    # per stage and system: an align row per test utterance, stage 1: two candidates per repeat
+    # choice (two systems of three), stage 2: two gender answers on one set; and the "Repeat"
+    # answers of each set
+    extra = {1: 2 / 3 * 2 * len(REPEAT_DISTRACTORS) * tests, 2: 2 * size["test_rows"]}
+    n_eval = {s: 3 * (tests + extra[s]) for s in (1, 2)}
     n_answers = 3 * 3 * size["repeat_rows"] * size["eval_tokens"] / 24
     batch = size["batch"] / 8
     phases = {"llm": 25, "corpus": utterances * r["utterance"],
@@ -436,6 +441,21 @@ def repeat_file(records, path: Path, n: int) -> Path:
     return path
 
 
+def repeat_choice_file(records, path: Path) -> Path:
+    """"Repeat what was said." as a likelihood choice between the clip's transcript and another
+    sentence of the same set (REPEAT_DISTRACTORS rows on), in random order: does the audio make
+    the LLM prefer the words it carries, even where its greedy answers do not repeat them?"""
+    rng, rows = random.Random(0), []
+    for i, r in enumerate(records):
+        for shift in {d % len(records) for d in REPEAT_DISTRACTORS} - {0}:
+            choices = [r.text, records[(i + shift) % len(records)].text]
+            rng.shuffle(choices)
+            rows.append({**r.to_json(), "id": f"{r.id}~{shift}", "question": REPEAT_QUESTION,
+                         "choices": choices, "answer": r.text, "task": "repeat_choice"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def word_recall(response: str, reference: str, content_only: bool = False) -> float:
     """Share of the reference's words that the answer contains (order-free): did the LLM hear the
     words? content_only: of its words outside FUNCTION_WORDS."""
@@ -475,6 +495,13 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
         targets = out / "targets" / f"{key}_{mode}.jsonl"
         results[key] = {"align": ev.evaluate(model, "align", targets, folder / mode, **kw),
                         **repeat_scores(model, repeat, folder, size, kw)}
+        if stage == 1:  # the speech projector's test; the oracle text, tried, always chose right
+            choice = repeat_choice_file(records, out / "eval" / f"{key}_repeat_choice.jsonl")
+            scored = ev.evaluate(model, "choice", choice, folder / "repeat_choice",
+                                 systems=("silent", "audio"), **kw)
+            results[key]["repeat_choice"] = scored
+            results[key]["chose_own_transcript"] = {
+                s: v["repeat_choice"]["accuracy"] for s, v in scored["systems"].items()}
         if stage == 2 and key == "sentences":
             gender = gender_file(records, out / "eval" / f"{key}_gender.jsonl")
             results[key]["gender"] = ev.evaluate(model, "choice", gender, folder, **kw)
@@ -568,8 +595,9 @@ def results_table(evals: dict) -> str:
 
     lines = ["| model | held-out set | system | CE sift_s | CE sift_sp | gap closed % "
              "| gender acc % | gender AUC % | repeat word recall % "
-             "| repeat content-word recall % | repeat recall of oracle answer % |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| repeat content-word recall % | repeat recall of oracle answer % "
+             "| repeat choice: own transcript % |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in (1, 2):
         for key, set_name in TEST_SET_NAMES.items():
             e = evals[f"stage{stage}"].get(key)
@@ -580,6 +608,7 @@ def results_table(evals: dict) -> str:
             for system, name in SYSTEMS:
                 g = e["gender"]["systems"][system]["gender"] if "gender" in e else {}
                 of_oracle = e["repeat_recall_of_oracle"].get(system)
+                chose = e.get("chose_own_transcript", {}).get(system)
                 lines.append(
                     f"| stage {stage} | {set_name} | {name} "
                     f"| {cell(ce.get(system) if mode == 'sift_s' else None, '{:.3f}')} "
@@ -588,7 +617,8 @@ def results_table(evals: dict) -> str:
                     f"| {cell(g.get('accuracy'), '{:.1f}')} | {cell(g.get('auc'), '{:.1f}')} "
                     f"| {cell(100 * e['repeat_word_recall'][system], '{:.1f}')} "
                     f"| {cell(100 * e['repeat_content_recall'][system], '{:.1f}')} "
-                    f"| {cell(None if of_oracle is None else 100 * of_oracle, '{:.1f}')} |")
+                    f"| {cell(None if of_oracle is None else 100 * of_oracle, '{:.1f}')} "
+                    f"| {cell(chose, '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
 

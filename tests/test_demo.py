@@ -36,6 +36,20 @@ def test_word_recall_and_ctc_labels():
     assert ids == [pretrain_encoders.CHARS.index(c) + 1 for c in "hi there"] and 0 not in ids
 
 
+def test_repeat_choice_pairs_each_transcript_with_other_sentences(tmp_path):
+    from data import Record
+    records = [Record(id=f"u{i}", audio=f"/a/{i}.wav", duration=1.0, text=f"sentence {i}")
+               for i in range(3)]
+    rows = [json.loads(x) for x in
+            demo.repeat_choice_file(records, tmp_path / "c.jsonl").read_text().splitlines()]
+    # distractors 1, 5, 11 rows on are 1, 2, 2 rows on among 3: two distinct ones per clip
+    assert sorted(r["id"] for r in rows) == ["u0~1", "u0~2", "u1~1", "u1~2", "u2~1", "u2~2"]
+    for r in rows:
+        i, shift = int(r["id"][1]), int(r["id"].split("~")[1])
+        assert sorted(r["choices"]) == sorted([f"sentence {i}", f"sentence {(i + shift) % 3}"])
+        assert r["answer"] == f"sentence {i}" and r["question"] == demo.REPEAT_QUESTION
+
+
 def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "demo"
     result = demo.main(["--out", str(out), "--quick"])
@@ -66,6 +80,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
         for r in (silent, audio, oracle):  # repeat recall: all words, content words
             assert 0 <= float(r[8]) <= 100 and 0 <= float(r[9]) <= 100
         assert oracle[10] == "-" and 0 <= float(audio[10]) <= 100  # recall of the oracle's answer
+        for r in (silent, audio):  # the repeat choice: stage 1's test, without the oracle
+            assert (r[11] == "-") if r[0] == "stage 2" else 0 <= float(r[11]) <= 100
+        assert oracle[11] == "-"
         asked_gender = audio[0] == "stage 2" and audio[1] == "new sentences"
         for r in (silent, audio, oracle):
             assert (r[6] != "-") == asked_gender and (r[7] != "-") == asked_gender
