@@ -57,6 +57,7 @@ from pathlib import Path
 
 from recipe import cpu_runtime
 from support import checks
+from support.files import json_line, read_jsonl, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 
@@ -425,19 +426,17 @@ def gender_file(records, path: Path) -> Path:
     """The zero-shot gender question with its two candidate answers, as evaluate.py's `choice`
     reads it."""
     choices = list(GENDER_ANSWERS.values())
-    path.write_text("".join(
-        json.dumps({**r.to_json(), "question": GENDER_QUESTION, "choices": choices,
-                    "answer": GENDER_ANSWERS[r.meta["gender"]], "task": "gender"}) + "\n"
-        for r in records))
+    write_atomic(path, (json_line({**r.to_json(), "question": GENDER_QUESTION, "choices": choices,
+                                   "answer": GENDER_ANSWERS[r.meta["gender"]], "task": "gender"})
+                        for r in records))
     return path
 
 
 def repeat_file(records, path: Path, n: int) -> Path:
     """"Repeat what was said." on n of the records, spread over the (id-sorted) set, with the
     transcript as the reference (evaluate.py `open`; generation is the slow part)."""
-    rows = [{**r.to_json(), "question": REPEAT_QUESTION, "reference": r.text}
-            for r in records[:: max(1, len(records) // n)][:n]]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(path, (json_line({**r.to_json(), "question": REPEAT_QUESTION, "reference": r.text})
+                        for r in records[:: max(1, len(records) // n)][:n]))
     return path
 
 
@@ -452,7 +451,7 @@ def repeat_choice_file(records, path: Path) -> Path:
             rng.shuffle(choices)
             rows.append({**r.to_json(), "id": f"{r.id}~{shift}", "question": REPEAT_QUESTION,
                          "choices": choices, "answer": r.text, "task": "repeat_choice"})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(path, map(json_line, rows))
     return path
 
 
@@ -516,15 +515,14 @@ def repeat_scores(model, repeat: Path, folder: Path, size: dict, kw: dict) -> di
     """"Repeat what was said." answered by each system, scored against the transcript and against
     the oracle text's own answer (word recall)."""
     import evaluate as ev
-    from support import files
 
     # all repeat_rows in one batch: a decoding step costs about the same for 8 rows or 12
     kw = {**kw, "batch_size": max(kw["batch_size"], size["repeat_rows"])}
     result = {"open": ev.evaluate(model, "open", repeat, folder,
                                   max_new_tokens=size["eval_tokens"], **kw)}
-    answers = {s: {r["id"]: r["response"] for _, r in files.read_jsonl(folder / f"open_{s}.jsonl")}
+    answers = {s: {r["id"]: r["response"] for _, r in read_jsonl(folder / f"open_{s}.jsonl")}
                for s in ev.SYSTEMS}
-    refs = {r["id"]: r["reference"] for _, r in files.read_jsonl(repeat)}
+    refs = {r["id"]: r["reference"] for _, r in read_jsonl(repeat)}
     oracle = answers["oracle"]
     result["repeat_word_recall"] = {s: mean(word_recall(a, refs[i]) for i, a in answers[s].items())
                                     for s in ev.SYSTEMS}
@@ -687,10 +685,8 @@ def check_same_run(out: Path, settings: dict) -> None:
                                     f"{json.dumps(settings)}: use the same options or another "
                                     "--out")
         return
-    from support.files import write_atomic
-
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, [json.dumps(settings) + "\n"])  # a cut write must not break the resume
+    write_atomic(path, [json_line(settings)])  # a cut write must not break the resume
 
 
 def main(argv=None) -> dict:
