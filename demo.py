@@ -496,11 +496,9 @@ def evaluate_stage(out: Path, size: dict, stage: int, precision: str) -> dict:
                         **repeat_scores(model, repeat, folder, size, kw)}
         if stage == 1:  # the speech projector's test; the oracle text, tried, always chose right
             choice = repeat_choice_file(records, out / "eval" / f"{key}_repeat_choice.jsonl")
-            scored = ev.evaluate(model, "choice", choice, folder / "repeat_choice",
-                                 systems=("silent", "audio"), **kw)
-            results[key]["repeat_choice"] = scored
-            results[key]["chose_own_transcript"] = {
-                s: v["repeat_choice"]["accuracy"] for s, v in scored["systems"].items()}
+            results[key]["repeat_choice"] = ev.evaluate(
+                model, "choice", choice, folder / "repeat_choice", systems=("silent", "audio"),
+                **kw)
         if stage == 2 and key == "sentences":
             gender = gender_file(records, out / "eval" / f"{key}_gender.jsonl")
             results[key]["gender"] = ev.evaluate(model, "choice", gender, folder, **kw)
@@ -606,7 +604,7 @@ def results_table(evals: dict) -> str:
             for system, name in SYSTEMS:
                 g = e["gender"]["systems"][system]["gender"] if "gender" in e else {}
                 of_oracle = e["repeat_recall_of_oracle"].get(system)
-                chose = e.get("chose_own_transcript", {}).get(system)
+                c = e["repeat_choice"]["systems"].get(system, {}) if "repeat_choice" in e else {}
                 lines.append(
                     f"| stage {stage} | {set_name} | {name} "
                     f"| {cell(ce.get(system) if mode == 'sift_s' else None, '{:.3f}')} "
@@ -616,7 +614,7 @@ def results_table(evals: dict) -> str:
                     f"| {cell(100 * e['repeat_word_recall'][system], '{:.1f}')} "
                     f"| {cell(100 * e['repeat_content_recall'][system], '{:.1f}')} "
                     f"| {cell(None if of_oracle is None else 100 * of_oracle, '{:.1f}')} "
-                    f"| {cell(chose, '{:.1f}')} |")
+                    f"| {cell(c.get('repeat_choice', {}).get('accuracy'), '{:.1f}')} |")
     return "\n".join(lines) + "\n"
 
 
