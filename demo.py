@@ -120,7 +120,7 @@ GENDER_ANSWERS = {"male": "The speaker is a man.", "female": "The speaker is a w
 REPEAT_QUESTION = "Repeat what was said."
 # "Repeat" is also scored on content words alone: any fluent answer shares the reference's
 # function words, so silence's stock reply ("The world of magic is a realm of wonder...") recalls
-# 5-20% of the words through "the", "of", "a"; the content words are what only hearing can supply.
+# 3-22% of the words through "the", "of", "a"; the content words are what only hearing can supply.
 FUNCTION_WORDS = frozenset("""
     a an the this that these those some any each every no not all both
     i me my you your he him his she her it its we us our they them their
